@@ -1,0 +1,119 @@
+"""cnnkit: train, understand and ship convolutional neural network image classifiers.
+
+The Python API mirrors the CLI::
+
+    import cnnkit
+    result = cnnkit.train("shapes/", out="runs/shapes", epochs=10)
+    model = cnnkit.load("runs/shapes")
+    model.predict(["circle.png"])[0].label
+    cnnkit.evaluate("runs/shapes", "shapes/").accuracy
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+from cnnkit.errors import (
+    CheckpointError,
+    CnnkitError,
+    ConfigError,
+    DataError,
+    ExportError,
+    ImageError,
+    RunDirError,
+)
+
+if TYPE_CHECKING:
+    from cnnkit.evaluation import EvalResult
+    from cnnkit.inference import Classifier
+    from cnnkit.training.loop import TrainResult
+
+__all__ = [
+    "CheckpointError",
+    "CnnkitError",
+    "ConfigError",
+    "DataError",
+    "ExportError",
+    "ImageError",
+    "RunDirError",
+    "__version__",
+    "evaluate",
+    "generate_shapes",
+    "load",
+    "train",
+]
+
+_SECTIONS = {
+    "data": ("image_size", "channels", "resize", "val_split", "strict", "cache_dir"),
+    "augment": ("hflip", "vflip", "shear", "rotate", "scale", "translate"),
+    "train": (
+        "epochs",
+        "batch_size",
+        "lr",
+        "optimizer",
+        "weight_decay",
+        "momentum",
+        "schedule",
+        "label_smoothing",
+        "patience",
+        "target_accuracy",
+        "device",
+        "precision",
+    ),
+}
+
+
+def train(
+    data: str | Path,
+    out: str | Path,
+    *,
+    model: str = "fast",
+    seed: int = 0,
+    augment: bool = True,
+    overwrite: bool = False,
+    progress: bool = False,
+    config: str | Path | None = None,
+    **options: Any,
+) -> TrainResult:
+    """Train on a folder of images; ``options`` are any ``cnnkit train`` setting by name."""
+    from cnnkit.config import RunConfig, load_yaml, merge_overrides
+    from cnnkit.training.loop import train as _train
+
+    base = RunConfig.from_dict(load_yaml(config)) if config else RunConfig()
+    overrides: dict[str, Any] = {
+        "model": model,
+        "data.path": str(data),
+        "data.seed": seed,
+        "train.seed": seed,
+        "augment.enabled": augment,
+    }
+    for name, value in options.items():
+        section = next((s for s, names in _SECTIONS.items() if name in names), None)
+        if section is None:
+            raise ConfigError(f"train: unknown option {name!r}")
+        overrides[f"{section}.{name}"] = value
+    return _train(merge_overrides(base, overrides), out, overwrite=overwrite, progress=progress)
+
+
+def load(run_dir: str | Path, device: str = "auto", precision: str = "auto") -> Classifier:
+    """The trained classifier of a run directory: ``.predict(images)``."""
+    from cnnkit.inference import load as _load
+
+    return _load(run_dir, device, precision)
+
+
+def evaluate(run_dir: str | Path, data: str | Path, split: str = "auto") -> EvalResult:
+    """Accuracy, per-class scores and confusion matrix of a run on a labelled folder."""
+    from cnnkit.evaluation import evaluate as _evaluate
+
+    return _evaluate(run_dir, data, split)
+
+
+def generate_shapes(out: str | Path, count: int = 400, size: int = 128, seed: int = 0) -> Path:
+    """Write the circles, squares and triangles data set to ``out``."""
+    from cnnkit.data.shapes import generate_shapes as _generate
+
+    return _generate(out, count=count, size=size, seed=seed)

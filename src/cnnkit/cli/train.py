@@ -1,0 +1,231 @@
+"""``cnnkit train``, ``evaluate``, ``predict`` and ``demo``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from cnnkit.cli._app import app, console, one_line_errors, out
+from cnnkit.config import RunConfig, load_yaml, merge_overrides
+from cnnkit.errors import ConfigError
+
+# ----------------------------------------------------------------------------------- train
+
+
+@app.command("train")
+@one_line_errors
+def train_cmd(
+    data: Annotated[Path, typer.Argument(help="Folder: DIR/<class>/* or DIR/train|val/<class>/*")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Run directory to create.")],
+    model: Annotated[str | None, typer.Option(help="Preset name or YAML file.")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Input side in pixels.")] = None,
+    epochs: Annotated[int | None, typer.Option()] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="adam, adamw or sgd.")] = None,
+    schedule: Annotated[str | None, typer.Option(help="onecycle, cosine or constant.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for split, order and weights.")] = None,
+    val_split: Annotated[float | None, typer.Option(help="Validation fraction.")] = None,
+    target_accuracy: Annotated[float | None, typer.Option(help="Stop at this val acc.")] = None,
+    patience: Annotated[int | None, typer.Option(help="Epochs without improvement.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto, fp32 or bf16.")] = None,
+    label_smoothing: Annotated[float | None, typer.Option()] = None,
+    weight_decay: Annotated[float | None, typer.Option()] = None,
+    channels: Annotated[str | None, typer.Option(help="auto, 1 or 3.")] = None,
+    resize: Annotated[str | None, typer.Option(help="crop, squash or pad.")] = None,
+    augment: Annotated[bool | None, typer.Option("--augment/--no-augment")] = None,
+    hflip: Annotated[bool | None, typer.Option("--hflip/--no-hflip")] = None,
+    vflip: Annotated[bool | None, typer.Option("--vflip/--no-vflip")] = None,
+    shear: Annotated[float | None, typer.Option(help="Max skew, degrees.")] = None,
+    rotate: Annotated[float | None, typer.Option(help="Max rotation, degrees.")] = None,
+    scale: Annotated[float | None, typer.Option(help="Max zoom, fraction.")] = None,
+    translate: Annotated[float | None, typer.Option(help="Max shift, fraction.")] = None,
+    strict: Annotated[bool, typer.Option(help="Unreadable images are an error.")] = False,
+    config: Annotated[
+        Path | None, typer.Option(help="YAML with model/data/train sections.")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Reuse a non-empty --out folder.")] = False,
+    quiet: Annotated[bool, typer.Option(help="Only warnings and the result.")] = False,
+) -> None:
+    """Train a CNN on a folder of images and write a run directory."""
+    from cnnkit.training.loop import train
+
+    base = RunConfig.from_dict(load_yaml(config)) if config else RunConfig()
+    try:
+        cfg = merge_overrides(
+            base,
+            {
+                "model": model,
+                "data.path": str(data),
+                "data.image_size": image_size,
+                "data.seed": seed,
+                "data.val_split": val_split,
+                "data.channels": channels,
+                "data.resize": resize,
+                "data.strict": strict or None,
+                "train.epochs": epochs,
+                "train.batch_size": batch_size,
+                "train.lr": lr,
+                "train.optimizer": optimizer,
+                "train.schedule": schedule,
+                "train.seed": seed,
+                "train.target_accuracy": target_accuracy,
+                "train.patience": patience,
+                "train.device": device,
+                "train.precision": precision,
+                "train.label_smoothing": label_smoothing,
+                "train.weight_decay": weight_decay,
+                "augment.enabled": augment,
+                "augment.hflip": hflip,
+                "augment.vflip": vflip,
+                "augment.shear": shear,
+                "augment.rotate": rotate,
+                "augment.scale": scale,
+                "augment.translate": translate,
+            },
+        )
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from None
+    result = train(cfg, out_dir, overwrite=overwrite, progress=not quiet)
+    s = result.summary()
+    out.print(
+        f"best validation accuracy {100 * result.best_val_acc:.2f}% (epoch "
+        f"{result.best_epoch} of {result.epochs_run}), {s['wall_seconds']:.1f}s, "
+        f"{s['images_per_second']:,.0f} img/s; run directory {out_dir}"
+    )
+
+
+# ------------------------------------------------------------------------ evaluate, predict
+
+
+@app.command("evaluate")
+@one_line_errors
+def evaluate_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory from 'cnnkit train'.")],
+    data: Annotated[Path, typer.Argument(help="A labelled folder data set.")],
+    split: Annotated[str, typer.Option(help="auto, all, train, val or test.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    quiet: Annotated[bool, typer.Option(help="Only warnings and the result.")] = False,
+) -> None:
+    """Accuracy, per-class precision/recall/F1, confusion matrix, most confident mistakes."""
+    from cnnkit.evaluation import evaluate
+
+    result = evaluate(run_dir, data, split)
+    if as_json:
+        out.print_json(json.dumps(result.to_dict()))
+        return
+    print_evaluation(result)
+    out.print(f"confusion matrix image: {run_dir / 'confusion_matrix.png'}")
+
+
+def print_evaluation(result: Any) -> None:
+    """Accuracy, the per-class table, the confusion matrix and the worst mistakes."""
+    out.print(
+        f"accuracy {100 * result.accuracy:.2f}% on {result.count} images (loss {result.loss:.4f})"
+    )
+    scores = Table(title="per class")
+    for col in ("class", "precision", "recall", "F1", "support"):
+        scores.add_column(col, justify="left" if col == "class" else "right")
+    for row in result.per_class:
+        scores.add_row(
+            row["class"],
+            f"{row['precision']:.3f}",
+            f"{row['recall']:.3f}",
+            f"{row['f1']:.3f}",
+            str(row["support"]),
+        )
+    out.print(scores)
+    matrix = Table(title="confusion matrix (rows: true, columns: predicted)")
+    matrix.add_column("")
+    for name in result.classes:
+        matrix.add_column(name, justify="right")
+    for name, row in zip(result.classes, result.confusion, strict=True):
+        matrix.add_row(name, *(str(int(v)) for v in row))
+    out.print(matrix)
+    for w in result.most_wrong:
+        out.print(
+            f"wrong: {w['path']} is {w['true']}, predicted {w['predicted']} "
+            f"({100 * w['confidence']:.1f}%)",
+            markup=False,
+        )
+
+
+@app.command("predict")
+@one_line_errors
+def predict_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV.")] = False,
+    top_k: Annotated[int, typer.Option(help="Classes to show per image.")] = 3,
+) -> None:
+    """Class and probabilities for each image, preprocessed exactly as in training."""
+    from cnnkit.errors import ImageError
+    from cnnkit.inference import expand_inputs, load
+
+    if top_k < 1:
+        raise ConfigError(f"--top-k: expected a positive integer, got {top_k}")
+    classifier = load(run_dir)
+    files = expand_inputs(images)
+    failed = 0
+    writer = csv.writer(sys.stdout) if as_csv else None
+    if writer:
+        writer.writerow(["path", "label", "confidence", *[f"p_{c}" for c in classifier.classes]])
+    for path in files:
+        try:
+            (pred,) = classifier.predict([path])
+        except ImageError as exc:
+            console.print(f"error: {exc}", markup=False, soft_wrap=True)
+            failed += 1
+            continue
+        if writer:
+            writer.writerow(
+                [
+                    pred.source,
+                    pred.label,
+                    f"{pred.confidence:.6f}",
+                    *[f"{pred.probabilities[c]:.6f}" for c in classifier.classes],
+                ]
+            )
+        elif as_json:
+            out.print(json.dumps(pred.to_dict(top_k)), markup=False)
+        else:
+            top = ", ".join(f"{c} {100 * p:.1f}%" for c, p in pred.top(top_k))
+            out.print(f"{pred.source}: {pred.label} ({top})", markup=False)
+    if failed:
+        raise typer.Exit(1)
+
+
+# ------------------------------------------------------------------------------------ demo
+
+
+@app.command("demo")
+@one_line_errors
+def demo_cmd(
+    out_dir: Annotated[Path, typer.Option("--out", help="Run directory.")] = Path("runs/demo"),
+    quiet: Annotated[bool, typer.Option(help="Only warnings and the result.")] = False,
+) -> None:
+    """Generate the shapes, train the default model, evaluate it and predict a new image."""
+    from cnnkit.demo import run_demo
+
+    report = run_demo(out_dir, progress=not quiet)
+    print_evaluation(report.evaluation)
+    out.print(
+        f"a new {report.new_shape}: predicted {report.prediction.label} "
+        f"({100 * report.prediction.confidence:.1f}%)"
+    )
+    out.print(
+        f"validation accuracy {100 * report.evaluation.accuracy:.2f}% after "
+        f"{report.train.epochs_run} epochs in {report.seconds:.1f}s"
+    )
+    out.print(
+        f"outputs: {out_dir}/ (model.safetensors, metrics.csv, curves.png, "
+        "confusion_matrix.png, summary.json)"
+    )

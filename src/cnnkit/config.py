@@ -1,0 +1,238 @@
+"""Typed, frozen configuration for a cnnkit run.
+
+Each stage takes only the piece it uses (``DataConfig``, ``AugmentConfig``, ``TrainConfig``);
+``RunConfig`` bundles them with the model description and is written, fully resolved, into
+every run directory as ``config.yaml``. Values are checked in ``__post_init__`` so a bad value
+fails where it is set, with a message naming the field and the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cnnkit.errors import ConfigError
+
+__all__ = [
+    "AugmentConfig",
+    "DataConfig",
+    "RunConfig",
+    "TrainConfig",
+    "load_yaml",
+    "merge_overrides",
+]
+
+RESIZE_MODES = ("crop", "squash", "pad")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("onecycle", "cosine", "constant")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def _fail(section: str, name: str, value: Any, why: str) -> ConfigError:
+    return ConfigError(f"{section}.{name}: {why}, got {value!r}")
+
+
+def _positive_int(section: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise _fail(section, name, value, "expected a positive integer")
+
+
+def _choice(section: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise _fail(section, name, value, f"expected one of {', '.join(choices)}")
+
+
+def _number(section: str, name: str, value: Any, lo: float, hi: float) -> None:
+    """Check lo <= value <= hi for a real number."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise _fail(section, name, value, "expected a number")
+    if not lo <= value <= hi:
+        raise _fail(section, name, value, f"expected a number from {lo:g} to {hi:g}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images come from and how each is turned into the model's input.
+
+    ``resize`` says how a non-square image reaches ``image_size`` x ``image_size``:
+    ``crop`` scales the shorter side to the size and cuts the centre (the default, as
+    fastai and Teachable Machine do); ``squash`` stretches the whole image (as Keras does);
+    ``pad`` scales the longer side to the size and pads the rest with black.
+    """
+
+    path: str = ""
+    image_size: int | None = None  # None: the model's own input size
+    channels: str = "auto"  # auto: 1 when every image is greyscale, else 3
+    resize: str = "crop"
+    val_split: float = 0.2
+    seed: int = 0
+    strict: bool = False
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.image_size is not None:
+            _positive_int("data", "image_size", self.image_size)
+            if self.image_size < 4 or self.image_size > 1024:
+                raise _fail("data", "image_size", self.image_size, "expected 4 to 1024 pixels")
+        _choice("data", "channels", str(self.channels), ("auto", "1", "3"))
+        _choice("data", "resize", self.resize, RESIZE_MODES)
+        _number("data", "val_split", self.val_split, 0.0, 0.9)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise _fail("data", "seed", self.seed, "expected an integer")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Random changes drawn anew for every image in every epoch, applied per batch.
+
+    The learning material's flips, mirroring and skewing, plus small rotation, scale and
+    translation. Angles are in degrees; ``scale`` is the largest relative zoom (0.1: 90-110%);
+    ``translate`` the largest shift as a fraction of the side.
+    """
+
+    enabled: bool = True
+    hflip: bool = True  # mirror left-right
+    vflip: bool = False  # upside down: on for shapes, off for digits and photos
+    shear: float = 10.0  # skew, degrees
+    rotate: float = 10.0
+    scale: float = 0.1
+    translate: float = 0.0
+
+    def __post_init__(self) -> None:
+        _number("augment", "shear", self.shear, 0.0, 45.0)
+        _number("augment", "rotate", self.rotate, 0.0, 180.0)
+        _number("augment", "scale", self.scale, 0.0, 0.9)
+        _number("augment", "translate", self.translate, 0.0, 0.5)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How the optimiser walks: epochs, batches, learning rate and when to stop."""
+
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 3e-3
+    optimizer: str = "adamw"
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    schedule: str = "onecycle"
+    label_smoothing: float = 0.0
+    patience: int | None = None  # epochs without improvement before stopping
+    target_accuracy: float | None = None  # stop once validation accuracy reaches this
+    device: str = "auto"
+    precision: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive_int("train", "epochs", self.epochs)
+        _positive_int("train", "batch_size", self.batch_size)
+        if not isinstance(self.lr, int | float) or isinstance(self.lr, bool) or not self.lr > 0:
+            raise _fail("train", "lr", self.lr, "expected a positive number")
+        _number("train", "lr", self.lr, 0.0, 10.0)
+        _choice("train", "optimizer", self.optimizer, OPTIMIZERS)
+        _number("train", "weight_decay", self.weight_decay, 0.0, 1.0)
+        _number("train", "momentum", self.momentum, 0.0, 0.999)
+        _choice("train", "schedule", self.schedule, SCHEDULES)
+        _number("train", "label_smoothing", self.label_smoothing, 0.0, 0.5)
+        if self.patience is not None:
+            _positive_int("train", "patience", self.patience)
+        if self.target_accuracy is not None:
+            _number("train", "target_accuracy", self.target_accuracy, 0.0, 1.0)
+        _choice("train", "device", self.device, DEVICES)
+        _choice("train", "precision", self.precision, PRECISIONS)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise _fail("train", "seed", self.seed, "expected an integer")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a training run; written to ``RUN_DIR/config.yaml``."""
+
+    model: str = "fast"  # a preset name or a YAML file
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> RunConfig:
+        """Build from a plain mapping (a parsed YAML file); unknown keys are errors."""
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"config: expected a mapping of sections, got {type(raw).__name__}")
+        known = {"model", "data", "augment", "train"}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(
+                f"config: unknown section {unknown[0]!r}, expected {', '.join(sorted(known))}"
+            )
+        model = raw.get("model", "fast")
+        if not isinstance(model, str):
+            raise ConfigError(f"config.model: expected a preset name or file, got {model!r}")
+        return cls(
+            model=model,
+            data=_section(DataConfig, "data", raw.get("data")),
+            augment=_section(AugmentConfig, "augment", raw.get("augment")),
+            train=_section(TrainConfig, "train", raw.get("train")),
+        )
+
+    def save(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _section(cls: type, name: str, raw: Any) -> Any:
+    if raw is None:
+        return cls()
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"config.{name}: expected a mapping, got {raw!r}")
+    names = {f.name for f in fields(cls)}
+    for key in raw:
+        if key not in names:
+            raise ConfigError(
+                f"config.{name}: unknown field {key!r}, expected one of {', '.join(sorted(names))}"
+            )
+    try:
+        return cls(**raw)
+    except TypeError as exc:  # a value of an impossible type slipped past the checks
+        raise ConfigError(f"config.{name}: {exc}") from None
+
+
+def merge_overrides(config: RunConfig, overrides: Mapping[str, Any]) -> RunConfig:
+    """Apply ``{"train.lr": 0.01, "data.seed": 3, "model": "seed"}``; None values are skipped."""
+    sections: dict[str, dict[str, Any]] = {}
+    model = config.model
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        if dotted == "model":
+            model = value
+            continue
+        section, _, name = dotted.partition(".")
+        sections.setdefault(section, {})[name] = value
+    return RunConfig(
+        model=model,
+        data=dataclasses.replace(config.data, **sections.get("data", {})),
+        augment=dataclasses.replace(config.augment, **sections.get("augment", {})),
+        train=dataclasses.replace(config.train, **sections.get("train", {})),
+    )
+
+
+def load_yaml(path: str | Path) -> Any:
+    """Read a YAML file with a one-line error for a missing or malformed file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        return yaml.safe_load(p.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise ConfigError(f"{p}: not valid YAML{line}") from None

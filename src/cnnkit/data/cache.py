@@ -1,0 +1,203 @@
+"""Decode every image once into a memory-mapped uint8 array on disk, and reuse it.
+
+The cache is keyed by the file list, each file's size and mtime, the input size, channels and
+resize mode, so a second run decodes nothing and any change to a file decodes afresh. Arrays
+are ``(N, S, S, C)`` uint8 ``.npy`` files opened with ``mmap_mode="r"``: a data set larger than
+RAM still trains, the operating system pages it in.
+
+Layout: ``CACHE_ROOT/<key>/images.npy`` and ``meta.json``, built in a temporary folder and
+renamed into place, so a killed run never leaves a half-written cache under the final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cnnkit.data.folder import ImageList
+from cnnkit.data.images import GREY_MODES, load_image, open_image
+from cnnkit.errors import DataError, ImageError
+
+__all__ = ["DecodedImages", "decode_cached", "default_cache_root"]
+
+log = logging.getLogger("cnnkit")
+CACHE_VERSION = 1
+
+
+def default_cache_root() -> Path:
+    """``$CNNKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/cnnkit``, else ``~/.cache/cnnkit``."""
+    if env := os.environ.get("CNNKIT_CACHE_DIR"):
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "cnnkit"
+
+
+@dataclass(frozen=True)
+class DecodedImages:
+    """The usable images of an ``ImageList``, decoded: ``images[i]`` has label ``labels[i]``."""
+
+    images: np.ndarray  # (N, S, S, C) uint8, memory-mapped
+    labels: np.ndarray  # (N,) int64
+    paths: tuple[str, ...]
+    skipped: tuple[tuple[str, str], ...]  # (path, reason) of each unusable file
+    channels: int
+    from_cache: bool
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _cache_key(files: ImageList, size: int, channels: str, resize: str) -> str:
+    digest = hashlib.sha256()
+    digest.update(f"v{CACHE_VERSION}|{size}|{channels}|{resize}\n".encode())
+    for path, label in zip(files.paths, files.labels, strict=True):
+        try:
+            st = path.stat()
+            stamp = f"{st.st_size}|{st.st_mtime_ns}"
+        except OSError:
+            stamp = "missing"
+        digest.update(f"{path.resolve()}|{label}|{stamp}\n".encode())
+    return digest.hexdigest()[:32]
+
+
+def _peek_mode(path: Path) -> tuple[str | None, str | None]:
+    """(mode, None) from the header, or (None, reason) for a file that cannot be opened."""
+    try:
+        with open_image(path) as image:
+            return image.mode, None
+    except ImageError as exc:
+        return None, str(exc)
+
+
+def _report(skipped: list[tuple[str, str]], used: int, strict: bool) -> None:
+    for _path, reason in skipped:
+        log.warning("skipped %s", reason)
+    if skipped:
+        log.warning("%d images used, %d skipped", used, len(skipped))
+        if strict:
+            raise DataError(
+                f"{len(skipped)} unreadable image(s) with --strict, first: {skipped[0][1]}"
+            )
+
+
+def _open(folder: Path) -> DecodedImages:
+    meta = json.loads((folder / "meta.json").read_text())
+    images = np.load(folder / "images.npy", mmap_mode="r")
+    labels = np.asarray(meta["labels"], dtype=np.int64)
+    if images.shape[0] != len(labels):
+        raise ValueError("cache rows and labels disagree")
+    return DecodedImages(
+        images=images,
+        labels=labels,
+        paths=tuple(meta["paths"]),
+        skipped=tuple((p, r) for p, r in meta["skipped"]),
+        channels=int(meta["channels"]),
+        from_cache=True,
+    )
+
+
+def decode_cached(
+    files: ImageList,
+    size: int,
+    channels: str = "auto",
+    resize: str = "crop",
+    cache_root: Path | None = None,
+    strict: bool = False,
+    workers: int | None = None,
+) -> DecodedImages:
+    """Decode ``files`` at ``size`` into the cache (or open the cached copy) and return them.
+
+    Unreadable files are skipped with one warning line each and a count; with ``strict`` they
+    are an error. ``channels="auto"`` keeps one channel when every usable image is greyscale.
+    """
+    root = Path(cache_root) if cache_root else default_cache_root()
+    key = _cache_key(files, size, str(channels), resize)
+    folder = root / key
+    if (folder / "meta.json").is_file():
+        try:
+            decoded = _open(folder)
+        except (OSError, ValueError, KeyError):
+            shutil.rmtree(folder, ignore_errors=True)  # damaged: rebuild below
+        else:
+            _report(list(decoded.skipped), len(decoded), strict)
+            return decoded
+
+    workers = workers or max(1, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        peeked = list(pool.map(_peek_mode, files.paths, chunksize=64))
+    skipped = [(str(p), why) for p, (_, why) in zip(files.paths, peeked, strict=True) if why]
+    ok = [i for i, (mode, _) in enumerate(peeked) if mode is not None]
+    if str(channels) == "auto":
+        n_ch = 1 if ok and all(peeked[i][0] in GREY_MODES for i in ok) else 3
+    else:
+        n_ch = int(channels)
+
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
+    try:
+        images = np.lib.format.open_memmap(
+            tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(len(ok), size, size, n_ch)
+        )
+
+        def decode(row_and_index: tuple[int, int], target: np.ndarray = images) -> str | None:
+            row, i = row_and_index
+            try:
+                target[row] = load_image(files.paths[i], size, n_ch, resize)
+            except ImageError as exc:
+                return str(exc)
+            return None
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            failures = list(pool.map(decode, enumerate(ok), chunksize=32))
+        good_rows = [row for row, why in enumerate(failures) if why is None]
+        for row, why in enumerate(failures):
+            if why is not None:
+                skipped.append((str(files.paths[ok[row]]), why))
+        if len(good_rows) != len(ok):  # a file whose header read but pixels did not
+            compact = np.lib.format.open_memmap(
+                tmp / "compact.npy",
+                mode="w+",
+                dtype=np.uint8,
+                shape=(len(good_rows), size, size, n_ch),
+            )
+            for start in range(0, len(good_rows), 1024):
+                chunk = good_rows[start : start + 1024]
+                compact[start : start + len(chunk)] = images[chunk]
+            compact.flush()
+            del compact
+            os.replace(tmp / "compact.npy", tmp / "images.npy")
+        images.flush()
+        del images
+        kept = [ok[row] for row in good_rows]
+        meta = {
+            "version": CACHE_VERSION,
+            "size": size,
+            "channels": n_ch,
+            "resize": resize,
+            "paths": [str(files.paths[i]) for i in kept],
+            "labels": [int(files.labels[i]) for i in kept],
+            "skipped": sorted(skipped),
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process finished the same cache first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    decoded = _open(folder)
+    decoded = DecodedImages(
+        decoded.images, decoded.labels, decoded.paths, decoded.skipped, n_ch, from_cache=False
+    )
+    _report(list(decoded.skipped), len(decoded), strict)
+    return decoded

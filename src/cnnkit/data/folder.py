@@ -1,0 +1,138 @@
+"""Find the images of a folder data set and their classes; split them deterministically.
+
+Two layouts are understood:
+
+- ``DIR/<class>/*``: one folder per class; a validation split is drawn from it.
+- ``DIR/train/<class>/*`` with ``DIR/val/<class>/*`` and/or ``DIR/test/<class>/*``: the split
+  is given (validation uses ``val/`` when present, else ``test/``).
+
+Hidden files and folders (``.DS_Store``, ``.ipynb_checkpoints``, ``._x.jpg``) and files that
+are not images by their suffix are ignored.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cnnkit.data.images import IMAGE_SUFFIXES
+from cnnkit.errors import DataError
+
+__all__ = ["FolderLayout", "ImageList", "scan_folder", "stratified_split"]
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class ImageList:
+    """Image files with integer labels into a shared class list."""
+
+    paths: tuple[Path, ...]
+    labels: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+@dataclass(frozen=True)
+class FolderLayout:
+    """What ``scan_folder`` found: the classes and the image list of each split."""
+
+    root: Path
+    classes: tuple[str, ...]
+    splits: dict[str, ImageList]  # "all" for a flat folder; else "train" and "val"/"test"
+
+    @property
+    def has_split(self) -> bool:
+        return "train" in self.splits
+
+
+def _visible(name: str) -> bool:
+    return not name.startswith(".") and name != "__MACOSX"
+
+
+def _class_dirs(root: Path) -> list[Path]:
+    return sorted(
+        (p for p in root.iterdir() if p.is_dir() and _visible(p.name)), key=lambda p: p.name
+    )
+
+
+def _images_in(folder: Path) -> list[Path]:
+    """Image files below ``folder`` (recursively), hidden ones skipped, in a stable order."""
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if _visible(d))
+        for name in sorted(filenames):
+            if _visible(name) and Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                found.append(Path(dirpath) / name)
+    return found
+
+
+def _collect(root: Path, classes: list[str] | None, where: str) -> tuple[list[str], ImageList]:
+    dirs = _class_dirs(root)
+    names = [d.name for d in dirs]
+    if classes is None:
+        classes = names
+    else:
+        extra = sorted(set(names) - set(classes))
+        if extra:
+            raise DataError(f"{root}: class {extra[0]!r} is not among the training classes")
+    index = {name: i for i, name in enumerate(classes)}
+    paths: list[Path] = []
+    labels: list[int] = []
+    for d in dirs:
+        images = _images_in(d)
+        if not images and where == "train":
+            raise DataError(f"{d}: class {d.name!r} has no images")
+        paths += images
+        labels += [index[d.name]] * len(images)
+    return classes, ImageList(tuple(paths), tuple(labels))
+
+
+def scan_folder(path: str | Path) -> FolderLayout:
+    """List a data set's classes and images; raises ``DataError`` for an unusable folder."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise DataError(f"data folder not found: {root}")
+    if not root.is_dir():
+        raise DataError(f"not a folder: {root} (expected one sub-folder per class)")
+    subdirs = {d.name for d in _class_dirs(root)}
+    splits: dict[str, ImageList] = {}
+    if "train" in subdirs and subdirs & {"val", "test"}:
+        classes, splits["train"] = _collect(root / "train", None, "train")
+        for name in ("val", "test"):
+            if name in subdirs:
+                _, splits[name] = _collect(root / name, classes, name)
+    else:
+        classes, splits["all"] = _collect(root, None, "train")
+    if len(classes) < 2:
+        found = f"only {classes[0]!r}" if classes else "none"
+        raise DataError(
+            f"{root}: need at least two classes (one sub-folder of images each), found {found}"
+        )
+    return FolderLayout(root=root, classes=tuple(classes), splits=splits)
+
+
+def stratified_split(
+    labels: np.ndarray, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, val): ``val_fraction`` of every class, the same for the same seed.
+
+    Each class with at least two images gives at least one to validation when the fraction
+    is positive, so every class is measured.
+    """
+    rng = np.random.default_rng(seed)
+    train: list[np.ndarray] = []
+    val: list[np.ndarray] = []
+    for cls in np.unique(labels):
+        idx = np.flatnonzero(labels == cls)
+        idx = idx[rng.permutation(len(idx))]
+        n_val = round(len(idx) * val_fraction)
+        if val_fraction > 0 and len(idx) >= 2:
+            n_val = min(max(n_val, 1), len(idx) - 1)
+        val.append(idx[:n_val])
+        train.append(idx[n_val:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))

@@ -1,0 +1,206 @@
+"""Decode one image safely and turn it into the model's input: the only preprocessing there is.
+
+Training, evaluation, prediction, export checks and the server all call ``load_image`` (a
+file or bytes to an RGB or greyscale uint8 array at the input size) and ``to_model_input``
+(a uint8 batch to normalised floats), so what the model sees never differs between them.
+
+Safety: only the JPEG, PNG, BMP, GIF and WEBP decoders are allowed, the pixel count is checked
+from the header before any pixel is decoded (decompression bombs are refused), and every
+failure becomes an ``ImageError`` naming the file and the reason.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from cnnkit.errors import ImageError
+
+__all__ = [
+    "ALLOWED_FORMATS",
+    "GREY_MODES",
+    "IMAGE_SUFFIXES",
+    "MAX_PIXELS",
+    "load_image",
+    "open_image",
+    "to_model_input",
+]
+
+ALLOWED_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP")
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".dib", ".gif", ".webp"}
+)
+MAX_PIXELS = 40_000_000  # 40 MP: larger than any camera photo, far below a bomb
+GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+BACKGROUND = (255, 255, 255)  # what transparent pixels are composited onto
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+Source = str | Path | bytes | BinaryIO
+
+
+def _name(source: Source) -> str:
+    if isinstance(source, str | Path):
+        return str(source)
+    return "<image bytes>"
+
+
+def open_image(source: Source) -> Image.Image:
+    """Open a file or bytes with the allowed decoders and check its size; pixels not yet read."""
+    name = _name(source)
+    try:
+        if isinstance(source, bytes):
+            if not source:
+                raise ImageError(f"{name}: empty (0 bytes)")
+            fp: BinaryIO | str | Path = io.BytesIO(source)
+        else:
+            fp = source
+            if isinstance(source, str | Path):
+                path = Path(source)
+                if not path.exists():
+                    raise ImageError(f"{name}: file not found")
+                if not path.is_file():
+                    raise ImageError(f"{name}: not a file")
+                if path.stat().st_size == 0:
+                    raise ImageError(f"{name}: empty file (0 bytes)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(fp, formats=ALLOWED_FORMATS)
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(
+            f"{name}: not an image in a supported format ({', '.join(ALLOWED_FORMATS)})"
+        ) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(
+            f"{name}: refused, more than {MAX_PIXELS:,} pixels (decompression bomb)"
+        ) from None
+    except PermissionError:
+        raise ImageError(f"{name}: permission denied") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageError(f"{name}: unreadable ({_reason(exc)})") from None
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ImageError(f"{name}: has no pixels ({width}x{height})")
+    if width * height > MAX_PIXELS:
+        raise ImageError(
+            f"{name}: refused, {width}x{height} is more than {MAX_PIXELS:,} pixels "
+            "(decompression bomb)"
+        )
+    return image
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:160]
+
+
+def _to_rgb_or_grey(image: Image.Image) -> Image.Image:
+    """Any mode to 8-bit ``RGB`` or ``L``, transparency composited onto white, 16-bit scaled."""
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # 16-bit and 32-bit greyscale: scale the full range down to 8 bits. Pillow's own
+        # convert("L") clips everything above 255 to white, which is the bug we avoid here.
+        arr = np.asarray(image)
+        if arr.dtype.kind == "f":
+            finite = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+            top = 1.0 if finite.max(initial=0.0) <= 1.0 else 65535.0
+            out = np.clip(finite / top * 255.0, 0, 255)
+        else:
+            values = arr.astype(np.int64)
+            top = 65535 if mode.startswith("I;16") or values.max(initial=0) > 255 else 255
+            out = np.clip(values, 0, top) * 255.0 / top
+        return Image.fromarray(np.rint(out).astype(np.uint8), mode="L")
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        mode = image.mode
+    elif mode == "PA":
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "RGBa", "LA", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
+        flat = Image.alpha_composite(background, rgba)
+        return flat.convert("L" if mode in ("LA", "La") else "RGB")
+    if mode == "1":
+        return image.convert("L")
+    if mode in ("L", "RGB"):
+        return image
+    return image.convert("RGB")  # CMYK, YCbCr, LAB, HSV, RGBX
+
+
+def _fit(image: Image.Image, size: int, resize: str) -> Image.Image:
+    """Bring an image to size x size (see ``DataConfig.resize``)."""
+    width, height = image.size
+    if (width, height) == (size, size):
+        return image
+    if resize == "squash":
+        return image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    if resize == "crop":
+        return ImageOps.fit(image, (size, size), Image.Resampling.BILINEAR)
+    scale = size / max(width, height)  # pad
+    new = (max(1, round(width * scale)), max(1, round(height * scale)))
+    inner = image.resize(new, Image.Resampling.BILINEAR, reducing_gap=3.0)
+    canvas = Image.new(image.mode, (size, size))
+    canvas.paste(inner, ((size - new[0]) // 2, (size - new[1]) // 2))
+    return canvas
+
+
+def load_image(
+    source: Source | Image.Image,
+    size: int | None = None,
+    channels: int = 3,
+    resize: str = "crop",
+) -> np.ndarray:
+    """Decode ``source`` into a ``(size, size, channels)`` uint8 array (HWC).
+
+    EXIF orientation is applied, every mode becomes RGB or greyscale correctly, and with
+    ``size=None`` the image keeps its own size. Raises ``ImageError`` for anything unreadable.
+    """
+    name = _name(source) if not isinstance(source, Image.Image) else "<PIL image>"
+    image = source if isinstance(source, Image.Image) else open_image(source)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image.load()
+            image = ImageOps.exif_transpose(image) or image
+            image = _to_rgb_or_grey(image)
+            if channels == 3 and image.mode != "RGB":
+                image = image.convert("RGB")
+            elif channels == 1 and image.mode != "L":
+                image = image.convert("L")
+            if size is not None:
+                image = _fit(image, size, resize)
+            arr = np.asarray(image, dtype=np.uint8)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(f"{name}: refused, too many pixels (decompression bomb)") from None
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
+        raise ImageError(f"{name}: unreadable ({_reason(exc)})") from None
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return np.ascontiguousarray(arr)
+
+
+def to_model_input(
+    batch: torch.Tensor, mean: torch.Tensor | list[float], std: torch.Tensor | list[float]
+) -> torch.Tensor:
+    """uint8 images ``(B, H, W, C)`` to normalised float ``(B, C, H, W)`` in channels_last.
+
+    ``x = (pixel / 255 - mean) / std`` per channel; mean and std travel with the model.
+    """
+    if batch.dtype != torch.uint8 or batch.ndim != 4:
+        raise ValueError(f"expected a uint8 (B, H, W, C) batch, got {batch.dtype} {batch.shape}")
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1)
+    x = batch.permute(0, 3, 1, 2).float()  # (B, C, H, W), memory stays NHWC = channels_last
+    return (x.div_(255.0) - mean_t).div_(std_t)

@@ -1,0 +1,53 @@
+"""cnnkit's own exceptions.
+
+Every error a user can cause is one of these, with a message precise enough to act on. The
+CLI prints ``str(error)`` on one line and exits non-zero; library users catch ``CnnkitError``.
+
+    CnnkitError
+    ├── ConfigError       a config value, layer setting, preset name or flag is wrong
+    ├── DataError         a data folder is missing, empty, has too few classes or bad files
+    │   └── ImageError    one image cannot be decoded (corrupt, hostile, wrong format)
+    ├── RunDirError       a path is not a usable run directory (missing or damaged files)
+    ├── CheckpointError   a checkpoint is truncated, corrupt or unsafe to load
+    └── ExportError       an exported model disagrees with the original or cannot be written
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "CnnkitError",
+    "ConfigError",
+    "DataError",
+    "ExportError",
+    "ImageError",
+    "RunDirError",
+]
+
+
+class CnnkitError(Exception):
+    """Base of every error cnnkit raises on purpose."""
+
+
+class ConfigError(CnnkitError, ValueError):
+    """A configuration value, layer setting or option is invalid."""
+
+
+class DataError(CnnkitError):
+    """A data set cannot be used as given."""
+
+
+class ImageError(DataError):
+    """One image cannot be read; the message names the file (when known) and the reason."""
+
+
+class RunDirError(CnnkitError):
+    """A run directory is missing or lacks the files cnnkit writes into it."""
+
+
+class CheckpointError(CnnkitError):
+    """A checkpoint or weights file is damaged or unsafe."""
+
+
+class ExportError(CnnkitError):
+    """An export failed or its result does not match the PyTorch model."""

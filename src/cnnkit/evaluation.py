@@ -1,0 +1,130 @@
+"""Evaluate a trained model on a labelled folder: accuracy, per-class scores, confusions."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cnnkit.config import DataConfig, RunConfig, load_yaml
+from cnnkit.data.dataset import load_split
+from cnnkit.errors import DataError
+from cnnkit.inference import load
+from cnnkit.plots import plot_confusion
+
+__all__ = ["EvalResult", "classification_report", "evaluate"]
+
+
+@dataclass
+class EvalResult:
+    """Scores of a model on one set of labelled images."""
+
+    classes: tuple[str, ...]
+    accuracy: float
+    loss: float
+    confusion: np.ndarray  # (classes, classes): rows true, columns predicted
+    per_class: list[dict[str, float]]
+    most_wrong: list[dict[str, object]] = field(default_factory=list)
+    count: int = 0
+    probabilities: np.ndarray | None = None  # (N, classes)
+    paths: tuple[str, ...] = ()
+    labels: np.ndarray | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "count": self.count,
+            "accuracy": round(self.accuracy, 6),
+            "loss": round(self.loss, 6),
+            "classes": list(self.classes),
+            "per_class": self.per_class,
+            "confusion_matrix": self.confusion.tolist(),
+            "most_wrong": self.most_wrong,
+        }
+
+
+def classification_report(
+    labels: np.ndarray, predicted: np.ndarray, classes: tuple[str, ...]
+) -> tuple[np.ndarray, list[dict[str, float]]]:
+    """Confusion matrix and per-class precision, recall, F1 and support."""
+    n = len(classes)
+    confusion = np.zeros((n, n), dtype=np.int64)
+    np.add.at(confusion, (labels, predicted), 1)
+    rows = []
+    for i, name in enumerate(classes):
+        tp = confusion[i, i]
+        pred = confusion[:, i].sum()
+        true = confusion[i].sum()
+        precision = tp / pred if pred else 0.0
+        recall = tp / true if true else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        rows.append(
+            {
+                "class": name,
+                "precision": round(float(precision), 6),
+                "recall": round(float(recall), 6),
+                "f1": round(float(f1), 6),
+                "support": int(true),
+            }
+        )
+    return confusion, rows
+
+
+def evaluate(
+    run_dir: str | Path,
+    data: str | Path,
+    split: str = "auto",
+    *,
+    device: str = "auto",
+    precision: str = "auto",
+    worst: int = 8,
+    plot: bool = True,
+) -> EvalResult:
+    """Score the model in ``run_dir`` on the images of ``data``.
+
+    Writes ``confusion_matrix.png`` and ``evaluation.json`` into the run directory.
+    """
+    classifier = load(run_dir, device, precision)
+    meta = classifier.meta
+    run = Path(run_dir)
+    data_cfg = DataConfig()
+    if (run / "config.yaml").is_file():  # the run's own split settings, for split=val
+        data_cfg = RunConfig.from_dict(load_yaml(run / "config.yaml")).data
+    images = load_split(data, split, meta.classes, data_cfg, meta.image_size, meta.channels)
+    if len(images) == 0:
+        raise DataError(f"{data}: no usable images to evaluate")
+    logits = classifier.logits(images.images)  # (N, classes)
+    labels = torch.from_numpy(np.asarray(images.labels))
+    loss = torch.nn.functional.cross_entropy(logits, labels).item()
+    probs = torch.softmax(logits, dim=1).numpy()
+    predicted = probs.argmax(1)
+    confusion, per_class = classification_report(images.labels, predicted, meta.classes)
+    wrong = np.flatnonzero(predicted != images.labels)
+    wrong = wrong[np.argsort(-probs[wrong, predicted[wrong]])][:worst]
+    most_wrong = [
+        {
+            "path": images.paths[i],
+            "true": meta.classes[images.labels[i]],
+            "predicted": meta.classes[predicted[i]],
+            "confidence": round(float(probs[i, predicted[i]]), 6),
+        }
+        for i in wrong
+    ]
+    result = EvalResult(
+        classes=meta.classes,
+        accuracy=float((predicted == images.labels).mean()),
+        loss=loss,
+        confusion=confusion,
+        per_class=per_class,
+        most_wrong=most_wrong,
+        count=len(images),
+        probabilities=probs,
+        paths=images.paths,
+        labels=images.labels,
+    )
+    if plot:
+        plot_confusion(confusion, meta.classes, run / "confusion_matrix.png")
+        (run / "evaluation.json").write_text(json.dumps(result.to_dict(), indent=2))
+    return result

@@ -1,0 +1,143 @@
+"""Predict with a trained model: ``cnnkit.load(run_dir).predict(images)``.
+
+Images go through ``load_image`` and ``to_model_input``, the same two functions training uses,
+with the size, channels, resize mode, mean and std stored in the run directory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cnnkit.checkpoint import ModelMeta, load_model
+from cnnkit.data.folder import _images_in
+from cnnkit.data.images import IMAGE_SUFFIXES, Source, load_image
+from cnnkit.engine import batched_logits, resolve_device, resolve_precision
+from cnnkit.errors import DataError, ImageError
+from cnnkit.models.network import Network
+
+__all__ = ["Classifier", "Prediction", "expand_inputs", "load"]
+
+ImageInput = Source | Image.Image | np.ndarray
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The model's answer for one image."""
+
+    source: str
+    label: str
+    confidence: float
+    probabilities: dict[str, float] = field(default_factory=dict)
+
+    def top(self, k: int) -> list[tuple[str, float]]:
+        return sorted(self.probabilities.items(), key=lambda kv: -kv[1])[:k]
+
+    def to_dict(self, top_k: int | None = None) -> dict[str, object]:
+        probs = dict(self.top(top_k)) if top_k else self.probabilities
+        return {
+            "source": self.source,
+            "label": self.label,
+            "confidence": round(self.confidence, 6),
+            "probabilities": {k: round(v, 6) for k, v in probs.items()},
+        }
+
+
+class Classifier:
+    """A trained network with its preprocessing, ready to classify images."""
+
+    def __init__(
+        self, model: Network, meta: ModelMeta, device: str = "auto", precision: str = "auto"
+    ) -> None:
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self.model = model.to(self.device, memory_format=torch.channels_last).eval()
+        self.meta = meta
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.meta.classes
+
+    def preprocess(self, image: ImageInput) -> np.ndarray:
+        """One image to the uint8 ``(S, S, C)`` array the model is fed."""
+        if isinstance(image, np.ndarray):
+            if image.ndim == 2:
+                image = image[:, :, None]
+            if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+                raise ImageError(
+                    f"array of shape {image.shape}: expected (H, W), (H, W, 1), "
+                    "(H, W, 3) or (H, W, 4)"
+                )
+            arr = image if image.dtype == np.uint8 else np.clip(image, 0, 255).astype(np.uint8)
+            mode = {1: "L", 3: "RGB", 4: "RGBA"}[arr.shape[2]]
+            image = Image.fromarray(arr[:, :, 0] if mode == "L" else arr, mode=mode)
+        return load_image(image, self.meta.image_size, self.meta.channels, self.meta.resize)
+
+    def logits(self, batch: np.ndarray) -> torch.Tensor:
+        """Logits for preprocessed uint8 images ``(N, S, S, C)``."""
+        return batched_logits(
+            self.model, batch, self.meta.mean, self.meta.std, self.device, self.precision
+        )
+
+    def predict_proba(self, images: Sequence[ImageInput]) -> np.ndarray:
+        """Class probabilities ``(N, classes)``; each row sums to 1."""
+        batch = (
+            np.stack([self.preprocess(im) for im in images])
+            if len(images)
+            else np.zeros(
+                (0, self.meta.image_size, self.meta.image_size, self.meta.channels), np.uint8
+            )
+        )
+        if not len(batch):
+            return np.zeros((0, len(self.classes)), dtype=np.float32)
+        return torch.softmax(self.logits(batch), dim=1).numpy()
+
+    def predict(self, images: ImageInput | Sequence[ImageInput]) -> list[Prediction]:
+        """Predict one image or a list of them (paths, bytes, PIL images or arrays)."""
+        if isinstance(images, str | Path | bytes | Image.Image | np.ndarray):
+            images = [images]
+        probs = self.predict_proba(images)
+        return [self._prediction(_describe(im), p) for im, p in zip(images, probs, strict=True)]
+
+    def _prediction(self, source: str, probs: np.ndarray) -> Prediction:
+        best = int(np.argmax(probs))
+        return Prediction(
+            source=source,
+            label=self.classes[best],
+            confidence=float(probs[best]),
+            probabilities={c: float(p) for c, p in zip(self.classes, probs, strict=True)},
+        )
+
+
+def _describe(image: object) -> str:
+    if isinstance(image, str | Path):
+        return str(image)
+    return f"<{type(image).__name__}>"
+
+
+def load(run_dir: str | Path, device: str = "auto", precision: str = "auto") -> Classifier:
+    """The classifier saved in ``run_dir`` (see ``cnnkit.checkpoint``)."""
+    model, meta = load_model(run_dir)
+    return Classifier(model, meta, device, precision)
+
+
+def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
+    """Files as given, folders expanded to the images inside them (sorted)."""
+    out: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = _images_in(path)
+            if not found:
+                raise DataError(
+                    f"{path}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
+                )
+            out.extend(found)
+        else:
+            out.append(path)
+    return out

@@ -1,0 +1,44 @@
+"""``cnnkit model summary``: every layer's output shape, parameters and FLOPs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cnnkit.models.layers import infer_shapes, with_head
+from cnnkit.models.registry import load_model_spec
+
+__all__ = ["summarize"]
+
+
+def summarize(
+    model: str, image_size: int | None = None, classes: int = 3, channels: int = 3
+) -> dict[str, Any]:
+    """Per-layer shapes, parameters and forward FLOPs for one image, and their totals."""
+    from cnnkit.errors import ConfigError
+
+    spec = load_model_spec(model)
+    size = image_size or spec.input_size
+    if isinstance(classes, bool) or classes < 2:
+        raise ConfigError(f"--classes: expected at least 2, got {classes}")
+    if channels not in (1, 3):
+        raise ConfigError(f"--channels: expected 1 or 3, got {channels}")
+    if not 4 <= size <= 1024:
+        raise ConfigError(f"--image-size: expected 4 to 1024 pixels, got {size}")
+    infos = infer_shapes(with_head(list(spec.layers), classes), (channels, size, size))
+    rows = [
+        {
+            "name": i.name,
+            "type": i.spec.type,
+            "output_shape": list(i.out_shape),
+            "params": i.params,
+            "flops": i.flops,
+        }
+        for i in infos
+    ]
+    return {
+        "name": spec.name,
+        "input_shape": [channels, size, size],
+        "layers": rows,
+        "total_params": sum(r["params"] for r in rows),
+        "total_flops": sum(r["flops"] for r in rows),
+    }
