@@ -1,0 +1,51 @@
+"""Shared fixtures: small generated data sets and one trained run, made once per session.
+
+Every test runs with its own decode cache (``CNNKIT_CACHE_DIR``) so nothing touches the
+user's cache, and everything runs on the CPU in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+from cnnkit.config import AugmentConfig, DataConfig, RunConfig, TrainConfig
+from cnnkit.data.shapes import generate_shapes
+from cnnkit.training.loop import TrainResult, train
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("CNNKIT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """200 circles, squares and triangles each, 32x32 PNG (read-only: copy before changing)."""
+    return generate_shapes(tmp_path_factory.mktemp("shapes"), count=200, size=32, seed=1)
+
+
+def quick_config(data: Path, **train: object) -> RunConfig:
+    """A config that trains the default model on ``data`` in a few seconds."""
+    options = {"epochs": 25, "batch_size": 16, "lr": 3e-3, **train}
+    return RunConfig(
+        model="fast",
+        data=DataConfig(path=str(data), image_size=32),
+        augment=AugmentConfig(vflip=True, rotate=15.0),
+        train=TrainConfig(**options),  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture(scope="session")
+def trained_run(
+    shapes_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, TrainResult]:
+    """A run directory trained on ``shapes_dir`` (read-only: copy before changing)."""
+    os.environ["CNNKIT_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "cache")
+    out = tmp_path_factory.mktemp("run") / "run"
+    result = train(quick_config(shapes_dir), out, progress=False)
+    return out, result
