@@ -31,7 +31,7 @@ def shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def quick_config(data: Path, **train: object) -> RunConfig:
     """A config that trains the default model on ``data`` in a few seconds."""
-    options = {"epochs": 25, "batch_size": 16, "lr": 3e-3, **train}
+    options = {"epochs": 12, "batch_size": 16, "lr": 3e-3, **train}
     return RunConfig(
         model="fast",
         data=DataConfig(path=str(data), image_size=32),

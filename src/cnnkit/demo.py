@@ -14,7 +14,7 @@ import numpy as np
 
 from cnnkit.config import AugmentConfig, DataConfig, RunConfig, TrainConfig
 from cnnkit.data.cache import default_cache_root
-from cnnkit.data.shapes import SHAPE_CLASSES, draw_shape, generate_shapes
+from cnnkit.data.shapes import SHAPE_CLASSES, SHAPES_VERSION, draw_shape, generate_shapes
 from cnnkit.evaluation import EvalResult, evaluate
 from cnnkit.inference import Prediction, load
 from cnnkit.training.loop import TrainResult, train
@@ -41,7 +41,9 @@ class DemoReport:
 
 def demo_data(root: Path | None = None) -> Path:
     """The demo's shapes (400 per class, 128x128), generated once into the cache folder."""
-    folder = (root or default_cache_root()) / f"shapes-{DEMO_COUNT}-{DEMO_SIZE}-{DEMO_SEED}"
+    folder = (root or default_cache_root()) / (
+        f"shapes-v{SHAPES_VERSION}-{DEMO_COUNT}-{DEMO_SIZE}-{DEMO_SEED}"
+    )
     done = folder / ".complete"
     if not done.is_file():
         generate_shapes(folder, count=DEMO_COUNT, size=DEMO_SIZE, seed=DEMO_SEED)

@@ -1,6 +1,7 @@
 """The learning material's running example: circles, squares and triangles as PNG files.
 
-Every image has a random size, position, rotation, fill colour and background, drawn from a
+Every image has a random size, position, rotation, fill colour and background colour (a light
+background under a darker shape, as drawn on paper, so the outline always shows), drawn from a
 generator seeded by ``(seed, class, index)``, so the same seed always gives the same files.
 Shapes are drawn at 4x and downsampled, so their edges are smooth like photographed ones.
 """
@@ -15,20 +16,31 @@ from PIL import Image, ImageDraw
 
 from cnnkit.errors import ConfigError
 
-__all__ = ["SHAPE_CLASSES", "draw_shape", "generate_shapes"]
+__all__ = ["SHAPES_VERSION", "SHAPE_CLASSES", "draw_shape", "generate_shapes"]
 
 SHAPE_CLASSES = ("circle", "square", "triangle")
 SUPERSAMPLE = 4
+SHAPES_VERSION = 2  # bump when the drawing changes: cached demo data is then redrawn
+
+
+def _luma(colour: tuple[int, int, int]) -> float:
+    return 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
 
 
 def _colours(rng: np.random.Generator) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """A background and a fill colour that differ clearly in brightness."""
-    while True:
-        bg = tuple(int(v) for v in rng.integers(0, 256, 3))
-        fg = tuple(int(v) for v in rng.integers(0, 256, 3))
-        luma = lambda c: 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2]  # noqa: E731
-        if abs(luma(bg) - luma(fg)) >= 60:
-            return bg, fg  # type: ignore[return-value]
+    """A light background and a darker fill colour, both random (like shapes on paper)."""
+
+    def pick(lo: float, hi: float) -> tuple[int, int, int]:
+        while True:
+            colour = (
+                int(rng.integers(0, 256)),
+                int(rng.integers(0, 256)),
+                int(rng.integers(0, 256)),
+            )
+            if lo <= _luma(colour) <= hi:
+                return colour
+
+    return pick(170, 255), pick(0, 130)
 
 
 def draw_shape(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
