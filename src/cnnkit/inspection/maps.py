@@ -1,0 +1,99 @@
+"""Every layer's output for one image, and the one way cnnkit turns a map into pixels.
+
+The learning material notes that feature values can exceed 255, so to show a map as an image
+it must be normalised. ``normalize_map`` does that the same way everywhere (the inspect pages,
+the report, the web app): the map's own minimum becomes 0 and its maximum 255. The raw minimum
+and maximum travel alongside in ``LayerOutput`` so a page can say what the grey levels mean.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cnnkit.errors import ConfigError
+from cnnkit.models.network import Network
+
+__all__ = ["LayerOutput", "layer_outputs", "normalize_map"]
+
+
+@dataclass(frozen=True)
+class LayerOutput:
+    """One layer's output for one image: ``(C, H, W)`` feature maps or an ``(N,)`` vector."""
+
+    name: str  # conv1, relu1, maxpool1, ... as in ``Network.infos``
+    type: str  # the layer type: conv, relu, maxpool, batchnorm, dropout2d, dense, ...
+    values: np.ndarray  # float32 (C, H, W) or (N,)
+    min: float
+    max: float
+
+    @property
+    def is_map(self) -> bool:
+        """True for spatial feature maps, False for vectors (after flatten or global pooling)."""
+        return self.values.ndim == 3
+
+
+def normalize_map(x: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Scale any array to uint8 for display: its minimum -> 0, its maximum -> 255.
+
+    A constant map (including all zeros, common after ReLU) has nothing to show and becomes
+    all 0 rather than a division by zero. Non-finite values are treated as the map's minimum.
+    """
+    if isinstance(x, torch.Tensor):
+        x = x.detach().float().cpu().numpy()
+    arr = np.asarray(x, dtype=np.float64)
+    if arr.size == 0:
+        return np.zeros(arr.shape, dtype=np.uint8)
+    finite = np.isfinite(arr)
+    if not finite.any():
+        return np.zeros(arr.shape, dtype=np.uint8)
+    lo, hi = float(arr[finite].min()), float(arr[finite].max())
+    if hi <= lo:
+        return np.zeros(arr.shape, dtype=np.uint8)
+    arr = np.where(finite, arr, lo)
+    scaled = (arr - lo) * (255.0 / (hi - lo))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+@torch.no_grad()
+def layer_outputs(model: Network, x: torch.Tensor) -> list[LayerOutput]:
+    """Run one preprocessed image ``(1, C, H, W)`` through ``model`` and keep every output.
+
+    The model runs in eval mode (dropout is the identity, batchnorm uses its running
+    statistics), exactly as it does when it predicts; its previous mode is restored after.
+    """
+    if x.ndim != 4 or x.shape[0] != 1:
+        raise ConfigError(
+            f"layer_outputs: expected one image of shape (1, C, H, W), got {tuple(x.shape)}"
+        )
+    expected = tuple(model.in_shape)
+    if tuple(x.shape[1:]) != expected:
+        raise ConfigError(
+            f"layer_outputs: the model takes {expected} (C, H, W) input, got {tuple(x.shape[1:])}"
+        )
+    was_training = model.training
+    model.eval()
+    try:
+        param = next(model.parameters(), None)
+        if param is not None:
+            x = x.to(param.device)
+        maps = model.feature_maps(x.float())
+    finally:
+        model.train(was_training)
+    types = {info.name: info.spec.type for info in model.infos}
+    out = []
+    for name, tensor in maps:
+        values = tensor[0].detach().float().cpu().numpy().astype(np.float32, copy=False)
+        values = np.ascontiguousarray(values)  # (C, H, W) or (N,)
+        out.append(
+            LayerOutput(
+                name=name,
+                type=types[name],
+                values=values,
+                min=float(values.min()) if values.size else 0.0,
+                max=float(values.max()) if values.size else 0.0,
+            )
+        )
+    return out
