@@ -129,9 +129,18 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"
     seed: int = 0
+    checkpoint_every: int | None = None  # steps between mid-epoch checkpoints (and each epoch)
+    deterministic: bool = False  # deterministic kernels: a resumed run matches bit for bit
+    sync_bn: bool = False  # synchronise batchnorm statistics across processes (GPU)
+    ema: float | None = None  # keep an exponential moving average of weights (e.g. 0.99)
+    tta: bool = False  # validate on each image and its mirror image, averaged
 
     def __post_init__(self) -> None:
         _positive_int("train", "epochs", self.epochs)
+        if self.checkpoint_every is not None:
+            _positive_int("train", "checkpoint_every", self.checkpoint_every)
+        if self.ema is not None:
+            _number("train", "ema", self.ema, 0.0, 0.99999)
         _positive_int("train", "batch_size", self.batch_size)
         if not isinstance(self.lr, int | float) or isinstance(self.lr, bool) or not self.lr > 0:
             raise _fail("train", "lr", self.lr, "expected a positive number")
