@@ -49,6 +49,11 @@ def _choice(section: str, name: str, value: Any, choices: tuple[str, ...]) -> No
         raise _fail(section, name, value, f"expected one of {', '.join(choices)}")
 
 
+def _bool(section: str, name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise _fail(section, name, value, "expected true or false")
+
+
 def _number(section: str, name: str, value: Any, lo: float, hi: float) -> None:
     """Check lo <= value <= hi for a real number."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
@@ -86,6 +91,7 @@ class DataConfig:
         _number("data", "val_split", self.val_split, 0.0, 0.9)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise _fail("data", "seed", self.seed, "expected an integer")
+        _bool("data", "strict", self.strict)
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,8 @@ class AugmentConfig:
     translate: float = 0.0
 
     def __post_init__(self) -> None:
+        for name in ("enabled", "hflip", "vflip"):
+            _bool("augment", name, getattr(self, name))
         _number("augment", "shear", self.shear, 0.0, 45.0)
         _number("augment", "rotate", self.rotate, 0.0, 180.0)
         _number("augment", "scale", self.scale, 0.0, 0.9)
@@ -218,6 +226,7 @@ def merge_overrides(config: RunConfig, overrides: Mapping[str, Any]) -> RunConfi
     """Apply ``{"train.lr": 0.01, "data.seed": 3, "model": "seed"}``; None values are skipped."""
     sections: dict[str, dict[str, Any]] = {}
     model = config.model
+    known = {"data": DataConfig, "augment": AugmentConfig, "train": TrainConfig}
     for dotted, value in overrides.items():
         if value is None:
             continue
@@ -225,6 +234,8 @@ def merge_overrides(config: RunConfig, overrides: Mapping[str, Any]) -> RunConfi
             model = value
             continue
         section, _, name = dotted.partition(".")
+        if section not in known or name not in {f.name for f in fields(known[section])}:
+            raise ConfigError(f"unknown setting {dotted!r}")
         sections.setdefault(section, {})[name] = value
     return RunConfig(
         model=model,

@@ -61,11 +61,17 @@ def _class_dirs(root: Path) -> list[Path]:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    """Image files below ``folder`` (recursively), hidden ones skipped, in a stable order."""
+    """Image files below ``folder`` (recursively), hidden ones skipped, in a stable order.
+
+    A folder named like an image (``x.png/``) is listed too, not walked into: decoding it
+    then fails with "not a file", so it is reported and skipped instead of vanishing.
+    """
     found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if _visible(d))
-        for name in sorted(filenames):
+        visible = [d for d in dirnames if _visible(d)]
+        named_like_images = {d for d in visible if Path(d).suffix.lower() in IMAGE_SUFFIXES}
+        dirnames[:] = sorted(d for d in visible if d not in named_like_images)
+        for name in sorted([*filenames, *named_like_images]):
             if _visible(name) and Path(name).suffix.lower() in IMAGE_SUFFIXES:
                 found.append(Path(dirpath) / name)
     return found

@@ -1,0 +1,162 @@
+"""Configuration: every bad value fails where it is set, naming the field and the value."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cnnkit.config import (
+    AugmentConfig,
+    DataConfig,
+    RunConfig,
+    TrainConfig,
+    load_yaml,
+    merge_overrides,
+)
+from cnnkit.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: DataConfig(image_size=0), "data.image_size: expected a positive integer, got 0"),
+        (lambda: DataConfig(image_size=True), "data.image_size: expected a positive integer"),
+        (lambda: DataConfig(image_size=2), "data.image_size: expected 4 to 1024 pixels, got 2"),
+        (lambda: DataConfig(image_size=64.0), "data.image_size: expected a positive integer"),
+        (lambda: DataConfig(channels="2"), "data.channels: expected one of auto, 1, 3, got '2'"),
+        (
+            lambda: DataConfig(resize="zoom"),
+            "data.resize: expected one of crop, squash, pad, got 'zoom'",
+        ),
+        (
+            lambda: DataConfig(val_split=0.95),
+            "data.val_split: expected a number from 0 to 0.9, got 0.95",
+        ),
+        (lambda: DataConfig(val_split="0.2"), "data.val_split: expected a number, got '0.2'"),
+        (lambda: DataConfig(seed="x"), "data.seed: expected an integer, got 'x'"),
+        (lambda: DataConfig(strict="no"), "data.strict: expected true or false, got 'no'"),
+        (lambda: TrainConfig(epochs=0), "train.epochs: expected a positive integer, got 0"),
+        (lambda: TrainConfig(epochs=True), "train.epochs: expected a positive integer, got True"),
+        (lambda: TrainConfig(batch_size=-4), "train.batch_size: expected a positive integer"),
+        (lambda: TrainConfig(lr=-1), "train.lr: expected a positive number, got -1"),
+        (lambda: TrainConfig(lr=0), "train.lr: expected a positive number, got 0"),
+        (lambda: TrainConfig(lr=100.0), "train.lr: expected a number from 0 to 10, got 100.0"),
+        (lambda: TrainConfig(lr=math.inf), "train.lr: expected a number, got inf"),
+        (
+            lambda: TrainConfig(optimizer="rmsprop"),
+            "train.optimizer: expected one of adam, adamw, sgd, got 'rmsprop'",
+        ),
+        (
+            lambda: TrainConfig(schedule="step"),
+            "train.schedule: expected one of onecycle, cosine, constant, got 'step'",
+        ),
+        (lambda: TrainConfig(weight_decay=2.0), "train.weight_decay: expected a number from 0"),
+        (lambda: TrainConfig(momentum=1.0), "train.momentum: expected a number from 0 to 0.999"),
+        (lambda: TrainConfig(label_smoothing=0.6), "train.label_smoothing: expected a number"),
+        (lambda: TrainConfig(patience=0), "train.patience: expected a positive integer, got 0"),
+        (
+            lambda: TrainConfig(target_accuracy=1.5),
+            "train.target_accuracy: expected a number from 0 to 1, got 1.5",
+        ),
+        (lambda: TrainConfig(device="tpu"), "train.device: expected one of auto, cpu, cuda"),
+        (lambda: TrainConfig(precision="fp16"), "train.precision: expected one of auto, fp32"),
+        (lambda: TrainConfig(seed=1.5), "train.seed: expected an integer, got 1.5"),
+        (
+            lambda: AugmentConfig(rotate=200),
+            "augment.rotate: expected a number from 0 to 180, got 200",
+        ),
+        (lambda: AugmentConfig(shear="x"), "augment.shear: expected a number, got 'x'"),
+        (lambda: AugmentConfig(scale=-0.1), "augment.scale: expected a number from 0 to 0.9"),
+        (lambda: AugmentConfig(translate=0.6), "augment.translate: expected a number from 0"),
+        (lambda: AugmentConfig(hflip="false"), "augment.hflip: expected true or false"),
+        (lambda: AugmentConfig(enabled=1), "augment.enabled: expected true or false, got 1"),
+    ],
+)
+def test_bad_values_name_field_and_value(make, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        make()
+    assert str(info.value).startswith(message), str(info.value)
+
+
+def test_config_error_is_a_value_error() -> None:
+    with pytest.raises(ValueError):
+        TrainConfig(epochs=-1)
+
+
+def test_defaults_are_valid_and_documented_values() -> None:
+    cfg = RunConfig()
+    assert cfg.model == "fast"
+    assert cfg.data.resize == "crop" and cfg.data.channels == "auto"
+    assert cfg.data.image_size is None
+    assert cfg.train.optimizer == "adamw" and cfg.train.schedule == "onecycle"
+    DataConfig(channels=1)  # an integer is accepted as well as "1"
+
+
+def test_run_config_round_trips_through_yaml(tmp_path: Path) -> None:
+    cfg = RunConfig(
+        model="seed",
+        data=DataConfig(path="data/x", image_size=48, channels="1", resize="pad", seed=3),
+        augment=AugmentConfig(vflip=True, rotate=30.0, translate=0.1),
+        train=TrainConfig(epochs=3, lr=0.01, optimizer="sgd", patience=2, target_accuracy=0.9),
+    )
+    cfg.save(tmp_path / "config.yaml")
+    assert RunConfig.from_dict(load_yaml(tmp_path / "config.yaml")) == cfg
+
+
+def test_from_dict_fills_missing_sections_with_defaults() -> None:
+    cfg = RunConfig.from_dict({"train": {"epochs": 4}})
+    assert cfg.train == TrainConfig(epochs=4)
+    assert cfg.data == DataConfig() and cfg.augment == AugmentConfig()
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ([], "config: expected a mapping of sections, got list"),
+        ({"trian": {}}, "config: unknown section 'trian', expected augment, data, model, train"),
+        ({"model": 3}, "config.model: expected a preset name or file, got 3"),
+        ({"train": 5}, "config.train: expected a mapping, got 5"),
+        ({"train": {"epoch": 3}}, "config.train: unknown field 'epoch', expected one of "),
+        ({"data": {"val_split": 2}}, "data.val_split: expected a number from 0 to 0.9, got 2"),
+    ],
+)
+def test_from_dict_errors(raw: object, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        RunConfig.from_dict(raw)  # type: ignore[arg-type]
+    assert str(info.value).startswith(message), str(info.value)
+
+
+def test_merge_overrides_skips_none_and_validates() -> None:
+    base = RunConfig(train=TrainConfig(epochs=7, lr=0.01))
+    merged = merge_overrides(
+        base, {"model": "seed", "train.epochs": 2, "train.lr": None, "data.seed": 4}
+    )
+    assert merged.model == "seed"
+    assert merged.train.epochs == 2 and merged.train.lr == 0.01
+    assert merged.data.seed == 4
+    assert base.train.epochs == 7  # frozen: the original is untouched
+    with pytest.raises(ConfigError, match=r"^train\.epochs: expected a positive integer, got 0"):
+        merge_overrides(base, {"train.epochs": 0})
+
+
+@pytest.mark.parametrize("key", ["train.epoch", "traning.epochs", "data"])
+def test_merge_overrides_rejects_unknown_settings(key: str) -> None:
+    with pytest.raises(ConfigError, match=f"^unknown setting '{key}'$"):
+        merge_overrides(RunConfig(), {key: 1})
+
+
+def test_load_yaml_errors(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match=f"^config file not found: {missing}$"):
+        load_yaml(missing)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochs: 3\n  lr: [1, 2\n")
+    with pytest.raises(ConfigError) as info:
+        load_yaml(bad)
+    assert str(info.value).startswith(f"{bad}: not valid YAML (line ")
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump({"train": {"epochs": 3}}))
+    assert load_yaml(good) == {"train": {"epochs": 3}}
