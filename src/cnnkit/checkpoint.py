@@ -46,6 +46,7 @@ class ModelMeta:
     std: tuple[float, ...]
     architecture: tuple[dict[str, Any], ...]
     model_name: str = ""
+    tta: bool = False  # average each image's prediction with its mirror image's
     cnnkit_version: str = __version__
 
     def to_json(self) -> str:
@@ -74,6 +75,7 @@ class ModelMeta:
             std=tuple(float(v) for v in data["std"]),
             architecture=tuple(data["architecture"]),
             model_name=str(data.get("model_name", "")),
+            tta=bool(data.get("tta", False)),
             cnnkit_version=str(data.get("cnnkit_version", "")),
         )
 

@@ -94,8 +94,12 @@ def batched_logits(
     device: torch.device,
     precision: str = "fp32",
     batch_size: int = 512,
+    tta: bool = False,
 ) -> torch.Tensor:
-    """Float32 logits ``(N, classes)`` on the CPU for uint8 images ``(N, S, S, C)``."""
+    """Float32 logits ``(N, classes)`` on the CPU for uint8 images ``(N, S, S, C)``.
+
+    With ``tta`` each image's logits are averaged with those of its mirror image.
+    """
     model.eval()
     out = []
     n = len(images)
@@ -104,8 +108,10 @@ def batched_logits(
         batch = chunk if isinstance(chunk, torch.Tensor) else torch.from_numpy(np.asarray(chunk))
         x = to_model_input(batch.to(device, non_blocking=True), mean, std)
         with autocast(device, precision):
-            logits = model(x)
-        out.append(logits.float().cpu())
+            logits = model(x).float()
+            if tta:
+                logits = (logits + model(torch.flip(x, dims=(3,))).float()) / 2
+        out.append(logits.cpu())
     if not out:
         return torch.zeros((0, 0))
     return torch.cat(out)

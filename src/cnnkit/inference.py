@@ -81,7 +81,13 @@ class Classifier:
     def logits(self, batch: np.ndarray) -> torch.Tensor:
         """Logits for preprocessed uint8 images ``(N, S, S, C)``."""
         return batched_logits(
-            self.model, batch, self.meta.mean, self.meta.std, self.device, self.precision
+            self.model,
+            batch,
+            self.meta.mean,
+            self.meta.std,
+            self.device,
+            self.precision,
+            tta=self.meta.tta,
         )
 
     def predict_proba(self, images: Sequence[ImageInput]) -> np.ndarray:

@@ -21,8 +21,10 @@ from cnnkit.errors import ConfigError
 @app.command("train")
 @one_line_errors
 def train_cmd(
-    data: Annotated[Path, typer.Argument(help="Folder: DIR/<class>/* or DIR/train|val/<class>/*")],
-    out_dir: Annotated[Path, typer.Option("--out", help="Run directory to create.")],
+    data: Annotated[
+        Path | None, typer.Argument(help="Folder: DIR/<class>/* or DIR/train|val/<class>/*")
+    ] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Run directory to create.")] = None,
     model: Annotated[str | None, typer.Option(help="Preset name or YAML file.")] = None,
     image_size: Annotated[int | None, typer.Option(help="Input side in pixels.")] = None,
     epochs: Annotated[int | None, typer.Option()] = None,
@@ -52,18 +54,50 @@ def train_cmd(
         Path | None, typer.Option(help="YAML with model/data/train sections.")
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Reuse a non-empty --out folder.")] = False,
+    resume: Annotated[
+        Path | None, typer.Option(help="Continue the run in this directory from its checkpoint.")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Resume even if data or config changed.")] = False,
+    checkpoint_every: Annotated[
+        int | None, typer.Option(help="Also checkpoint every N steps (always each epoch).")
+    ] = None,
+    deterministic: Annotated[
+        bool | None, typer.Option("--deterministic", help="Deterministic kernels (exact resume).")
+    ] = None,
+    ema: Annotated[float | None, typer.Option(help="Average weights, e.g. 0.99.")] = None,
+    tta: Annotated[bool | None, typer.Option("--tta", help="Mirror test-time average.")] = None,
+    sync_bn: Annotated[bool | None, typer.Option("--sync-bn", help="Sync batchnorm (GPU).")] = None,
+    nproc: Annotated[
+        int | None, typer.Option(help="Launch N data-parallel processes through torchrun.")
+    ] = None,
     quiet: Annotated[bool, typer.Option(help="Only warnings and the result.")] = False,
 ) -> None:
     """Train a CNN on a folder of images and write a run directory."""
     from cnnkit.training.loop import train
 
-    base = RunConfig.from_dict(load_yaml(config)) if config else RunConfig()
+    if nproc is not None:
+        from cnnkit.training.distributed import launch_torchrun
+
+        raise typer.Exit(launch_torchrun(nproc, _without_nproc(sys.argv[1:])))
+    if resume is not None:
+        if out_dir is not None and out_dir != resume:
+            raise ConfigError("--resume names the run directory; leave out --out")
+        out_dir = resume
+        base = (
+            RunConfig.from_dict(load_yaml(resume / "config.yaml"))
+            if (resume / "config.yaml").is_file()
+            else RunConfig()
+        )
+    else:
+        if data is None or out_dir is None:
+            raise ConfigError("train needs a DATA folder and --out RUN_DIR (or --resume RUN_DIR)")
+        base = RunConfig.from_dict(load_yaml(config)) if config else RunConfig()
     try:
         cfg = merge_overrides(
             base,
             {
                 "model": model,
-                "data.path": str(data),
+                "data.path": str(data) if data is not None else None,
                 "data.image_size": image_size,
                 "data.seed": seed,
                 "data.val_split": val_split,
@@ -89,17 +123,43 @@ def train_cmd(
                 "augment.rotate": rotate,
                 "augment.scale": scale,
                 "augment.translate": translate,
+                "train.checkpoint_every": checkpoint_every,
+                "train.deterministic": deterministic,
+                "train.ema": ema,
+                "train.tta": tta,
+                "train.sync_bn": sync_bn,
             },
         )
     except TypeError as exc:
         raise ConfigError(str(exc)) from None
-    result = train(cfg, out_dir, overwrite=overwrite, progress=not quiet)
+    result = train(
+        cfg,
+        out_dir,
+        overwrite=overwrite,
+        progress=not quiet,
+        resume=resume is not None,
+        force=force,
+    )
     s = result.summary()
     out.print(
         f"best validation accuracy {100 * result.best_val_acc:.2f}% (epoch "
         f"{result.best_epoch} of {result.epochs_run}), {s['wall_seconds']:.1f}s, "
         f"{s['images_per_second']:,.0f} img/s; run directory {out_dir}"
     )
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The command line minus ``--nproc N`` / ``--nproc=N`` (torchrun's workers get the rest)."""
+    rest: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            rest.append(arg)
+    return rest
 
 
 # ------------------------------------------------------------------------ evaluate, predict
@@ -160,7 +220,7 @@ def print_evaluation(result: Any) -> None:
 @app.command("predict")
 @one_line_errors
 def predict_cmd(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
+    run_dir: Annotated[Path, typer.Argument(help="A run directory or an exported .onnx file.")],
     images: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV.")] = False,
@@ -168,11 +228,12 @@ def predict_cmd(
 ) -> None:
     """Class and probabilities for each image, preprocessed exactly as in training."""
     from cnnkit.errors import ImageError
-    from cnnkit.inference import expand_inputs, load
+    from cnnkit.export import load_predictor
+    from cnnkit.inference import expand_inputs
 
     if top_k < 1:
         raise ConfigError(f"--top-k: expected a positive integer, got {top_k}")
-    classifier = load(run_dir)
+    classifier = load_predictor(run_dir)
     files = expand_inputs(images)
     failed = 0
     writer = csv.writer(sys.stdout) if as_csv else None

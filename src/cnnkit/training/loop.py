@@ -1,96 +1,70 @@
-"""The training loop: one plain function, in sections, for CPU and GPU alike.
+"""The training loop: one plain function, in sections, for CPU, one GPU and torchrun alike.
 
-Setup -> Data -> Network -> Optimiser -> Epochs (train, validate, stop?) -> Save.
+Setup -> Run directory -> Data -> Network -> Optimiser -> Resume -> Epochs -> Save.
 
 The hot path works on whole batches: uint8 images gathered by index from the decode cache,
 normalised and augmented as one tensor, channels_last, bf16 autocast where the hardware runs it
 natively. Losses and accuracies are summed on the device and read once per progress update,
-not once per step.
+not once per step. Under torchrun every rank trains on its shard of each global batch; only
+rank 0 prints and writes files.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import math
+import random
+import signal
 import time
-from dataclasses import dataclass, field
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from cnnkit.checkpoint import ModelMeta, atomic_write, save_model
-from cnnkit.config import RunConfig, TrainConfig
+from cnnkit.config import RunConfig, TrainConfig, load_yaml
 from cnnkit.console import console
 from cnnkit.data.dataset import PreparedData, prepare_data
 from cnnkit.data.images import to_model_input
-from cnnkit.engine import (
-    autocast,
-    batched_logits,
-    resolve_device,
-    resolve_precision,
-    use_all_cores,
-)
-from cnnkit.errors import RunDirError
-from cnnkit.models.network import Network
+from cnnkit.engine import autocast, batched_logits, resolve_device, resolve_precision, use_all_cores
+from cnnkit.errors import CnnkitError, RunDirError
 from cnnkit.models.registry import build_network, load_model_spec
-from cnnkit.plots import plot_curves
+from cnnkit.training import distributed as dist
+from cnnkit.training import state as ckpt
 from cnnkit.training.augment import build_augmentation
+from cnnkit.training.outputs import TrainResult, check_resumable, fingerprint, write_outputs
 
-__all__ = ["TrainResult", "train"]
+__all__ = ["TrainingInterrupted", "train"]
 
 log = logging.getLogger("cnnkit")
-METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
 
 
-@dataclass
-class TrainResult:
-    """What a finished run achieved; also written to ``RUN_DIR/summary.json``."""
-
-    run_dir: Path
-    best_val_acc: float
-    final_val_acc: float
-    best_epoch: int
-    epochs_run: int
-    wall_seconds: float
-    images_per_second: float
-    seconds_to_target: float | None
-    stopped_because: str
-    precision: str
-    device: str
-    history: list[dict[str, float]] = field(default_factory=list)
-
-    def summary(self) -> dict[str, object]:
-        return {
-            "best_val_acc": self.best_val_acc,
-            "final_val_acc": self.final_val_acc,
-            "best_epoch": self.best_epoch,
-            "epochs_run": self.epochs_run,
-            "wall_seconds": round(self.wall_seconds, 3),
-            "images_per_second": round(self.images_per_second, 1),
-            "seconds_to_target": None
-            if self.seconds_to_target is None
-            else round(self.seconds_to_target, 3),
-            "stopped_because": self.stopped_because,
-            "precision": self.precision,
-            "device": self.device,
-        }
+class TrainingInterrupted(CnnkitError):
+    """SIGINT or SIGTERM arrived; a checkpoint was saved and the run can be resumed."""
 
 
-def _prepare_run_dir(out: Path, overwrite: bool) -> None:
+def _prepare_run_dir(out: Path, overwrite: bool, resume: bool) -> None:
     if out.exists() and not out.is_dir():
         raise RunDirError(f"--out {out} exists and is not a folder")
+    if resume:
+        if not (out / "config.yaml").is_file():
+            raise RunDirError(f"cannot resume: {out} is not a run directory (no config.yaml)")
+        return
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise RunDirError(
-            f"--out {out} already holds files; choose a new folder or pass --overwrite"
+            f"--out {out} already holds files; choose a new folder, pass "
+            "--overwrite, or --resume it"
         )
     try:
         out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".cnnkit-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
     except OSError as exc:
-        raise RunDirError(f"cannot create run directory {out}: {exc.strerror}") from None
+        raise RunDirError(f"cannot write to run directory {out}: {exc.strerror}") from None
 
 
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -109,7 +83,7 @@ def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return opt(groups, lr=cfg.lr, betas=(0.9, 0.99), foreach=True)
 
 
-def _schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+def _schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> Any:
     if cfg.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
             opt,
@@ -128,7 +102,7 @@ def _schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
-def _progress(enabled: bool):
+def _progress_bar(enabled: bool) -> Any:
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -149,52 +123,124 @@ def _progress(enabled: bool):
     )
 
 
-def evaluate_split(
-    model: Network, data: PreparedData, device: torch.device, precision: str
+@contextmanager
+def _stop_on_signals():
+    """SIGINT/SIGTERM set a flag the loop checks after each step (then saves and stops)."""
+    caught: list[int] = []
+    previous = {}
+
+    def handler(signum: int, _frame: object) -> None:
+        caught.append(signum)
+
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread: signals stay with the caller
+        previous = {}
+    try:
+        yield caught
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _validate(
+    model: nn.Module,
+    data: PreparedData,
+    device: torch.device,
+    precision: str,
+    info: dist.DistInfo,
+    tta: bool,
 ) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) over the whole validation split."""
-    if len(data.val) == 0:
+    """(mean cross-entropy, accuracy) over the whole validation split, all ranks together."""
+    idx = np.arange(info.rank, len(data.val), info.world_size)
+    sums = torch.zeros(3, dtype=torch.float64)
+    if len(idx):
+        images = data.val.images[idx] if info.enabled else data.val.images
+        logits = batched_logits(model, images, data.mean, data.std, device, precision, tta=tta)
+        labels = torch.from_numpy(np.asarray(data.val.labels[idx]))
+        loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
+        sums += torch.tensor(
+            [loss.item(), (logits.argmax(1) == labels).sum().item(), len(idx)], dtype=torch.float64
+        )
+    sums = dist.all_sum(info, sums.to(device)).cpu()
+    if sums[2] == 0:
         return float("nan"), float("nan")
-    logits = batched_logits(model, data.val.images, data.mean, data.std, device, precision)
-    labels = torch.from_numpy(np.asarray(data.val.labels))
-    loss = nn.functional.cross_entropy(logits, labels).item()
-    acc = (logits.argmax(1) == labels).float().mean().item()
-    return loss, acc
+    return float(sums[0] / sums[2]), float(sums[1] / sums[2])
 
 
 def train(
-    config: RunConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True
+    config: RunConfig | None,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    resume: bool = False,
+    force: bool = False,
 ) -> TrainResult:
-    """Train ``config`` and write a complete run directory to ``out``."""
+    """Train ``config`` into the run directory ``out`` (or continue it with ``resume``)."""
     # ---------------------------------------------------------------- Setup
-    started = time.perf_counter()
+    session_start = time.perf_counter()
     out = Path(out)
+    if config is None:
+        if not resume:
+            raise RunDirError("train: a config is required unless resuming")
+        config = RunConfig.from_dict(load_yaml(out / "config.yaml"))
     cfg = config.train
     spec = load_model_spec(config.model)
-    _prepare_run_dir(out, overwrite)
     device = resolve_device(cfg.device)
+    info = dist.setup(device.type)
+    if device.type == "cuda" and info.enabled:
+        device = torch.device("cuda", info.local_rank)
     precision = resolve_precision(cfg.precision, device)
-    use_all_cores()
-    torch.manual_seed(cfg.seed)
-    order_rng = torch.Generator().manual_seed(cfg.seed)
+    if info.is_main:
+        _prepare_run_dir(out, overwrite, resume)
+    dist.barrier(info)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+    if not info.enabled:
+        use_all_cores()
+    # Augmentation and dropout draw from the global RNG: a different stream on every rank.
+    torch.manual_seed(cfg.seed + info.rank)
+    np.random.seed(cfg.seed + info.rank)
+    random.seed(cfg.seed + info.rank)
 
     # ---------------------------------------------------------------- Data
     image_size = config.data.image_size or spec.input_size
-    data = prepare_data(config.data, image_size)
-    train_images = data.train.images
-    on_device: torch.Tensor | None = None
-    if isinstance(train_images, np.ndarray):  # in RAM: one tensor, indexed per batch
-        on_device = torch.from_numpy(train_images).to(device)
+    if info.is_main:  # rank 0 decodes into the cache while the others wait, then they map it
+        data = prepare_data(config.data, image_size)
+    dist.barrier(info)
+    if not info.is_main:
+        logging.getLogger("cnnkit").setLevel(logging.ERROR)
+        data = prepare_data(config.data, image_size)
+    in_ram = isinstance(data.train.images, np.ndarray)
+    train_images = torch.from_numpy(data.train.images).to(device) if in_ram else None
     train_labels = torch.from_numpy(np.asarray(data.train.labels)).to(device)
-    n_train = len(data.train)
-    batch = min(cfg.batch_size, n_train)
-    steps_per_epoch = max(1, n_train // batch)  # the ragged tail is dropped (batchnorm)
+    global_batch = min(cfg.batch_size, len(data.train))
+    global_batch -= global_batch % info.world_size
+    steps = dist.shard_batches(
+        torch.arange(len(data.train)), max(global_batch, 1), info.rank, info.world_size
+    ).shape[0]
 
     # ---------------------------------------------------------------- Network
     model = build_network(spec.layers, len(data.classes), data.channels, image_size)
+    if cfg.sync_bn and info.enabled:
+        if device.type != "cuda":
+            raise RunDirError("train.sync_bn: synchronised batchnorm needs CUDA GPUs")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device, memory_format=torch.channels_last)
-    resolved = RunConfig(model=config.model, data=config.data, augment=config.augment, train=cfg)
-    atomic_write(out / "config.yaml", lambda p: resolved.save(p))
+    net: nn.Module = model
+    if info.enabled:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[info.local_rank] if device.type == "cuda" else None
+        )
+    ema = None
+    if cfg.ema:
+        ema = torch.optim.swa_utils.AveragedModel(
+            model,
+            multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema),
+            use_buffers=True,
+        )
     meta = ModelMeta(
         classes=data.classes,
         channels=data.channels,
@@ -204,50 +250,91 @@ def train(
         std=data.std,
         architecture=tuple(model.architecture()),
         model_name=spec.name,
+        tta=cfg.tta,
     )
     augment = build_augmentation(config.augment)
+    run_fingerprint = fingerprint(config, data)
 
     # ---------------------------------------------------------------- Optimiser
     opt = _optimizer(model, cfg)
-    sched = _schedule(opt, cfg, cfg.epochs * steps_per_epoch)
+    sched = _schedule(opt, cfg, cfg.epochs * steps)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+    # ---------------------------------------------------------------- Resume
+    p = ckpt.Progress()
+    if resume:
+        folder, weights, saved = ckpt.find_checkpoint(out)
+        check_resumable(saved["fingerprint"], run_fingerprint, force)
+        model.load_state_dict(weights)
+        opt.load_state_dict(saved["optimizer"])
+        if saved["total_steps"] == cfg.epochs * steps:
+            sched.load_state_dict(saved["scheduler"])
+        else:  # more or fewer epochs than planned: same position on the new schedule
+            for _ in range(saved["progress"]["epoch"] * steps + saved["progress"]["step"]):
+                sched.step()
+        if ema is not None and "ema" in saved:
+            ema.load_state_dict(saved["ema"])
+        p = ckpt.progress_from_state(saved["progress"])
+        if info.is_main:
+            ckpt.set_rng_state(saved["rng"])
+        log.info("resumed from %s: epoch %d, step %d of %d", folder, p.epoch + 1, p.step, steps)
+    elif info.is_main:
+        atomic_write(out / "config.yaml", lambda path: config.save(path))
     log.info(
-        "training %s (%s parameters) on %s, %s, batch %d, %d steps per epoch",
+        "training %s (%s parameters) on %s%s, %s, batch %d, %d steps per epoch",
         spec.name,
-        f"{sum(p.numel() for p in model.parameters()):,}",
+        f"{sum(t.numel() for t in model.parameters()):,}",
         device.type,
+        f" x{info.world_size}" if info.enabled else "",
         precision,
-        batch,
-        steps_per_epoch,
+        global_batch,
+        steps,
     )
 
+    def save_state() -> None:
+        if not info.is_main:
+            return
+        state = {
+            "progress": ckpt.progress_to_state(p),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "total_steps": cfg.epochs * steps,
+            "rng": ckpt.rng_state(),
+            "fingerprint": run_fingerprint,
+        }
+        if ema is not None:
+            state["ema"] = ema.state_dict()
+        ckpt.save_checkpoint(out, model, state)
+
     # ---------------------------------------------------------------- Epochs
-    history: list[dict[str, float]] = []
-    best_acc, best_loss, best_epoch, stale = -1.0, math.inf, 0, 0
-    seconds_to_target: float | None = None
-    stopped = "epochs"
-    images_seen, train_seconds = 0, 0.0
-    with _progress(progress) as bar:
-        task = bar.add_task("train", total=steps_per_epoch, epoch="", loss="-", acc="-", speed="")
-        for epoch in range(1, cfg.epochs + 1):
+    with _stop_on_signals() as signals, _progress_bar(progress and info.is_main) as bar:
+        task = bar.add_task("train", total=steps, epoch="", loss="-", acc="-", speed="")
+        for epoch in range(p.epoch + 1, cfg.epochs + 1):
+            if p.finished:
+                break
             epoch_start = time.perf_counter()
             model.train()
             bar.reset(
                 task,
-                total=steps_per_epoch,
+                total=steps,
+                completed=p.step,
                 epoch=f"{epoch}/{cfg.epochs}",
                 loss="-",
                 acc="-",
                 speed="",
             )
-            order = torch.randperm(n_train, generator=order_rng)
-            loss_sum = torch.zeros((), device=device)
-            correct = torch.zeros((), device=device, dtype=torch.long)
-            last_update = epoch_start
-            for step in range(steps_per_epoch):
-                idx = order[step * batch : (step + 1) * batch]
-                if on_device is not None:
-                    xb = on_device[idx.to(device)]
+            order = torch.randperm(
+                len(data.train),
+                generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch),
+            )
+            batches = dist.shard_batches(order, global_batch, info.rank, info.world_size)
+            loss_sum = torch.tensor(p.loss_sum, dtype=torch.float64, device=device)
+            correct = torch.tensor(p.correct, dtype=torch.int64, device=device)
+            first_step, last_update = p.step, epoch_start
+            for step in range(p.step, steps):
+                idx = batches[step]
+                if train_images is not None:
+                    xb = train_images[idx.to(device)]
                 else:
                     xb = data.train.batch(idx.numpy())[0].to(device, non_blocking=True)
                 yb = train_labels[idx.to(device)]
@@ -255,31 +342,49 @@ def train(
                 if augment is not None:
                     x = augment(x).contiguous(memory_format=torch.channels_last)
                 with autocast(device, precision):
-                    logits = model(x)
+                    logits = net(x)
                     loss = criterion(logits.float(), yb)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 sched.step()
-                loss_sum += loss.detach() * len(idx)
+                if ema is not None:
+                    ema.update_parameters(model)
+                loss_sum += loss.detach().double() * len(idx)
                 correct += (logits.argmax(1) == yb).sum()
+                p.step = step + 1
                 now = time.perf_counter()
-                if progress and (now - last_update > 0.25 or step == steps_per_epoch - 1):
-                    seen = (step + 1) * batch
+                if progress and info.is_main and (now - last_update > 0.25 or p.step == steps):
+                    seen = p.step * len(idx)
+                    rate = (p.step - first_step) * global_batch / (now - epoch_start)
                     bar.update(
                         task,
-                        completed=step + 1,
+                        completed=p.step,
                         loss=f"{loss_sum.item() / seen:.4f}",
                         acc=f"{correct.item() / seen:.1%}",
-                        speed=f"{seen / (now - epoch_start):,.0f} img/s",
+                        speed=f"{rate:,.0f} img/s",
                     )
                     last_update = now
-            seen = steps_per_epoch * batch
-            train_loss, train_acc = loss_sum.item() / seen, correct.item() / seen
-            epoch_train_seconds = time.perf_counter() - epoch_start
-            train_seconds += epoch_train_seconds
-            images_seen += seen
-            val_loss, val_acc = evaluate_split(model, data, device, precision)
+                if signals or (
+                    cfg.checkpoint_every and p.step % cfg.checkpoint_every == 0 and p.step < steps
+                ):
+                    p.loss_sum, p.correct = loss_sum.item(), int(correct.item())
+                    p.train_seconds += time.perf_counter() - epoch_start
+                    p.images_seen += (p.step - first_step) * global_batch
+                    first_step, epoch_start = p.step, time.perf_counter()
+                    save_state()
+                    if signals:
+                        raise TrainingInterrupted(
+                            f"interrupted by {signal.Signals(signals[0]).name}; checkpoint "
+                            f"saved, continue with: cnnkit train --resume {out}"
+                        )
+            sums = dist.all_sum(info, torch.stack([loss_sum, correct.double()]).cpu())
+            seen = steps * global_batch
+            train_loss, train_acc = float(sums[0]) / seen, float(sums[1]) / seen
+            p.train_seconds += time.perf_counter() - epoch_start
+            p.images_seen += (steps - first_step) * global_batch
+            evaluated = ema.module if ema is not None else model
+            val_loss, val_acc = _validate(evaluated, data, device, precision, info, cfg.tta)
             row = {
                 "epoch": epoch,
                 "train_loss": train_loss,
@@ -289,10 +394,10 @@ def train(
                 "lr": opt.param_groups[0]["lr"],
                 "seconds": time.perf_counter() - epoch_start,
             }
-            history.append(row)
+            p.history.append(row)
             log.info(
                 "epoch %d/%d  train_loss %.4f  train_acc %.2f%%  val_loss %.4f  "
-                "val_acc %.2f%%  lr %.2e  %.0f img/s  %.1fs",
+                "val_acc %.2f%%  lr %.2e  %.1fs",
                 epoch,
                 cfg.epochs,
                 train_loss,
@@ -300,60 +405,52 @@ def train(
                 val_loss,
                 100 * val_acc,
                 row["lr"],
-                seen / epoch_train_seconds,
                 row["seconds"],
             )
-            improved = val_acc > best_acc or (val_acc == best_acc and val_loss < best_loss)
-            if improved:
-                best_acc, best_loss, best_epoch, stale = val_acc, val_loss, epoch, 0
-                save_model(out, model, meta)
+            if val_acc > p.best_acc or (val_acc == p.best_acc and val_loss < p.best_loss):
+                p.best_acc, p.best_loss, p.best_epoch, p.stale = val_acc, val_loss, epoch, 0
+                if info.is_main:
+                    save_model(out, evaluated, meta)
             else:
-                stale += 1
+                p.stale += 1
+            p.epoch, p.step, p.loss_sum, p.correct = epoch, 0, 0.0, 0
+            elapsed = p.elapsed + time.perf_counter() - session_start
             if cfg.target_accuracy is not None and val_acc >= cfg.target_accuracy:
-                seconds_to_target = time.perf_counter() - started
-                stopped = "target_accuracy"
-                break
-            if cfg.patience is not None and stale >= cfg.patience:
-                stopped = "patience"
-                break
+                p.seconds_to_target, p.stopped, p.finished = elapsed, "target_accuracy", True
+            elif cfg.patience is not None and p.stale >= cfg.patience:
+                p.stopped, p.finished = "patience", True
+            p.elapsed, session_start = elapsed, time.perf_counter()
+            save_state()
+            if signals:
+                raise TrainingInterrupted(
+                    f"interrupted by {signal.Signals(signals[0]).name}; "
+                    f"checkpoint saved, continue with: cnnkit train "
+                    f"--resume {out}"
+                )
 
     # ---------------------------------------------------------------- Save
-    if best_epoch != history[-1]["epoch"]:
+    if p.history and p.best_epoch != p.history[-1]["epoch"]:
         log.info(
             "kept the weights of epoch %d (best validation accuracy %.2f%%)",
-            best_epoch,
-            100 * best_acc,
+            p.best_epoch,
+            100 * p.best_acc,
         )
     result = TrainResult(
         run_dir=out,
-        best_val_acc=best_acc,
-        final_val_acc=history[-1]["val_acc"],
-        best_epoch=best_epoch,
-        epochs_run=len(history),
-        wall_seconds=time.perf_counter() - started,
-        images_per_second=images_seen / train_seconds if train_seconds else 0.0,
-        seconds_to_target=seconds_to_target,
-        stopped_because=stopped,
+        best_val_acc=p.best_acc,
+        final_val_acc=p.history[-1]["val_acc"] if p.history else math.nan,
+        best_epoch=p.best_epoch,
+        epochs_run=len(p.history),
+        wall_seconds=p.elapsed + time.perf_counter() - session_start,
+        images_per_second=p.images_seen / p.train_seconds if p.train_seconds else 0.0,
+        seconds_to_target=p.seconds_to_target,
+        stopped_because=p.stopped,
         precision=precision,
         device=str(device),
-        history=history,
+        world_size=info.world_size,
+        history=p.history,
     )
-    _write_metrics(out / "metrics.csv", history)
-    atomic_write(
-        out / "summary.json", lambda p: p.write_text(json.dumps(result.summary(), indent=2))
-    )
-    atomic_write(out / "curves.png", lambda p: plot_curves(history, p))
+    if info.is_main:
+        write_outputs(out, result)
+    dist.barrier(info)
     return result
-
-
-def _write_metrics(path: Path, history: list[dict[str, float]]) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
-            writer.writeheader()
-            for row in history:
-                writer.writerow(
-                    {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
-                )
-
-    atomic_write(path, write)

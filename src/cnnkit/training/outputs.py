@@ -1,0 +1,130 @@
+"""What a training run writes besides the model: metrics, summary, curves, fingerprint."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cnnkit.checkpoint import atomic_write
+from cnnkit.config import RunConfig
+from cnnkit.data.dataset import PreparedData
+from cnnkit.errors import ConfigError
+from cnnkit.plots import plot_curves
+
+__all__ = ["METRIC_FIELDS", "TrainResult", "describe_changes", "fingerprint", "write_outputs"]
+
+METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
+# Settings that may change between a run and its resume without changing what it computes.
+RESUMABLE = {"train.epochs", "train.patience", "train.target_accuracy", "data.cache_dir"}
+
+
+@dataclass
+class TrainResult:
+    """What a finished run achieved; also written to ``RUN_DIR/summary.json``."""
+
+    run_dir: Path
+    best_val_acc: float
+    final_val_acc: float
+    best_epoch: int
+    epochs_run: int
+    wall_seconds: float
+    images_per_second: float
+    seconds_to_target: float | None
+    stopped_because: str
+    precision: str
+    device: str
+    world_size: int = 1
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "best_val_acc": self.best_val_acc,
+            "final_val_acc": self.final_val_acc,
+            "best_epoch": self.best_epoch,
+            "epochs_run": self.epochs_run,
+            "wall_seconds": round(self.wall_seconds, 3),
+            "images_per_second": round(self.images_per_second, 1),
+            "seconds_to_target": None
+            if self.seconds_to_target is None
+            else round(self.seconds_to_target, 3),
+            "stopped_because": self.stopped_because,
+            "precision": self.precision,
+            "device": self.device,
+            "world_size": self.world_size,
+        }
+
+
+def _flat(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flat(f"{prefix}.{k}" if prefix else k, v, out)
+    else:
+        out[prefix] = value
+
+
+def fingerprint(config: RunConfig, data: PreparedData) -> dict[str, Any]:
+    """What a resume must find unchanged: the settings and the exact images and labels."""
+    digest = hashlib.sha256()
+    for part in (data.train, data.val):
+        for path, label in zip(part.paths, part.labels.tolist(), strict=True):
+            digest.update(f"{path}|{label}\n".encode())
+    settings: dict[str, Any] = {}
+    _flat("", config.to_dict(), settings)
+    return {
+        "data": digest.hexdigest(),
+        "classes": list(data.classes),
+        "images": [len(data.train), len(data.val)],
+        "settings": settings,
+    }
+
+
+def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two fingerprints that forbid an exact resume."""
+    changes = []
+    if old.get("classes") != new.get("classes"):
+        changes.append(f"classes changed from {old.get('classes')} to {new.get('classes')}")
+    if old.get("data") != new.get("data"):
+        before, after = old.get("images", ["?", "?"]), new.get("images", ["?", "?"])
+        changes.append(
+            f"data changed (training/validation images {before[0]}/{before[1]} "
+            f"-> {after[0]}/{after[1]}, or files were replaced)"
+        )
+    a, b = old.get("settings", {}), new.get("settings", {})
+    for key in sorted(set(a) | set(b)):
+        if key not in RESUMABLE and a.get(key) != b.get(key):
+            changes.append(f"{key} changed from {a.get(key)!r} to {b.get(key)!r}")
+    return changes
+
+
+def check_resumable(old: dict[str, Any], new: dict[str, Any], force: bool) -> None:
+    changes = describe_changes(old, new)
+    if changes and not force:
+        raise ConfigError(f"cannot resume: {'; '.join(changes)} (pass --force to resume anyway)")
+
+
+def write_outputs(out: Path, result: TrainResult) -> None:
+    """metrics.csv, summary.json and curves.png, each written atomically."""
+
+    def write_csv(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+            writer.writeheader()
+            for row in result.history:
+                writer.writerow(
+                    {
+                        k: (round(v, 6) if isinstance(v, float) else v)
+                        for k, v in row.items()
+                        if k in METRIC_FIELDS
+                    }
+                )
+
+    atomic_write(out / "metrics.csv", write_csv)
+    atomic_write(
+        out / "summary.json", lambda p: p.write_text(json.dumps(result.summary(), indent=2))
+    )
+    if result.history:
+        atomic_write(out / "curves.png", lambda p: plot_curves(result.history, p))
