@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -140,6 +141,8 @@ def train_cmd(
         resume=resume is not None,
         force=force,
     )
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun only rank 0 reports
     s = result.summary()
     out.print(
         f"best validation accuracy {100 * result.best_val_acc:.2f}% (epoch "
