@@ -125,7 +125,7 @@ def decode_cached(
     if (folder / "meta.json").is_file():
         try:
             decoded = _open(folder)
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError):
             shutil.rmtree(folder, ignore_errors=True)  # damaged: rebuild below
         else:
             _report(list(decoded.skipped), len(decoded), strict)
@@ -190,8 +190,12 @@ def decode_cached(
         (tmp / "meta.json").write_text(json.dumps(meta))
         try:
             os.replace(tmp, folder)
-        except OSError:  # another process finished the same cache first
-            shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            if (folder / "meta.json").is_file():  # another process finished it first
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:  # a damaged leftover (only complete caches are renamed into place)
+                shutil.rmtree(folder, ignore_errors=True)
+                os.replace(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

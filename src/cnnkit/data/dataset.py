@@ -131,8 +131,12 @@ def prepare_data(cfg: DataConfig, image_size: int) -> PreparedData:
     if layout.has_split:
         train = _decode(layout.splits["train"], cfg, image_size, channels)
         channels = str(train.channels)
-        held = layout.splits.get("val") or layout.splits["test"]
-        val = _decode(held, cfg, image_size, channels)
+        # val/ when it has images, else test/; without any, no epoch could be kept as the best
+        given = [n for n in ("val", "test") if n in layout.splits]
+        held = next((n for n in given if len(layout.splits[n])), given[0])
+        val = _decode(layout.splits[held], cfg, image_size, channels)
+        if len(val) == 0:
+            raise DataError(f"{layout.root / held}: no usable images to validate on")
         _check_classes(layout.classes, train.labels, str(layout.root / "train"))
         train_arr, val_arr = _take(train), _take(val)
         skipped = len(train.skipped) + len(val.skipped)
