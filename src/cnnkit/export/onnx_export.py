@@ -1,0 +1,110 @@
+"""``export_onnx``: a run directory to a verified ONNX file with a dynamic batch dimension.
+
+The graph is produced by ``torch.onnx.export`` (the torch.export-based "dynamo" exporter), in
+eval mode and fp32, with the weights inside the one file. Before the file gets its final name
+it is loaded back with onnxruntime and compared with the PyTorch model; a file that disagrees
+is never left behind.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from cnnkit.checkpoint import atomic_write, load_model
+from cnnkit.errors import ExportError
+from cnnkit.export.base import ExportReport, output_path, quiet_exporter, reference_logits
+from cnnkit.export.graph import (
+    INPUT_NAME,
+    MAX_BATCH,
+    OUTPUT_NAMES,
+    ExportModule,
+    metadata_for,
+    sample_images,
+)
+from cnnkit.export.verify import DEFAULT_BATCH_SIZES, DEFAULT_TOLERANCE, Parity, check_parity
+
+__all__ = ["export_onnx"]
+
+MIN_OPSET = 13
+
+
+def export_onnx(
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    *,
+    opset: int | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    check_images: int = 64,
+    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
+) -> ExportReport:
+    """Export ``run_dir``'s model to ``out`` (default ``RUN_DIR/model.onnx``) and verify it.
+
+    ``opset`` defaults to the exporter's own choice. Raises ``ExportError`` when the export
+    fails or when onnxruntime and PyTorch differ by more than ``tolerance`` on any logit.
+    """
+    import onnx
+
+    from cnnkit.export.runtime import OnnxClassifier
+
+    if opset is not None and opset < MIN_OPSET:
+        raise ExportError(f"--opset: expected {MIN_OPSET} or newer, got {opset}")
+    start = time.perf_counter()
+    path = output_path(run_dir, out, ".onnx")
+    model, meta = load_model(run_dir)  # eval mode
+    module = ExportModule(model, meta).eval()
+    example = torch.zeros((2, meta.image_size, meta.image_size, meta.channels), dtype=torch.uint8)
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    try:
+        with quiet_exporter(), torch.no_grad():
+            program = torch.onnx.export(
+                module,
+                (example,),
+                None,
+                input_names=[INPUT_NAME],
+                output_names=list(OUTPUT_NAMES),
+                opset_version=opset,
+                dynamic_shapes={"image": {0: batch}},
+                external_data=False,
+                dynamo=True,
+                verbose=False,
+            )
+        proto = program.model_proto
+        onnx.helper.set_model_props(proto, metadata_for(meta))
+        proto.doc_string = (
+            f"cnnkit classifier ({', '.join(meta.classes)}): uint8 NHWC images in, "
+            "logits and probabilities out"
+        )
+        onnx.checker.check_model(proto)
+        data = proto.SerializeToString()
+    except Exception as exc:  # the exporter raises many types; the reason is what matters
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"ONNX export of {run_dir} failed: {why[:300]}") from exc
+    used_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    images, source = sample_images(run_dir, meta, check_images)
+    result: dict[str, Parity] = {}
+
+    def write_and_verify(tmp: Path) -> None:
+        tmp.write_bytes(data)
+        exported = OnnxClassifier(tmp)
+        result["parity"] = check_parity(
+            reference_logits(model, meta),
+            lambda batch_images: exported.logits(batch_images).numpy(),
+            images,
+            tolerance=tolerance,
+            batch_sizes=batch_sizes,
+            source=source,
+            what=f"ONNX export of {run_dir}",
+        )
+
+    atomic_write(path, write_and_verify)
+    return ExportReport(
+        path=path,
+        format="onnx",
+        parity=result["parity"],
+        size_bytes=path.stat().st_size,
+        seconds=time.perf_counter() - start,
+        opset=used_opset,
+    )

@@ -1,0 +1,109 @@
+"""``export_pt2``: a run directory to a verified ``torch.export`` program (``.pt2``).
+
+The program has the same contract as the ONNX export (uint8 NHWC in, logits and probabilities
+out, dynamic batch) and carries the same metadata as an extra file, ``cnnkit.json``. It is
+loaded back with ``torch.export.load`` and compared with the original before it gets its name.
+(TorchScript is deprecated in this PyTorch, so there is no TorchScript export.)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cnnkit.checkpoint import ModelMeta, atomic_write, load_model
+from cnnkit.errors import CheckpointError, ExportError
+from cnnkit.export.base import ExportReport, output_path, quiet_exporter, reference_logits
+from cnnkit.export.graph import (
+    MAX_BATCH,
+    ExportModule,
+    meta_from_metadata,
+    metadata_for,
+    sample_images,
+)
+from cnnkit.export.verify import (
+    DEFAULT_BATCH_SIZES,
+    DEFAULT_TOLERANCE,
+    Logits,
+    Parity,
+    check_parity,
+)
+
+__all__ = ["METADATA_FILE", "export_pt2", "load_pt2"]
+
+METADATA_FILE = "cnnkit.json"
+
+
+def export_pt2(
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    *,
+    tolerance: float = DEFAULT_TOLERANCE,
+    check_images: int = 64,
+    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
+) -> ExportReport:
+    """Export ``run_dir``'s model to ``out`` (default ``RUN_DIR/model.pt2``) and verify it."""
+    start = time.perf_counter()
+    path = output_path(run_dir, out, ".pt2")
+    model, meta = load_model(run_dir)  # eval mode
+    module = ExportModule(model, meta).eval()
+    example = torch.zeros((2, meta.image_size, meta.image_size, meta.channels), dtype=torch.uint8)
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    try:
+        with quiet_exporter(), torch.no_grad():
+            program = torch.export.export(module, (example,), dynamic_shapes={"image": {0: batch}})
+    except Exception as exc:  # torch.export raises many types; the reason is what matters
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"pt2 export of {run_dir} failed: {why[:300]}") from exc
+    images, source = sample_images(run_dir, meta, check_images)
+    result: dict[str, Parity] = {}
+
+    def write_and_verify(tmp: Path) -> None:
+        with quiet_exporter():
+            torch.export.save(
+                program, tmp, extra_files={METADATA_FILE: json.dumps(metadata_for(meta))}
+            )
+        loaded, _ = load_pt2(tmp)
+        result["parity"] = check_parity(
+            reference_logits(model, meta),
+            loaded,
+            images,
+            tolerance=tolerance,
+            batch_sizes=batch_sizes,
+            source=source,
+            what=f"pt2 export of {run_dir}",
+        )
+
+    atomic_write(path, write_and_verify)
+    return ExportReport(
+        path=path,
+        format="pt2",
+        parity=result["parity"],
+        size_bytes=path.stat().st_size,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def load_pt2(path: str | Path) -> tuple[Logits, ModelMeta]:
+    """A ``.pt2`` export as a function uint8 ``(B, S, S, C)`` -> logits ``(B, classes)``.
+
+    Only load files you trust: a torch.export archive is not as inert as safetensors.
+    """
+    extra = {METADATA_FILE: ""}
+    try:
+        with quiet_exporter():
+            program = torch.export.load(str(path), extra_files=extra)
+    except Exception as exc:  # a damaged archive raises anything from zipfile to pickle errors
+        raise CheckpointError(f"{path}: not a loadable torch.export program ({exc})") from None
+    meta = meta_from_metadata(json.loads(extra[METADATA_FILE] or "{}"), str(path))
+    module = program.module()
+
+    @torch.no_grad()
+    def logits(images: np.ndarray) -> np.ndarray:
+        return module(torch.from_numpy(np.ascontiguousarray(images)))[0].numpy()
+
+    return logits, meta

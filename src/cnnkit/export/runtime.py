@@ -1,0 +1,77 @@
+"""Predict with an exported ONNX model, exactly as ``cnnkit.inference.Classifier`` does.
+
+``OnnxClassifier`` reuses the classifier's preprocessing and prediction code (``load_image``
+with the size, channels and resize mode stored in the file, softmax, ``Prediction``); only the
+logits come from onnxruntime instead of PyTorch. ``load_predictor`` picks the right one for a
+path, so ``cnnkit predict`` and ``cnnkit serve`` take a run directory or a ``.onnx`` file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cnnkit.checkpoint import ModelMeta
+from cnnkit.errors import CheckpointError
+from cnnkit.export.graph import INPUT_NAME, meta_from_metadata
+from cnnkit.inference import Classifier, load
+
+__all__ = ["OnnxClassifier", "is_onnx_file", "load_predictor"]
+
+CHUNK = 256  # images per onnxruntime call
+
+
+class OnnxClassifier(Classifier):
+    """An exported ``.onnx`` classifier with the ``Classifier`` interface.
+
+    ``.classes``, ``.meta``, ``.preprocess``, ``.predict_proba`` and ``.predict`` behave as
+    for a run directory. There is no PyTorch network: ``.model`` is None.
+    """
+
+    model = None  # type: ignore[assignment]
+
+    def __init__(self, path: str | Path, threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointError(f"{self.path}: no such ONNX file")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads  # 0: onnxruntime's default (all cores)
+        options.log_severity_level = 3  # errors only
+        try:
+            self.session = ort.InferenceSession(
+                str(self.path), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"{self.path}: not a valid ONNX model ({why[:200]})") from None
+        props = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.meta: ModelMeta = meta_from_metadata(props, str(self.path))
+        self.device = torch.device("cpu")
+        self.precision = "fp32"
+
+    def logits(self, batch: np.ndarray) -> torch.Tensor:
+        """Logits ``(N, classes)`` for preprocessed uint8 images ``(N, S, S, C)``."""
+        batch = np.ascontiguousarray(batch, dtype=np.uint8)
+        parts = [
+            self.session.run(["logits"], {INPUT_NAME: batch[i : i + CHUNK]})[0]
+            for i in range(0, len(batch), CHUNK)
+        ]
+        if not parts:
+            return torch.zeros((0, len(self.classes)))
+        return torch.from_numpy(np.concatenate(parts).astype(np.float32, copy=False))
+
+
+def is_onnx_file(source: str | Path) -> bool:
+    """True for a path that names an ONNX file (by its suffix), rather than a run directory."""
+    return Path(source).suffix.lower() == ".onnx"
+
+
+def load_predictor(source: str | Path, device: str = "auto", precision: str = "auto") -> Classifier:
+    """A run directory's classifier, or an exported ``.onnx`` file's (same interface)."""
+    if is_onnx_file(source):
+        return OnnxClassifier(source)
+    return load(source, device, precision)

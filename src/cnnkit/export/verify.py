@@ -1,0 +1,102 @@
+"""Check an exported model against the PyTorch original on the same images.
+
+Both run on identical uint8 batches; the export is run at several batch sizes (1, 7, 32 by
+default) so a batch dimension that was baked in by mistake fails here, not in production.
+The check fails when any logit differs by more than the tolerance, or when the two pick a
+different class for an image the original does not consider a near tie.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from cnnkit.errors import ExportError
+
+__all__ = ["DEFAULT_BATCH_SIZES", "DEFAULT_TOLERANCE", "Parity", "check_parity"]
+
+DEFAULT_TOLERANCE = 1e-3  # on fp32 logits; observed differences are around 1e-5
+DEFAULT_BATCH_SIZES = (1, 7, 32)
+
+Logits = Callable[[np.ndarray], np.ndarray]  # uint8 (B, S, S, C) -> float (B, classes)
+
+
+@dataclass(frozen=True)
+class Parity:
+    """How closely an export reproduces the original."""
+
+    images: int
+    source: str
+    batch_sizes: tuple[int, ...]
+    max_abs_diff: float  # largest |logit difference| over all images and batch sizes
+    top1_agreement: float  # fraction of (image, batch size) pairs with the same class
+    tolerance: float
+
+    def summary(self) -> str:
+        sizes = ", ".join(str(b) for b in self.batch_sizes)
+        return (
+            f"checked on {self.source} at batch sizes {sizes}: max abs difference "
+            f"{self.max_abs_diff:.2e} (tolerance {self.tolerance:.0e}), top-1 agreement "
+            f"{100 * self.top1_agreement:.2f}%"
+        )
+
+
+def check_parity(
+    reference: Logits,
+    candidate: Logits,
+    images: np.ndarray,
+    *,
+    tolerance: float = DEFAULT_TOLERANCE,
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    source: str = "",
+    what: str = "export",
+) -> Parity:
+    """Compare ``candidate`` with ``reference`` on ``images``; ``ExportError`` beyond tolerance."""
+    if len(images) == 0:
+        raise ExportError(f"{what}: no images to check the export on")
+    if tolerance <= 0:
+        raise ExportError(f"{what}: tolerance must be positive, got {tolerance}")
+    expected = np.asarray(reference(images), dtype=np.float64)  # (N, classes)
+    ref_top = expected.argmax(1)
+    ordered = np.sort(expected, axis=1)
+    margin = ordered[:, -1] - ordered[:, -2] if expected.shape[1] > 1 else np.full(len(images), 1e9)
+    worst, agree, total = 0.0, 0, 0
+    for size in batch_sizes:
+        parts = [
+            np.asarray(candidate(images[i : i + size]), dtype=np.float64)
+            for i in range(0, len(images), size)
+        ]
+        got = np.concatenate(parts)  # (N, classes)
+        if got.shape != expected.shape:
+            raise ExportError(
+                f"{what}: output shape {got.shape} at batch size {size}, expected {expected.shape}"
+            )
+        if not np.isfinite(got).all():
+            raise ExportError(f"{what}: non-finite outputs at batch size {size}")
+        diff = float(np.abs(got - expected).max())
+        same = got.argmax(1) == ref_top
+        worst = max(worst, diff)
+        agree += int(same.sum())
+        total += len(same)
+        if diff > tolerance:
+            raise ExportError(
+                f"{what}: differs from the PyTorch model by up to {diff:.3g} at batch size "
+                f"{size} (tolerance {tolerance:g})"
+            )
+        # A different class where the original is not near a tie is a real disagreement.
+        clear = ~same & (margin > 2 * tolerance)
+        if clear.any():
+            raise ExportError(
+                f"{what}: predicts a different class than the PyTorch model for "
+                f"{int(clear.sum())} of {len(images)} images at batch size {size}"
+            )
+    return Parity(
+        images=len(images),
+        source=source or f"{len(images)} images",
+        batch_sizes=tuple(batch_sizes),
+        max_abs_diff=worst,
+        top1_agreement=agree / total,
+        tolerance=tolerance,
+    )
