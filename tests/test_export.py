@@ -1,0 +1,252 @@
+"""Export: ONNX and pt2 files reproduce the PyTorch model, carry their metadata, fail loudly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from cnnkit.checkpoint import load_model
+from cnnkit.errors import CheckpointError, ExportError, RunDirError
+from cnnkit.export import (
+    ExportReport,
+    OnnxClassifier,
+    check_parity,
+    export_onnx,
+    export_pt2,
+    load_predictor,
+    load_pt2,
+    sample_images,
+)
+from cnnkit.inference import expand_inputs
+
+
+@pytest.fixture(scope="module")
+def onnx_export(trained_run, tmp_path_factory) -> ExportReport:
+    run, _ = trained_run
+    return export_onnx(run, tmp_path_factory.mktemp("onnx") / "model.onnx")
+
+
+@pytest.fixture(scope="module")
+def pt2_export(trained_run, tmp_path_factory) -> ExportReport:
+    """A pt2 export to the default path, in a copy of the run directory."""
+    run, _ = trained_run
+    copy = tmp_path_factory.mktemp("pt2") / "run"
+    shutil.copytree(run, copy)
+    return export_pt2(copy)
+
+
+@pytest.fixture(scope="module")
+def val_images(trained_run) -> np.ndarray:
+    """40 of the run's validation images, uint8 (N, S, S, C)."""
+    run, _ = trained_run
+    _, meta = load_model(run)
+    images, source = sample_images(run, meta, count=40)
+    assert "validation images" in source
+    return images
+
+
+def torch_logits(run: Path, images: np.ndarray) -> np.ndarray:
+    """The trusted reference: the run's network in fp32 on explicitly normalised floats."""
+    model, meta = load_model(run)
+    x = torch.from_numpy(images).float().permute(0, 3, 1, 2) / 255.0  # (B, C, S, S)
+    mean = torch.tensor(meta.mean).view(1, -1, 1, 1)
+    std = torch.tensor(meta.std).view(1, -1, 1, 1)
+    with torch.no_grad():
+        return model.eval()((x - mean) / std).numpy()
+
+
+# ------------------------------------------------------------------------------------ onnx
+
+
+@pytest.mark.parametrize("batch", [1, 7, 32])
+def test_onnx_matches_pytorch_at_batch_size(onnx_export, trained_run, val_images, batch) -> None:
+    run, _ = trained_run
+    exported = OnnxClassifier(onnx_export.path)
+    images = val_images[:batch]
+    got = exported.logits(images).numpy()  # (batch, classes)
+    expected = torch_logits(run, images)
+    assert got.shape == (batch, 3)
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    assert (got.argmax(1) == expected.argmax(1)).all()
+    # the probabilities output is the softmax of the logits
+    (probs,) = exported.session.run(["probabilities"], {"image": images})
+    np.testing.assert_allclose(probs, torch.softmax(torch.from_numpy(expected), 1), atol=1e-5)
+
+
+def test_onnx_file_has_dynamic_batch_uint8_input_and_metadata(onnx_export, trained_run) -> None:
+    run, _ = trained_run
+    _, meta = load_model(run)
+    proto = onnx.load(str(onnx_export.path))
+    onnx.checker.check_model(proto)
+    (inp,) = proto.graph.input
+    dims = inp.type.tensor_type.shape.dim
+    assert inp.name == "image"
+    assert inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert dims[0].dim_param and not dims[0].dim_value  # symbolic: any batch size
+    assert [d.dim_value for d in dims[1:]] == [meta.image_size, meta.image_size, meta.channels]
+    assert [o.name for o in proto.graph.output] == ["logits", "probabilities"]
+    props = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(props["classes"]) == list(meta.classes) == ["circle", "square", "triangle"]
+    assert json.loads(props["mean"]) == pytest.approx(meta.mean)
+    assert json.loads(props["std"]) == pytest.approx(meta.std)
+    assert props["input_size"] == str(meta.image_size)
+    assert props["channels"] == str(meta.channels)
+    assert props["resize"] == meta.resize
+    assert props["input_layout"] == "NHWC" and props["input_dtype"] == "uint8"
+    assert "inside the graph" in props["normalization"]
+    # no training-mode operators survive: batchnorm is folded or in inference form
+    ops = {node.op_type for node in proto.graph.node}
+    assert "Dropout" not in ops and "BatchNormalizationTraining" not in ops
+
+
+def test_onnx_report_says_how_close_it_is(onnx_export) -> None:
+    parity = onnx_export.parity
+    assert onnx_export.format == "onnx" and onnx_export.opset and onnx_export.opset >= 13
+    assert parity.batch_sizes == (1, 7, 32)
+    assert "validation images" in parity.source
+    assert 0 <= parity.max_abs_diff < 1e-4
+    assert parity.top1_agreement == 1.0
+    text = onnx_export.summary()
+    assert "max abs difference" in text and "top-1 agreement 100.00%" in text
+    assert onnx_export.size_bytes == onnx_export.path.stat().st_size > 0
+
+
+def test_onnx_and_pytorch_predict_the_same_classes(onnx_export, trained_run, shapes_dir) -> None:
+    run, _ = trained_run
+    files = expand_inputs([shapes_dir])[::10]  # 60 images, every class
+    torch_preds = load_predictor(run).predict(files)
+    onnx_preds = load_predictor(onnx_export.path).predict(files)
+    assert isinstance(load_predictor(onnx_export.path), OnnxClassifier)
+    assert [p.label for p in onnx_preds] == [p.label for p in torch_preds]
+    for a, b in zip(onnx_preds, torch_preds, strict=True):
+        assert a.source == b.source
+        assert a.probabilities.keys() == b.probabilities.keys()
+        for name in a.probabilities:  # PyTorch may run in bf16 on this CPU: loose check
+            assert a.probabilities[name] == pytest.approx(b.probabilities[name], abs=0.02)
+
+
+def test_failed_verification_raises_and_leaves_no_file(trained_run, tmp_path, monkeypatch) -> None:
+    import cnnkit.export.onnx_export as onnx_export_module
+
+    run, _ = trained_run
+    real = onnx_export_module.reference_logits
+
+    def off_by_a_bit(model, meta):
+        reference = real(model, meta)
+        return lambda images: reference(images) + 0.01
+
+    monkeypatch.setattr(onnx_export_module, "reference_logits", off_by_a_bit)
+    out = tmp_path / "bad.onnx"
+    with pytest.raises(ExportError, match=r"differs from the PyTorch model by up to 0\.01"):
+        export_onnx(run, out, check_images=8)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # no temporary file either
+
+
+def test_export_refuses_bad_arguments(trained_run, tmp_path) -> None:
+    run, _ = trained_run
+    with pytest.raises(ExportError, match=r"expected a file name ending in \.onnx"):
+        export_onnx(run, tmp_path / "model.pt2")
+    with pytest.raises(ExportError, match=r"expected a file name ending in \.pt2"):
+        export_pt2(run, tmp_path / "model.onnx")
+    with pytest.raises(ExportError, match="--opset: expected 13 or newer, got 9"):
+        export_onnx(run, tmp_path / "m.onnx", opset=9)
+    with pytest.raises(RunDirError, match="not a run directory"):
+        export_onnx(tmp_path / "missing", tmp_path / "m.onnx")
+
+
+# ------------------------------------------------------------------------------------- pt2
+
+
+def test_pt2_matches_pytorch_at_batch_sizes(pt2_export, trained_run, val_images) -> None:
+    run, _ = trained_run
+    logits, meta = load_pt2(pt2_export.path)
+    assert meta.classes == ("circle", "square", "triangle")
+    for batch in (1, 7, 32):
+        images = val_images[:batch]
+        np.testing.assert_allclose(logits(images), torch_logits(run, images), atol=1e-4, rtol=0)
+    assert pt2_export.path.name == "model.pt2" and pt2_export.path.parent.name == "run"
+    assert pt2_export.format == "pt2" and pt2_export.opset is None
+    assert pt2_export.parity.top1_agreement == 1.0
+    assert pt2_export.parity.max_abs_diff < 1e-4
+
+
+# ------------------------------------------------------------------------------ the checks
+
+
+def test_check_parity_passes_equal_and_fails_different_models() -> None:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (20, 4, 4, 3), dtype=np.uint8)
+    weights = rng.normal(size=(4 * 4 * 3, 5))
+
+    def reference(batch: np.ndarray) -> np.ndarray:
+        return batch.reshape(len(batch), -1).astype(np.float64) @ weights / 255.0
+
+    parity = check_parity(reference, reference, images, source="20 test images")
+    assert parity.max_abs_diff < 1e-12 and parity.top1_agreement == 1.0
+    assert parity.images == 20 and parity.batch_sizes == (1, 7, 32)
+    with pytest.raises(ExportError, match=r"differs .* by up to 0\.005 at batch size 1"):
+        check_parity(reference, lambda b: reference(b) + 0.005, images)
+
+    with pytest.raises(ExportError, match=r"output shape \(20, 4\) at batch size 1"):
+        check_parity(reference, lambda b: reference(b)[:, :4], images)
+    with pytest.raises(ExportError, match="non-finite"):
+        check_parity(reference, lambda b: reference(b) * np.nan, images)
+
+
+def test_check_parity_catches_a_batch_dependent_export() -> None:
+    """An export that behaves differently per batch size (train-mode batchnorm) fails."""
+    images = np.random.default_rng(1).integers(0, 256, (32, 2, 2, 1), dtype=np.uint8)
+
+    def reference(batch: np.ndarray) -> np.ndarray:
+        x = batch.reshape(len(batch), -1).astype(np.float64)
+        return np.stack([x.mean(1), -x.mean(1)], axis=1)
+
+    def batch_statistics(batch: np.ndarray) -> np.ndarray:
+        out = reference(batch)
+        return out - out.mean(0) if len(batch) > 1 else out
+
+    with pytest.raises(ExportError, match="at batch size 7"):
+        check_parity(reference, batch_statistics, images)
+
+
+def test_sample_images_fall_back_to_random_ones(trained_run, tmp_path) -> None:
+    run, _ = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    config = (copy / "config.yaml").read_text()
+    _, meta = load_model(run)
+    data_path = json.dumps(str(tmp_path / "gone"))
+    lines = [
+        f"  path: {data_path}" if line.strip().startswith("path:") else line
+        for line in config.splitlines()
+    ]
+    (copy / "config.yaml").write_text("\n".join(lines) + "\n")
+    images, source = sample_images(copy, meta, count=5)
+    assert source == "5 generated random images"
+    assert images.shape == (5, meta.image_size, meta.image_size, meta.channels)
+    assert images.dtype == np.uint8
+    again, _ = sample_images(copy, meta, count=5)
+    np.testing.assert_array_equal(images, again)  # seeded
+
+
+def test_onnx_classifier_refuses_what_is_not_a_cnnkit_export(tmp_path) -> None:
+    with pytest.raises(CheckpointError, match="no such ONNX file"):
+        OnnxClassifier(tmp_path / "missing.onnx")
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"this is not a protobuf")
+    with pytest.raises(CheckpointError, match="not a valid ONNX model"):
+        OnnxClassifier(junk)
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
+    plain = tmp_path / "plain.onnx"
+    onnx.save(onnx.helper.make_model(graph), str(plain))
+    with pytest.raises(CheckpointError, match="has no cnnkit metadata"):
+        OnnxClassifier(plain)
