@@ -2,8 +2,8 @@
 
 Both run on identical uint8 batches; the export is run at several batch sizes (1, 7, 32 by
 default) so a batch dimension that was baked in by mistake fails here, not in production.
-The check fails when any logit differs by more than the tolerance, or when the two pick a
-different class for an image the original does not consider a near tie.
+The check fails when any logit differs by more than the tolerance (which also bounds how far
+apart two logits must be for the two models to pick different classes: a near tie).
 """
 
 from __future__ import annotations
@@ -60,8 +60,6 @@ def check_parity(
         raise ExportError(f"{what}: tolerance must be positive, got {tolerance}")
     expected = np.asarray(reference(images), dtype=np.float64)  # (N, classes)
     ref_top = expected.argmax(1)
-    ordered = np.sort(expected, axis=1)
-    margin = ordered[:, -1] - ordered[:, -2] if expected.shape[1] > 1 else np.full(len(images), 1e9)
     worst, agree, total = 0.0, 0, 0
     for size in batch_sizes:
         parts = [
@@ -83,14 +81,8 @@ def check_parity(
         if diff > tolerance:
             raise ExportError(
                 f"{what}: differs from the PyTorch model by up to {diff:.3g} at batch size "
-                f"{size} (tolerance {tolerance:g})"
-            )
-        # A different class where the original is not near a tie is a real disagreement.
-        clear = ~same & (margin > 2 * tolerance)
-        if clear.any():
-            raise ExportError(
-                f"{what}: predicts a different class than the PyTorch model for "
-                f"{int(clear.sum())} of {len(images)} images at batch size {size}"
+                f"{size} (tolerance {tolerance:g}); same class for {int(same.sum())} of "
+                f"{len(same)} images"
             )
     return Parity(
         images=len(images),
