@@ -5,12 +5,19 @@
 ``torch.load(weights_only=True)``) and ``manifest.json`` (sizes and SHA-256 of both, written
 last). A checkpoint is built in a temporary folder, fsynced and renamed into place; the
 previous one is deleted only after the new one is complete. Loading checks the manifest and
-falls back to the previous checkpoint when the newest is damaged.
+falls back to the previous checkpoint when the newest is damaged; a damaged one is moved aside
+to ``damaged-ckpt-<seq>`` (kept for inspection, never counted among the newest two).
+
+There is no gradient scaler to save: cnnkit's mixed precision is bf16 autocast, and bf16 has
+fp32's exponent range, so gradients cannot underflow the way fp16 ones do and no loss scaling
+(``torch.amp.GradScaler``) is needed. Nothing here loads code: weights are safetensors and the
+state is read with ``weights_only=True``, which refuses any pickle that names a callable.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -25,9 +32,10 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
-from cnnkit.errors import CheckpointError
+from cnnkit.errors import CheckpointError, RunDirError
 
 __all__ = [
     "Progress",
@@ -41,6 +49,8 @@ __all__ = [
 log = logging.getLogger("cnnkit")
 FOLDER = "checkpoints"
 KEEP = 2  # the newest and the one before it
+FILES = ("model.safetensors", "state.pt")
+STATE_KEYS = ("progress", "optimizer", "scheduler", "total_steps", "rng", "fingerprint")
 
 
 @dataclass
@@ -98,6 +108,18 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _write(path: Path, data: bytes) -> None:
+    """Write ``data`` and flush it to disk; a full disk raises ``OSError`` here."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _why(exc: OSError) -> str:
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
 def _fault(point: str) -> None:
     """Test hook: ``CNNKIT_FAULT=<point>:<n>`` kills this process the n-th time it passes."""
     spec = os.environ.get("CNNKIT_FAULT", "")
@@ -127,27 +149,43 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(run_dir: Path, model: torch.nn.Module, state: dict[str, Any]) -> Path:
-    """Write a new checkpoint and prune all but the newest ``KEEP``; returns its folder."""
+    """Write a new checkpoint and prune all but the newest ``KEEP``; returns its folder.
+
+    Both files are serialised in memory and written with plain file writes, so a full disk or
+    an unwritable folder surfaces as one ``RunDirError`` (not a serialiser's internal error);
+    the temporary folder is removed and the previous checkpoints stay as they were.
+    """
     folder = run_dir / FOLDER
-    folder.mkdir(parents=True, exist_ok=True)
-    existing = list_checkpoints(run_dir)
-    seq = (_sequence(existing[0]) + 1) if existing else 1
-    final = folder / f"ckpt-{seq:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        existing = list_checkpoints(run_dir)
+        seq = (_sequence(existing[0]) + 1) if existing else 1
+        final = folder / f"ckpt-{seq:06d}"
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder))
+    except OSError as exc:
+        raise RunDirError(f"cannot write a checkpoint in {folder}: {_why(exc)}") from None
     try:
         weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(weights, str(tmp / "model.safetensors"))
+        blobs = {"model.safetensors": safetensors_bytes(weights)}
+        _write(tmp / "model.safetensors", blobs["model.safetensors"])
         _fault("checkpoint-write")
-        torch.save(state, tmp / "state.pt")
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        blobs["state.pt"] = buffer.getvalue()
+        _write(tmp / "state.pt", blobs["state.pt"])
         manifest = {
-            name: {"bytes": (tmp / name).stat().st_size, "sha256": _digest(tmp / name)}
-            for name in ("model.safetensors", "state.pt")
+            name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            for name, data in blobs.items()
         }
-        (tmp / "manifest.json").write_text(json.dumps(manifest))
-        for name in ("model.safetensors", "state.pt", "manifest.json"):
-            _fsync(tmp / name)
+        _write(tmp / "manifest.json", json.dumps(manifest).encode())
+        _fsync(tmp)  # the three names inside the folder, before the folder gets its name
         os.replace(tmp, final)
         _fsync(folder)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RunDirError(
+            f"cannot write checkpoint {final}: {_why(exc)} (earlier checkpoints are kept)"
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -162,16 +200,20 @@ def _verify(folder: Path) -> None:
         raise CheckpointError(f"{folder}: incomplete (no manifest.json)")
     try:
         manifest = json.loads(manifest_path.read_text())
-    except ValueError:
+    except (OSError, ValueError):
         raise CheckpointError(f"{manifest_path}: damaged (not valid JSON)") from None
-    for name in ("model.safetensors", "state.pt"):
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{manifest_path}: damaged (not a JSON object)")
+    for name in FILES:
         path = folder / name
         if not path.is_file():
             raise CheckpointError(f"{path}: missing")
         size = path.stat().st_size
         if size == 0:
             raise CheckpointError(f"{path}: empty (0 bytes)")
-        want = manifest.get(name, {})
+        want = manifest.get(name)
+        if not isinstance(want, dict):
+            raise CheckpointError(f"{manifest_path}: damaged (no entry for {name})")
         if size != want.get("bytes"):
             raise CheckpointError(f"{path}: truncated ({size} bytes, expected {want.get('bytes')})")
         if _digest(path) != want.get("sha256"):
@@ -192,6 +234,9 @@ def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
         raise CheckpointError(
             f"{folder / 'state.pt'}: refused or unreadable ({first[:200]})"
         ) from None
+    missing = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else STATE_KEYS
+    if missing:
+        raise CheckpointError(f"{folder / 'state.pt'}: not a training state (no {missing[0]!r})")
     return weights, state
 
 
@@ -209,11 +254,29 @@ def find_checkpoint(run_dir: Path) -> tuple[Path, dict[str, torch.Tensor], dict[
         try:
             weights, state = load_checkpoint(folder)
         except CheckpointError as exc:
-            log.warning("%s; trying the previous checkpoint", exc)
             reasons.append(str(exc))
+            aside = _move_aside(folder)
+            log.warning(
+                "%s; %strying the previous checkpoint",
+                exc,
+                f"moved it to {aside.name}, " if aside else "",
+            )
             continue
         return folder, weights, state
     raise CheckpointError(f"{run_dir}: no usable checkpoint ({'; '.join(reasons)})")
+
+
+def _move_aside(folder: Path) -> Path | None:
+    """Rename a damaged checkpoint so that pruning never keeps it in place of a good one."""
+    for n in range(100):
+        aside = folder.with_name(f"damaged-{folder.name}" + (f"-{n}" if n else ""))
+        if not aside.exists():
+            try:
+                folder.rename(aside)
+            except OSError:
+                return None
+            return aside
+    return None
 
 
 def progress_to_state(progress: Progress) -> dict[str, Any]:
