@@ -2,10 +2,18 @@
 
 Rank, local rank and world size come from the environment torchrun sets; with none set, the
 run is one process and everything here is a no-op. Gloo runs on CPUs, NCCL on GPUs.
+
+Every collective (barrier, all-reduce, DDP's gradient averaging) gives up after
+``CNNKIT_DIST_TIMEOUT`` seconds (default 1800, PyTorch's own default for gloo). The longest
+wait in a healthy run is the other ranks waiting while rank 0 decodes the cache the first
+time, so raise it for a data set that takes longer than that to decode. A rank that dies
+closes its connections, so the others usually fail at once; torchrun then stops them all.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import datetime
 import os
 import sys
@@ -13,18 +21,24 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from cnnkit.errors import ConfigError
 
 __all__ = [
+    "DEFAULT_TIMEOUT_S",
     "DistInfo",
     "all_sum",
     "barrier",
+    "broadcast_buffers",
     "launch_torchrun",
     "setup",
     "shard_batches",
     "teardown",
+    "timeout",
 ]
+
+DEFAULT_TIMEOUT_S = 1800.0
 
 
 @dataclass(frozen=True)
@@ -44,19 +58,63 @@ class DistInfo:
         return self.world_size > 1
 
 
+def _env_int(name: str, default: str | None = None) -> int:
+    raw = os.environ.get(name, default)
+    if raw is None:
+        raise ConfigError(
+            f"{name} is not set but WORLD_SIZE is: start several processes with torchrun "
+            "(or 'cnnkit train --nproc N'), which sets RANK, LOCAL_RANK and WORLD_SIZE"
+        )
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected an integer, got {raw!r}") from None
+
+
+def timeout() -> datetime.timedelta:
+    """How long a collective may wait for the other ranks (``CNNKIT_DIST_TIMEOUT`` seconds)."""
+    raw = os.environ.get("CNNKIT_DIST_TIMEOUT", "")
+    if not raw:
+        return datetime.timedelta(seconds=DEFAULT_TIMEOUT_S)
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ConfigError(
+            f"CNNKIT_DIST_TIMEOUT: expected a positive number of seconds, got {raw!r}"
+        )
+    return datetime.timedelta(seconds=seconds)
+
+
 def setup(device_kind: str) -> DistInfo:
     """Join the process group torchrun prepared (if any) and return this rank's place."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = _env_int("WORLD_SIZE", "1")
     if world <= 1:
         return DistInfo()
-    rank = int(os.environ["RANK"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rank = _env_int("RANK")
+    local_rank = _env_int("LOCAL_RANK", "0")
     if not dist.is_initialized():
-        backend = "nccl" if device_kind == "cuda" else "gloo"
         if device_kind == "cuda":
+            gpus = torch.cuda.device_count()
+            if local_rank >= gpus:
+                raise ConfigError(
+                    f"process {rank} (local rank {local_rank}) has no GPU of its own: this "
+                    f"machine has {gpus} CUDA GPU(s); start at most {gpus} processes per "
+                    "machine, or train on the CPU with --device cpu"
+                )
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=5))
+        dist.init_process_group("nccl" if device_kind == "cuda" else "gloo", timeout=timeout())
+        atexit.register(_destroy_at_exit)
     return DistInfo(rank, local_rank, world)
+
+
+def _destroy_at_exit() -> None:
+    # Release the group's sockets/communicators however the process ends (PyTorch warns
+    # about a group left alive at exit); a group broken by a dead peer may refuse.
+    if dist.is_initialized():
+        with contextlib.suppress(Exception):  # exiting anyway: nothing left to protect
+            dist.destroy_process_group()
 
 
 def teardown(info: DistInfo) -> None:
@@ -69,10 +127,27 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
+def broadcast_buffers(info: DistInfo, module: nn.Module) -> None:
+    """Give every rank rank 0's buffers (batchnorm running statistics), in place.
+
+    DDP broadcasts them at the start of each forward pass, but the last training step then
+    updates them on every rank from its own local batch; without this, each rank would
+    validate its shard with statistics slightly different from the model rank 0 saves.
+    """
+    if info.enabled:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def all_sum(info: DistInfo, values: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over all ranks (returned; the input is left as it was)."""
     if not info.enabled:
         return values
+    # Test hook: ``CNNKIT_FAULT_RANK=<rank>`` makes that rank fail here, at the end of the
+    # first epoch, while the other ranks already wait in the all-reduce: the case where a
+    # survivor could hang if nothing tore the job down.
+    if os.environ.get("CNNKIT_FAULT_RANK") == str(info.rank):
+        raise RuntimeError(f"CNNKIT_FAULT_RANK: simulated failure on rank {info.rank}")
     out = values.clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
@@ -86,6 +161,18 @@ def shard_batches(order: torch.Tensor, global_batch: int, rank: int, world: int)
     across ranks. The tail that does not fill a global batch is left out on every rank alike
     (batchnorm needs whole batches), so no sample is seen twice within an epoch.
     """
+    if world < 1 or not 0 <= rank < world:
+        raise ConfigError(f"rank {rank} is not one of the {world} processes of this job")
+    if len(order) < world:
+        raise ConfigError(
+            f"{len(order)} training images cannot be shared by {world} processes (each needs "
+            "at least one image per step); use fewer processes or more data"
+        )
+    if global_batch < world:
+        raise ConfigError(
+            f"train.batch_size: the global batch ({global_batch}) must be at least the "
+            f"number of processes ({world}), one image per process per step"
+        )
     if global_batch % world:
         raise ConfigError(
             f"train.batch_size: the global batch ({global_batch}) must divide "
@@ -93,7 +180,7 @@ def shard_batches(order: torch.Tensor, global_batch: int, rank: int, world: int)
         )
     per_rank = global_batch // world
     steps = len(order) // global_batch
-    if steps < 1 or per_rank < 1:
+    if steps < 1:
         raise ConfigError(
             f"{len(order)} training images cannot fill one global batch of "
             f"{global_batch} over {world} processes; use a smaller --batch-size "
