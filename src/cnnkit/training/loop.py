@@ -262,7 +262,9 @@ def train(
 
     # ---------------------------------------------------------------- Resume
     p = ckpt.Progress()
-    if resume:
+    if resume and not ckpt.list_checkpoints(out):  # killed before its first checkpoint
+        log.warning("%s has no checkpoint yet; starting the run from the beginning", out)
+    elif resume:
         folder, weights, saved = ckpt.find_checkpoint(out)
         check_resumable(saved["fingerprint"], run_fingerprint, force)
         model.load_state_dict(weights)
@@ -384,6 +386,7 @@ def train(
             p.train_seconds += time.perf_counter() - epoch_start
             p.images_seen += (steps - first_step) * global_batch
             evaluated = ema.module if ema is not None else model
+            dist.broadcast_buffers(info, evaluated)  # validate what rank 0 saves
             val_loss, val_acc = _validate(evaluated, data, device, precision, info, cfg.tta)
             row = {
                 "epoch": epoch,
