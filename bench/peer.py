@@ -251,6 +251,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "wall_seconds": round(process_seconds(), 3),
         "images_per_second": round(images / train_seconds, 1) if train_seconds else 0.0,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "load_average_1min_at_end": round(os.getloadavg()[0], 2),
         "timing": "startup_seconds: process start to main() (interpreter and imports); "
         "wall_seconds: whole process to the end of training; images_per_second: training "
         "batches only (decode included, validation excluded)",
