@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import kornia.augmentation as K
 from torch import nn
 
 from cnnkit.config import AugmentConfig
@@ -18,6 +17,8 @@ def build_augmentation(cfg: AugmentConfig) -> nn.Module | None:
     """
     if not cfg.enabled:
         return None
+    import kornia.augmentation as K  # slow to import (about 1 s): only when augmenting
+
     steps: list[nn.Module] = []
     if cfg.hflip:
         steps.append(K.RandomHorizontalFlip(p=0.5))
