@@ -49,3 +49,55 @@ def trained_run(
     out = tmp_path_factory.mktemp("run") / "run"
     result = train(quick_config(shapes_dir), out, progress=False)
     return out, result
+
+
+@pytest.fixture(scope="session")
+def tiny_shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 circles, squares and triangles each, 16x16 PNG, for runs that must only work, not
+    learn well (read-only: copy before changing)."""
+    return generate_shapes(tmp_path_factory.mktemp("tiny"), count=8, size=16, seed=2)
+
+
+def tiny_config(data: Path, **train: object) -> RunConfig:
+    """A config that runs two short epochs on ``tiny_shapes`` (about a second)."""
+    options = {"epochs": 2, "batch_size": 4, "lr": 3e-3, **train}
+    return RunConfig(
+        model="fast",
+        data=DataConfig(path=str(data), image_size=16),
+        augment=AugmentConfig(vflip=True),
+        train=TrainConfig(**options),  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+def single_thread(monkeypatch: pytest.MonkeyPatch):
+    """Run torch on one intra-op thread for this test. On two cores shared with other work, two
+    threads spin-wait for each other and make tiny training runs about five times slower; the
+    results are the same."""
+    import torch
+
+    import cnnkit.training.loop as loop
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setattr(loop, "use_all_cores", lambda: 1, raising=False)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def fast_trained_run(request: pytest.FixtureRequest) -> tuple[Path, TrainResult]:
+    """``trained_run``, trained on one thread if it does not exist yet (see ``single_thread``:
+    about 20 s instead of minutes on busy cores); torch's threads are restored afterwards."""
+    import torch
+
+    import cnnkit.training.loop as loop
+
+    before = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as patch:
+        torch.set_num_threads(1)
+        patch.setattr(loop, "use_all_cores", lambda: 1, raising=False)
+        try:
+            return request.getfixturevalue("trained_run")
+        finally:
+            torch.set_num_threads(before)
