@@ -21,7 +21,7 @@ from torch import nn
 
 from cnnkit.models.layers import LayerInfo, LayerSpec, infer_shapes
 
-__all__ = ["Network", "build_layer"]
+__all__ = ["Network", "Whiten", "build_layer"]
 
 
 class Scale(nn.Module):
@@ -50,6 +50,32 @@ class GlobalMaxPool(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.amax(dim=(2, 3))
+
+
+class Whiten(nn.Conv2d):
+    """Frozen patch whitening: filters are the eigenvectors of the training images' patch
+    covariance, scaled by ``1 / sqrt(eigenvalue + eps)``, each in both signs (so a ReLU after
+    it keeps all information). Set once from data by ``fit``; never trained."""
+
+    def __init__(self, channels: int, kernel: int, eps: float) -> None:
+        n = channels * kernel * kernel
+        super().__init__(channels, 2 * n, kernel, bias=False)
+        self.eps = float(eps)
+        self.weight.requires_grad_(False)
+        nn.init.zeros_(self.weight)
+
+    @torch.no_grad()
+    def fit(self, x: torch.Tensor) -> None:
+        """Set the filters from normalised images ``x`` (N, C, H, W)."""
+        c, k = self.in_channels, self.kernel_size[0]
+        patches = x.float().unfold(2, k, 1).unfold(3, k, 1)  # (N, C, H', W', k, k)
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * k * k).double()
+        patches = patches - patches.mean(0, keepdim=True)
+        cov = patches.T @ patches / max(1, len(patches) - 1)  # (c*k*k, c*k*k)
+        values, vectors = torch.linalg.eigh(cov)
+        filters = (vectors.T / torch.sqrt(values + self.eps)[:, None]).float()
+        filters = filters.view(-1, c, k, k)
+        self.weight.copy_(torch.cat([filters, -filters]))
 
 
 def build_layer(info: LayerInfo) -> nn.Module:
@@ -90,6 +116,8 @@ def build_layer(info: LayerInfo) -> nn.Module:
         return nn.Flatten()
     if kind == "scale":
         return Scale(p["factor"])
+    if kind == "whiten":
+        return Whiten(info.in_shape[0], p["kernel"], p["eps"])
     raise AssertionError(f"no module for layer type {kind!r}")  # parse_layers rejects it first
 
 

@@ -31,6 +31,7 @@ from cnnkit.data.dataset import PreparedData, prepare_data
 from cnnkit.data.images import to_model_input
 from cnnkit.engine import autocast, batched_logits, resolve_device, resolve_precision, use_all_cores
 from cnnkit.errors import CnnkitError, RunDirError
+from cnnkit.models.network import Whiten
 from cnnkit.models.registry import build_network, load_model_spec
 from cnnkit.training import distributed as dist
 from cnnkit.training import state as ckpt
@@ -169,6 +170,22 @@ def _validate(
     return float(sums[0] / sums[2]), float(sums[1] / sums[2])
 
 
+def _fit_whitening(model: nn.Module, data: PreparedData, sample: int = 5000) -> None:
+    """Set each frozen whitening layer from the training images that reach it."""
+    whitens = [name for name, m in model.layers.items() if isinstance(m, Whiten)]
+    if not whitens:
+        return
+    idx = np.linspace(0, len(data.train) - 1, num=min(sample, len(data.train))).astype(np.int64)
+    x = to_model_input(data.train.batch(idx)[0], data.mean, data.std)  # (N, C, S, S)
+    with torch.no_grad():
+        for name, module in model.layers.items():
+            if isinstance(module, Whiten):
+                module.fit(x)
+            x = module(x)
+            if name == whitens[-1]:
+                break
+
+
 def train(
     config: RunConfig | None,
     out: str | Path,
@@ -228,6 +245,7 @@ def train(
         if device.type != "cuda":
             raise RunDirError("train.sync_bn: synchronised batchnorm needs CUDA GPUs")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    _fit_whitening(model, data)
     model = model.to(device, memory_format=torch.channels_last)
     net: nn.Module = model
     if info.enabled:
