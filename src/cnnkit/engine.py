@@ -105,7 +105,13 @@ def batched_logits(
     n = len(images)
     for part in _chunks(n, batch_size):
         chunk = images[part]
-        batch = chunk if isinstance(chunk, torch.Tensor) else torch.from_numpy(np.asarray(chunk))
+        if isinstance(chunk, torch.Tensor):
+            batch = chunk
+        else:
+            arr = np.asarray(chunk)
+            if not arr.flags.writeable:  # a read-only memory map or a PIL-backed array
+                arr = arr.copy()
+            batch = torch.from_numpy(arr)
         x = to_model_input(batch.to(device, non_blocking=True), mean, std)
         with autocast(device, precision):
             logits = model(x).float()
