@@ -1,0 +1,221 @@
+"""The one saver and the one loader: identical outputs after a round trip, precise errors."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from cnnkit.checkpoint import ModelMeta, atomic_write, load_model, save_model, weights_equal
+from cnnkit.errors import CheckpointError, RunDirError
+from cnnkit.models import build_network, load_model_spec
+from cnnkit.training.loop import TrainResult
+
+
+def _meta(model, classes=("a", "b", "c"), size=16, channels=3) -> ModelMeta:
+    return ModelMeta(
+        classes=tuple(classes),
+        channels=channels,
+        image_size=size,
+        resize="pad",
+        mean=(0.5,) * channels,
+        std=(0.25,) * channels,
+        architecture=tuple(model.architecture()),
+        model_name="fast",
+    )
+
+
+@pytest.fixture
+def saved(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
+    torch.manual_seed(0)
+    model = build_network(load_model_spec("fast").layers, 3, 3, 16)
+    with torch.no_grad():  # make the batchnorm buffers differ from their defaults
+        model.train()
+        model(torch.randn(8, 3, 16, 16))
+    model.eval()
+    save_model(tmp_path / "run", model, _meta(model))
+    return tmp_path / "run", model
+
+
+def test_save_then_load_gives_identical_outputs(saved: tuple[Path, torch.nn.Module]) -> None:
+    run, original = saved
+    assert sorted(p.name for p in run.iterdir()) == ["model.json", "model.safetensors"]
+    loaded, meta = load_model(run)
+    again, _ = load_model(run)
+    assert not loaded.training
+    assert weights_equal(loaded, original) and weights_equal(loaded, again)
+    x = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        a, b, c = original(x), loaded(x), again(x)
+    assert a.dtype == torch.float32
+    assert torch.equal(a, b) and torch.equal(b, c)  # bit for bit
+    assert meta == _meta(original)
+    assert loaded.infos == original.infos
+
+
+def test_trained_run_loads_identically_twice(
+    fast_trained_run: tuple[Path, TrainResult],
+) -> None:
+    run, _ = fast_trained_run
+    (m1, meta1), (m2, meta2) = load_model(run), load_model(run)
+    assert meta1 == meta2 and meta1.classes == ("circle", "square", "triangle")
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(m1(x), m2(x))
+    state = load_file(str(run / "model.safetensors"))
+    assert state.keys() == m1.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in m1.state_dict().items())
+
+
+def test_meta_json_round_trip_and_preprocessing_block(saved) -> None:
+    run, model = saved
+    data = json.loads((run / "model.json").read_text())
+    assert data["preprocessing"] == {
+        "input_size": 16,
+        "channels": 3,
+        "resize": "pad",
+        "scale": "pixel / 255",
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.25, 0.25, 0.25],
+        "layout": "NCHW float32, x = (pixel / 255 - mean) / std",
+    }
+    assert ModelMeta.from_json((run / "model.json").read_text()) == _meta(model)
+
+
+def test_weights_equal_notices_a_change(saved) -> None:
+    run, model = saved
+    loaded, _ = load_model(run)
+    with torch.no_grad():
+        loaded.layers["dense1"].bias[0] += 1e-6
+    assert not weights_equal(loaded, model)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_missing_run_directory(tmp_path: Path) -> None:
+    with pytest.raises(RunDirError) as info:
+        load_model(tmp_path / "nope")
+    assert str(info.value) == f"not a run directory: {tmp_path / 'nope'} does not exist"
+
+
+@pytest.mark.parametrize("missing", ["model.json", "model.safetensors"])
+def test_missing_files(saved, missing: str) -> None:
+    run, _ = saved
+    (run / missing).unlink()
+    with pytest.raises(RunDirError) as info:
+        load_model(run)
+    assert str(info.value) == (
+        f"not a run directory: {run} has no {missing} "
+        "(train one with 'cnnkit train DATA --out RUN_DIR')"
+    )
+
+
+def test_an_empty_folder_is_not_a_run_directory(tmp_path: Path) -> None:
+    with pytest.raises(RunDirError, match=r"has no model\.json"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["{not json", "[]", '{"classes": ["a", "b"]}', '{"classes": ["a"], "channels": "x"}', ""],
+)
+def test_damaged_model_json(saved, text: str) -> None:
+    run, _ = saved
+    (run / "model.json").write_text(text)
+    with pytest.raises(RunDirError) as info:
+        load_model(run)
+    assert str(info.value).startswith(f"{run / 'model.json'}: damaged (")
+
+
+def test_invalid_architecture_in_model_json(saved) -> None:
+    run, _ = saved
+    data = json.loads((run / "model.json").read_text())
+    data["architecture"][0]["filters"] = 0
+    (run / "model.json").write_text(json.dumps(data))
+    with pytest.raises(RunDirError) as info:
+        load_model(run)
+    assert str(info.value) == (
+        f"{run / 'model.json'}: architecture is invalid "
+        "(layer 1 (conv): filters: expected a positive integer, got 0)"
+    )
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty", "garbage", "pickle"])
+def test_damaged_weights(saved, how: str) -> None:
+    run, _ = saved
+    weights = run / "model.safetensors"
+    data = weights.read_bytes()
+    if how == "truncated":
+        weights.write_bytes(data[: len(data) // 2])
+    elif how == "empty":
+        weights.write_bytes(b"")
+    elif how == "garbage":
+        weights.write_bytes(b"\xff" * 64)
+    else:  # a pickle must never be unpickled: it could run code
+        weights.write_bytes(pickle.dumps({"conv1.weight": [1.0, 2.0]}))
+    with pytest.raises(CheckpointError) as info:
+        load_model(run)
+    assert str(info.value).startswith(f"{weights}: not a valid safetensors file (")
+
+
+def test_weights_that_do_not_fit_the_architecture(saved) -> None:
+    run, _ = saved
+    data = json.loads((run / "model.json").read_text())
+    data["classes"] = ["a", "b", "c", "d"]
+    data["architecture"][-1]["units"] = 4
+    (run / "model.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError) as info:
+        load_model(run)
+    message = str(info.value)
+    assert message.startswith(f"{run / 'model.safetensors'}: weights do not fit the architecture (")
+    assert "dense1.weight" in message and "\n" not in message
+
+
+def test_missing_tensor(saved) -> None:
+    run, _ = saved
+    state = load_file(str(run / "model.safetensors"))
+    del state["layers.conv1.weight"]
+    save_file(state, str(run / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"weights do not fit the architecture \(.*conv1"):
+        load_model(run)
+
+
+def test_a_copied_run_directory_loads(saved, tmp_path: Path) -> None:
+    run, model = saved
+    shutil.copytree(run, tmp_path / "elsewhere")
+    loaded, _ = load_model(str(tmp_path / "elsewhere"))  # a str works as well as a Path
+    assert weights_equal(loaded, model)
+
+
+# -------------------------------------------------------------------------- writing
+
+
+def test_atomic_write_replaces_whole_files_only(tmp_path: Path) -> None:
+    target = tmp_path / "sub" / "file.txt"
+    atomic_write(target, lambda p: p.write_text("first"))
+    assert target.read_text() == "first"
+
+    def fail(p: Path) -> None:
+        p.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, fail)
+    assert target.read_text() == "first"  # the old file is untouched
+    assert [p.name for p in target.parent.iterdir()] == ["file.txt"]  # no temporary left
+
+
+def test_save_model_overwrites_atomically(saved) -> None:
+    run, model = saved
+    with torch.no_grad():
+        model.layers["dense1"].bias.fill_(0.25)
+    save_model(run, model, _meta(model))
+    loaded, _ = load_model(run)
+    assert torch.equal(loaded.layers["dense1"].bias, torch.full((3,), 0.25))
+    assert sorted(p.name for p in run.iterdir()) == ["model.json", "model.safetensors"]
