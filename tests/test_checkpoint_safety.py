@@ -206,11 +206,13 @@ def test_state_pickle_that_runs_a_command_is_refused(
 
 def test_only_a_hostile_checkpoint_means_no_usable_checkpoint(run_dir: Path) -> None:
     marker = run_dir.parent / "pwned"
-    for folder in ckpt.list_checkpoints(run_dir):
+    folders = ckpt.list_checkpoints(run_dir)
+    for folder in folders:
         replace_file(folder, "state.pt", pickle.dumps(RunsCommand(f"touch {marker}"), 2))
     with pytest.raises(CheckpointError, match=r"no usable checkpoint \(.*state\.pt: refused"):
         ckpt.find_checkpoint(run_dir)
     assert not marker.exists()
+    assert ckpt.list_checkpoints(run_dir) == folders  # nothing moved when none is usable
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,8 @@
 ``torch.load(weights_only=True)``) and ``manifest.json`` (sizes and SHA-256 of both, written
 last). A checkpoint is built in a temporary folder, fsynced and renamed into place; the
 previous one is deleted only after the new one is complete. Loading checks the manifest and
-falls back to the previous checkpoint when the newest is damaged; a damaged one is moved aside
-to ``damaged-ckpt-<seq>`` (kept for inspection, never counted among the newest two).
+falls back to the previous checkpoint when the newest is damaged; the damaged one is then moved
+aside to ``damaged-ckpt-<seq>`` (kept for inspection, never counted among the newest two).
 
 There is no gradient scaler to save: cnnkit's mixed precision is bf16 autocast, and bf16 has
 fp32's exponent range, so gradients cannot underflow the way fp16 ones do and no loss scaling
@@ -41,6 +41,7 @@ __all__ = [
     "Progress",
     "find_checkpoint",
     "load_checkpoint",
+    "load_weights",
     "rng_state",
     "save_checkpoint",
     "set_rng_state",
@@ -191,6 +192,8 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, state: dict[str, Any]
         raise
     for old in list_checkpoints(run_dir)[KEEP:]:
         shutil.rmtree(old, ignore_errors=True)
+    for leftover in folder.glob(".tmp-*"):  # writes cut short by a kill of an earlier session
+        shutil.rmtree(leftover, ignore_errors=True)
     return final
 
 
@@ -241,7 +244,12 @@ def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
 
 
 def find_checkpoint(run_dir: Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]]:
-    """The newest good checkpoint, skipping damaged ones with a warning naming each."""
+    """The newest good checkpoint, skipping damaged ones with a warning naming each.
+
+    Damaged checkpoints newer than the good one are moved aside (``damaged-ckpt-<seq>``) so
+    that the next saves never prune a good checkpoint while keeping a damaged one. When none
+    is usable, nothing is moved and the error lists every checkpoint with its reason.
+    """
     for leftover in (run_dir / FOLDER).glob(".tmp-*"):  # a write that was cut short
         shutil.rmtree(leftover, ignore_errors=True)
     candidates = list_checkpoints(run_dir)
@@ -249,21 +257,37 @@ def find_checkpoint(run_dir: Path) -> tuple[Path, dict[str, torch.Tensor], dict[
         raise CheckpointError(
             f"{run_dir}: no checkpoint to resume from (looked in {run_dir / FOLDER})"
         )
-    reasons = []
+    reasons, damaged = [], []
     for folder in candidates:
         try:
             weights, state = load_checkpoint(folder)
         except CheckpointError as exc:
+            log.warning("%s; trying the previous checkpoint", exc)
             reasons.append(str(exc))
-            aside = _move_aside(folder)
-            log.warning(
-                "%s; %strying the previous checkpoint",
-                exc,
-                f"moved it to {aside.name}, " if aside else "",
-            )
+            damaged.append(folder)
             continue
+        for bad in damaged:
+            aside = _move_aside(bad)
+            if aside is not None:
+                log.info("moved the damaged checkpoint %s to %s", bad.name, aside.name)
         return folder, weights, state
     raise CheckpointError(f"{run_dir}: no usable checkpoint ({'; '.join(reasons)})")
+
+
+def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], folder: Path) -> None:
+    """Put a checkpoint's weights into ``model``; a model that changed shape is a clear error.
+
+    Only reachable with ``--force``: the fingerprint check refuses changed settings before.
+    """
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        why = lines[1] if len(lines) > 1 else lines[0]
+        raise CheckpointError(
+            f"{folder}: the checkpoint's weights do not fit the model of this config ({why}); "
+            "resume with the settings the run was started with"
+        ) from None
 
 
 def _move_aside(folder: Path) -> Path | None:
