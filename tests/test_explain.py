@@ -184,7 +184,7 @@ def test_parse_matrix_inline_and_files(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("1 2; 3", "--image: ragged rows: row 2 has 1 values, row 1 has 2"),
+        ("1 2; 3", "--image: ragged rows: row 2 has 1 value, row 1 has 2"),
         ("1 x; 3 4", "--image: row 1, value 2: 'x' is not a number"),
         ("1 nan", "--image: row 1, value 2: 'nan' is not a finite number"),
         (" ; \n", "--image: no numbers given"),

@@ -74,7 +74,7 @@ def parse_matrix(text: str, what: str = "matrix") -> np.ndarray:
     for i, row in enumerate(rows, start=1):
         if len(row) != width:
             raise ConfigError(
-                f"{what}: ragged rows: row {i} has {len(row)} values, row 1 has {width}"
+                f"{what}: ragged rows: row {i} has {_count(len(row))}, row 1 has {width}"
             )
         parsed = []
         for j, token in enumerate(row, start=1):
@@ -94,6 +94,10 @@ def parse_matrix(text: str, what: str = "matrix") -> np.ndarray:
             f"(at most {MAX_SIDE}x{MAX_SIDE})"
         )
     return np.array(values, dtype=np.float64)
+
+
+def _count(n: int) -> str:
+    return f"{n} value" if n == 1 else f"{n} values"
 
 
 def _lines(text: str) -> list[str]:
