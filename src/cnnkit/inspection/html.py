@@ -1,0 +1,139 @@
+"""Small HTML helpers shared by the inspect pages and the run report.
+
+Pages are plain HTML with inline CSS: no scripts, no external URLs, so they open from disk
+with no server and no network. Every piece of text that comes from the user (file names,
+class names, config values) goes through ``esc``.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from cnnkit.inspection.maps import LayerOutput
+from cnnkit.inspection.render import data_uri, map_grid
+
+__all__ = [
+    "CSS",
+    "LAYER_HELP",
+    "confusion_table",
+    "esc",
+    "layer_help",
+    "maps_html",
+    "page",
+    "table",
+]
+
+CSS = """
+body { font: 15px/1.5 system-ui, sans-serif; margin: 0 auto; max-width: 1100px;
+       padding: 1rem 1.5rem 3rem; color: #1d2330; background: #fcfcfd; }
+h1 { font-size: 1.6rem; margin-bottom: .2rem; }
+h2 { font-size: 1.25rem; margin-top: 2.2rem; border-bottom: 1px solid #d8dce4; }
+h3 { font-size: 1.05rem; margin: 1.4rem 0 .3rem; }
+table { border-collapse: collapse; margin: .5rem 0; font-variant-numeric: tabular-nums; }
+th, td { border: 1px solid #d8dce4; padding: .2rem .6rem; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+th { background: #eef1f6; }
+pre { background: #f1f3f7; padding: .6rem .8rem; overflow-x: auto; font-size: 13px; }
+img { max-width: 100%; image-rendering: pixelated; border: 1px solid #d8dce4; }
+img.photo { image-rendering: auto; }
+.note { color: #5b6474; font-size: 13px; }
+.warn { background: #fff4d6; border-left: 4px solid #e0a800; padding: .4rem .8rem; }
+.good { background: #e5f6ea; border-left: 4px solid #2e9d52; padding: .4rem .8rem; }
+.row { display: flex; flex-wrap: wrap; gap: 1rem; align-items: flex-start; }
+.row > figure { max-width: 48%; }
+figure.card { max-width: 224px; }
+.card { border: 1px solid #d8dce4; border-radius: 6px; padding: .5rem .7rem; background: #fff; }
+figure { margin: 0; }
+figcaption { font-size: 13px; color: #5b6474; }
+nav a { margin-right: .8rem; }
+"""
+
+# What each layer type does, in the learning material's words where it has them.
+LAYER_HELP = {
+    "conv": "A convolution slides each of its kernels over all the input maps and writes one "
+    "weighted sum per position: one new feature map per kernel.",
+    "batchnorm": "Batch normalisation rescales each map with the mean and variance learnt in "
+    "training, so the next layer sees values in a steady range.",
+    "relu": "ReLU (rectified linear unit) sets every negative value to 0.",
+    "gelu": "GELU is a smooth ReLU: large negative values become 0, small ones are damped.",
+    "maxpool": "Max pooling keeps only the largest value of each window: fewer values, the "
+    "strongest features stay.",
+    "avgpool": "Average pooling keeps the mean of each window: fewer values, smoothed.",
+    "dropout": "Dropout randomly drops values while training to prevent overfitting. When the "
+    "model predicts (eval mode) it is the identity: its output equals its input.",
+    "dropout2d": "Dropout randomly drops whole feature maps while training to prevent "
+    "overfitting. When the model predicts (eval mode) it is the identity: these maps equal the "
+    "layer before.",
+    "gap": "Global average pooling reduces each feature map to its mean: one number per map.",
+    "gmp": "Global max pooling reduces each feature map to its largest value: one number per "
+    "map (is this feature anywhere in the image?).",
+    "flatten": "Flattening lays the feature maps out as one vector for the fully connected layers.",
+    "dense": "A fully connected layer: every output is a weighted sum of all inputs.",
+    "scale": "Multiplies every value by a constant (it tempers the class scores).",
+}
+
+
+def layer_help(kind: str, last: bool = False) -> str:
+    """The explanation of a layer type; the last layer's output is the class scores."""
+    text = LAYER_HELP.get(kind, "")
+    if last:
+        text += " Its outputs are the class scores (logits); softmax turns them into probabilities."
+    return text.strip()
+
+
+def esc(value: object) -> str:
+    """Any value as HTML-safe text (quotes too, so it is safe in attributes)."""
+    return html.escape(str(value), quote=True)
+
+
+def table(header: Sequence[str] | None, rows: Iterable[Sequence[object]], raw: bool = False) -> str:
+    """An HTML table (no header row when ``header`` is None); cells are escaped unless
+    ``raw`` (cells already HTML)."""
+    head = "".join(f"<th>{esc(h)}</th>" for h in header or ())
+    body = "".join(
+        "<tr>" + "".join(f"<td>{c if raw else esc(c)}</td>" for c in row) + "</tr>" for row in rows
+    )
+    thead = f"<thead><tr>{head}</tr></thead>" if header else ""
+    return f"<table>{thead}<tbody>{body}</tbody></table>"
+
+
+def page(title: str, body: str) -> str:
+    """A complete HTML document with the shared stylesheet inline."""
+    return (
+        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        f"<title>{esc(title)}</title><style>{CSS}</style></head>\n<body>\n{body}\n</body></html>\n"
+    )
+
+
+def confusion_table(classes: Sequence[str], confusion: np.ndarray) -> str:
+    """Rows: true class, columns: predicted; each cell shaded by its share of the row."""
+    head = "".join(f"<th>{esc(c)}</th>" for c in classes)
+    rows = []
+    for name, counts in zip(classes, confusion, strict=True):
+        total = max(int(counts.sum()), 1)
+        cells = "".join(
+            f"<td style='background: rgba(46, 110, 200, {0.85 * v / total:.2f})'>{int(v)}</td>"
+            for v in counts
+        )
+        rows.append(f"<tr><th>{esc(name)}</th>{cells}</tr>")
+    return (
+        f"<table><thead><tr><th>true \\ predicted</th>{head}</tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table>"
+    )
+
+
+def maps_html(output: LayerOutput, most: int = 16) -> str:
+    """One layer's feature maps as a heading with the raw range and an embedded grid."""
+    shown = output.values[:most]  # (C', H, W)
+    total = len(output.values)
+    count = f"{len(shown)} of {total}" if len(shown) < total else str(total)
+    grid = data_uri(map_grid(shown, cols=min(len(shown), 8)))
+    return (
+        f"<h3>{esc(output.name)} ({esc(output.type)}): {count} maps, values "
+        f"{output.min:.3g} to {output.max:.3g}</h3>"
+        f"<img src='{grid}' alt='feature maps of {esc(output.name)}'>"
+    )
