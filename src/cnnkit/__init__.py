@@ -11,6 +11,7 @@ The Python API mirrors the CLI::
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -95,7 +96,12 @@ def train(
         if section is None:
             raise ConfigError(f"train: unknown option {name!r}")
         overrides[f"{section}.{name}"] = value
-    return _train(merge_overrides(base, overrides), out, overwrite=overwrite, progress=progress)
+    result = _train(merge_overrides(base, overrides), out, overwrite=overwrite, progress=progress)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes the report
+        from cnnkit.report import try_write_report
+
+        try_write_report(out)  # a failure is a warning: the model is already saved
+    return result
 
 
 def load(run_dir: str | Path, device: str = "auto", precision: str = "auto") -> Classifier:

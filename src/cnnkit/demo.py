@@ -17,6 +17,7 @@ from cnnkit.data.cache import default_cache_root
 from cnnkit.data.shapes import SHAPE_CLASSES, SHAPES_VERSION, draw_shape, generate_shapes
 from cnnkit.evaluation import EvalResult, evaluate
 from cnnkit.inference import Prediction, load
+from cnnkit.report import try_write_report
 from cnnkit.training.loop import TrainResult, train
 
 __all__ = ["DEMO_CONFIG", "DemoReport", "demo_data", "run_demo"]
@@ -68,4 +69,5 @@ def run_demo(out: Path, progress: bool = True, data_root: Path | None = None) ->
     image = draw_shape(kind, DEMO_SIZE, rng)
     image.save(out / "new_shape.png")
     (prediction,) = load(out).predict([out / "new_shape.png"])
+    try_write_report(out)
     return DemoReport(trained, evaluation, kind, prediction, time.perf_counter() - started)

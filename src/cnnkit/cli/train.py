@@ -149,6 +149,11 @@ def train_cmd(
         f"{result.best_epoch} of {result.epochs_run}), {s['wall_seconds']:.1f}s, "
         f"{s['images_per_second']:,.0f} img/s; run directory {out_dir}"
     )
+    from cnnkit.report import try_write_report
+
+    report = try_write_report(out_dir)  # a failure is a warning: the model is already saved
+    if report is not None:
+        out.print(f"report: {report}", markup=False)
 
 
 def _without_nproc(argv: list[str]) -> list[str]:
