@@ -1,0 +1,303 @@
+"""``create_app``: the FastAPI application that serves one classifier over HTTP.
+
+    GET  /          the web page (static files under ``serve/web``)
+    GET  /healthz   the process is up
+    GET  /readyz    the model is loaded and warmed up (503 until then)
+    GET  /model     classes, input size, preprocessing, architecture
+    POST /predict   one or more images (multipart or a raw image body) -> classes, latency
+    POST /explain   one image -> feature maps and Grad-CAM (run directories only)
+
+Safe by default: the model is fixed when the app is made (no request names a file or URL);
+request bodies, image sizes and the work queue are bounded; every model call runs on one
+worker thread with a timeout; every error is JSON ``{"error": ...}`` with its status, and
+every response carries security headers. The server keeps answering after any bad request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from cnnkit.errors import ConfigError, ImageError
+from cnnkit.serve.model import ServedModel
+from cnnkit.serve.uploads import ApiError, UploadLimits, error_status, read_images
+
+__all__ = ["SECURITY_HEADERS", "ServeSettings", "create_app", "web_dir"]
+
+log = logging.getLogger("cnnkit")
+
+SECURITY_HEADERS = {
+    # Scripts and styles only from this server's own files: no inline script, no eval.
+    "content-security-policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+    "x-frame-options": "DENY",
+    "cross-origin-opener-policy": "same-origin",
+}
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Limits of one server; the defaults suit a laptop serving a small model."""
+
+    max_body_bytes: int = 10 * 1024 * 1024
+    max_images: int = 16  # images in one /predict request
+    max_pixels: int = 4096 * 4096  # per image, from its header
+    max_queue: int = 32  # requests admitted to the model (running + waiting); more get 503
+    timeout_s: float = 10.0  # per request, for its model work
+    max_maps: int = 8  # feature maps per layer in /explain
+    retry_after_s: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_images", "max_pixels", "max_queue", "max_maps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"serve: {name} must be a positive integer, got {value!r}")
+        if not self.timeout_s > 0:
+            raise ConfigError(f"serve: timeout_s must be positive, got {self.timeout_s!r}")
+
+
+def web_dir() -> Path:
+    """The folder of the page's HTML, CSS and JavaScript (package data)."""
+    return Path(str(files("cnnkit.serve") / "web"))
+
+
+class ModelWorker:
+    """One thread runs every model call in order, behind a bounded admission count.
+
+    A request holds its place until its work has really finished, even after it timed out,
+    so slow work can never pile up beyond ``max_queue``.
+    """
+
+    def __init__(self, max_queue: int) -> None:
+        self.max_queue = max_queue
+        self._lock = threading.Lock()
+        self._busy = 0
+        self._pool: ThreadPoolExecutor | None = None
+
+    @property
+    def busy(self) -> int:
+        return self._busy
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future | None:
+        """Queue ``fn(*args)``; None when ``max_queue`` requests are already admitted."""
+        with self._lock:
+            if self._busy >= self.max_queue:
+                return None
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="cnnkit-model")
+            self._busy += 1
+            pool = self._pool
+        try:
+            future = pool.submit(fn, *args)
+        except RuntimeError:  # shut down meanwhile
+            self._release(None)
+            return None
+        future.add_done_callback(self._release)
+        return future
+
+    def _release(self, _: object) -> None:
+        with self._lock:
+            self._busy -= 1
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+class SecurityHeaders:
+    """ASGI middleware adding ``SECURITY_HEADERS`` to every HTTP response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                present = {k.lower() for k, _ in headers}
+                for key, value in SECURITY_HEADERS.items():
+                    if key.encode() not in present:
+                        headers.append((key.encode(), value.encode()))
+                message["headers"] = headers
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(
+        {"error": message}, status, {"cache-control": "no-store", **(headers or {})}
+    )
+
+
+def create_app(
+    model_source: str | Path | ServedModel,
+    *,
+    max_body_bytes: int = ServeSettings.max_body_bytes,
+    max_images: int = ServeSettings.max_images,
+    max_pixels: int = ServeSettings.max_pixels,
+    max_queue: int = ServeSettings.max_queue,
+    timeout_s: float = ServeSettings.timeout_s,
+    max_maps: int = ServeSettings.max_maps,
+) -> FastAPI:
+    """The app for a run directory, a ``.onnx`` file or an already loaded ``ServedModel``.
+
+    The model is loaded here (cnnkit's errors surface now, not at the first request) and
+    warmed up on the worker thread when the app starts; ``/readyz`` says when that is done.
+    """
+    settings = ServeSettings(max_body_bytes, max_images, max_pixels, max_queue, timeout_s, max_maps)
+    served = (
+        model_source if isinstance(model_source, ServedModel) else ServedModel.load(model_source)
+    )
+    worker = ModelWorker(settings.max_queue)
+    ready = threading.Event()
+    warm_error: list[str] = []
+    limits = UploadLimits(settings.max_body_bytes, settings.max_images, settings.max_pixels)
+    busy_headers = {"retry-after": str(settings.retry_after_s)}
+
+    def warm_up() -> None:
+        try:
+            served.warm_up()
+            ready.set()
+        except Exception as exc:  # reported by /readyz; the process stays up for /healthz
+            warm_error.append(f"warm-up failed: {exc}")
+            log.error("model warm-up failed: %s", exc)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if worker.submit(warm_up) is None:  # pragma: no cover - the queue is empty at start
+            warm_error.append("warm-up could not be queued")
+        try:
+            yield
+        finally:
+            worker.close()
+
+    app = FastAPI(
+        title="cnnkit",
+        lifespan=lifespan,
+        docs_url=None,  # the interactive docs load scripts from a CDN: not with this CSP
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.served = served
+    app.state.settings = settings
+    app.state.worker = worker
+    app.add_middleware(SecurityHeaders)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, exc.message, exc.headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail), dict(exc.headers or {}))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
+        log.error("internal error: %s: %s", type(exc).__name__, exc)
+        return _error(500, "internal server error")
+
+    async def run_model(fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` on the worker, within the timeout; image errors become 400/413."""
+        future = worker.submit(fn, *args)
+        if future is None:
+            raise ApiError(
+                503, f"server busy: {settings.max_queue} requests queued; retry", busy_headers
+            )
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), settings.timeout_s)
+        except TimeoutError:
+            raise ApiError(
+                504, f"inference timed out after {settings.timeout_s:g}s", busy_headers
+            ) from None
+        except ImageError as exc:
+            raise ApiError(error_status(exc), str(exc).removeprefix("<PIL image>: ")) from None
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(web_dir() / "index.html", media_type="text/html; charset=utf-8")
+
+    @app.get("/healthz")
+    async def healthz() -> JSONResponse:
+        return JSONResponse({"status": "ok"}, headers={"cache-control": "no-store"})
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        if ready.is_set():
+            return JSONResponse({"ready": True}, headers={"cache-control": "no-store"})
+        why = warm_error[0] if warm_error else "model is warming up"
+        return _error(503, why, busy_headers)
+
+    @app.get("/model")
+    async def model_info() -> JSONResponse:
+        return JSONResponse(served.info(), headers={"cache-control": "no-store"})
+
+    @app.post("/predict")
+    async def predict(request: Request) -> JSONResponse:
+        start = time.perf_counter()
+        uploads = await read_images(request, limits)
+        result = await run_model(served.predict, [u.image for u in uploads])
+        predictions = []
+        for upload, probs in zip(uploads, result.probabilities, strict=True):
+            best = int(probs.argmax())
+            predictions.append(
+                {
+                    "name": upload.name,
+                    "class": served.classes[best],
+                    "confidence": round(float(probs[best]), 6),
+                    "probabilities": {
+                        c: round(float(p), 6) for c, p in zip(served.classes, probs, strict=True)
+                    },
+                }
+            )
+        latency = {
+            "decode": round(result.decode_ms, 3),
+            "inference": round(result.inference_ms, 3),
+            "total": round(1000 * (time.perf_counter() - start), 3),
+        }
+        return JSONResponse(
+            {"predictions": predictions, "batch_size": len(uploads), "latency_ms": latency},
+            headers={"cache-control": "no-store"},
+        )
+
+    @app.post("/explain")
+    async def explain(request: Request) -> JSONResponse:
+        start = time.perf_counter()
+        if not served.can_explain:
+            raise ApiError(
+                501, "feature maps and Grad-CAM need a run directory; this server runs an ONNX file"
+            )
+        uploads = await read_images(request, limits)
+        if len(uploads) != 1:
+            raise ApiError(400, f"explain takes one image, got {len(uploads)}")
+        body = await run_model(served.explain, uploads[0].image, settings.max_maps)
+        body["latency_ms"] = {"total": round(1000 * (time.perf_counter() - start), 3)}
+        return JSONResponse(body, headers={"cache-control": "no-store"})
+
+    app.mount("/static", StaticFiles(directory=web_dir()), name="static")
+    return app

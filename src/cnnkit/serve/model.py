@@ -1,0 +1,97 @@
+"""The one model a server answers with: loaded once at start, never because of a request.
+
+``ServedModel`` wraps a run directory's ``Classifier`` or an exported ``OnnxClassifier``
+(same interface) and adds what the HTTP layer needs: a description for ``GET /model``, a
+warm-up, timed batch prediction on already-opened images, and explanations (feature maps and
+Grad-CAM, run directories only: an ONNX file has no PyTorch network to look inside).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from cnnkit.export.runtime import OnnxClassifier, load_predictor
+from cnnkit.inference import Classifier
+
+__all__ = ["BatchResult", "ServedModel"]
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """Probabilities ``(N, classes)`` for a batch, and where the time went."""
+
+    probabilities: np.ndarray
+    decode_ms: float
+    inference_ms: float
+
+
+class ServedModel:
+    """A loaded classifier plus what a server needs to describe, warm up and explain it."""
+
+    def __init__(self, classifier: Classifier) -> None:
+        self.classifier = classifier
+        self.format = "onnx" if isinstance(classifier, OnnxClassifier) else "run directory"
+
+    @classmethod
+    def load(cls, source: str | Path) -> ServedModel:
+        """A run directory or a ``.onnx`` file (raises cnnkit's errors for anything else)."""
+        return cls(load_predictor(source))
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.classifier.classes
+
+    @property
+    def can_explain(self) -> bool:
+        """Feature maps and Grad-CAM need the PyTorch network of a run directory."""
+        return self.classifier.model is not None
+
+    def info(self) -> dict[str, Any]:
+        """What ``GET /model`` returns: classes, input, preprocessing and architecture."""
+        meta = self.classifier.meta
+        return {
+            "classes": list(meta.classes),
+            "input_size": meta.image_size,
+            "channels": meta.channels,
+            "resize": meta.resize,
+            "mean": list(meta.mean),
+            "std": list(meta.std),
+            "model_name": meta.model_name,
+            "architecture": list(meta.architecture),
+            "format": self.format,
+            "explain": self.can_explain,
+        }
+
+    def warm_up(self) -> None:
+        """Run every code path once so the first real request is not the slow one."""
+        meta = self.classifier.meta
+        blank = Image.new("L" if meta.channels == 1 else "RGB", (meta.image_size,) * 2)
+        self.predict([blank])
+        if self.can_explain:
+            self.explain(blank, max_maps=1)
+
+    def predict(self, images: list[Image.Image]) -> BatchResult:
+        """Decode and resize opened images (``load_image``), then classify them as one batch."""
+        start = time.perf_counter()
+        batch = np.stack([self.classifier.preprocess(image) for image in images])  # (N, S, S, C)
+        decoded = time.perf_counter()
+        logits = self.classifier.logits(batch)  # (N, classes)
+        probs = logits.float().softmax(dim=1).numpy()
+        done = time.perf_counter()
+        return BatchResult(probs, 1000 * (decoded - start), 1000 * (done - decoded))
+
+    def explain(self, image: Image.Image, max_maps: int = 8) -> dict[str, Any]:
+        """Feature maps layer by layer and the Grad-CAM overlay for one opened image."""
+        from cnnkit.serve.explain import explain_image
+
+        model = self.classifier.model
+        if model is None:
+            raise RuntimeError("explain needs a run directory")  # callers check can_explain
+        pixels = self.classifier.preprocess(image)  # (S, S, C) uint8
+        return explain_image(model, self.classifier.meta, pixels, max_maps)

@@ -1,0 +1,221 @@
+// cnnkit's page: choose, drop or draw an image; show the probabilities, then the feature
+// maps and Grad-CAM. Everything a user or a model supplies is written with textContent or
+// as an image source, never parsed as HTML. No inline script: the CSP forbids it.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+let model = null; // GET /model
+let busy = false;
+
+function setStatus(text, isError = false) {
+  const status = $("status");
+  status.textContent = text;
+  status.classList.toggle("error", isError);
+}
+
+function el(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+async function fetchJson(url, options) {
+  const response = await fetch(url, options);
+  let body = null;
+  try {
+    body = await response.json();
+  } catch (err) {
+    body = { error: `unexpected answer (${response.status})` };
+  }
+  if (!response.ok) {
+    throw new Error(body && body.error ? body.error : `request failed (${response.status})`);
+  }
+  return body;
+}
+
+// ----------------------------------------------------------------------------- the model
+
+async function loadModel() {
+  try {
+    model = await fetchJson("/model");
+    const name = model.model_name ? `${model.model_name}, ` : "";
+    $("model-info").textContent =
+      `${name}${model.classes.length} classes (${model.classes.join(", ")}), ` +
+      `${model.input_size}×${model.input_size} input, ${model.format}`;
+    if (!model.explain) {
+      $("explain-status").textContent =
+        "This server runs an exported ONNX file: feature maps and Grad-CAM need a run directory.";
+    }
+  } catch (err) {
+    $("model-info").textContent = `The model is not available: ${err.message}`;
+  }
+}
+
+// ----------------------------------------------------------------------------- results
+
+function showProbabilities(prediction) {
+  const list = $("probabilities");
+  list.replaceChildren();
+  const entries = Object.entries(prediction.probabilities).sort((a, b) => b[1] - a[1]);
+  entries.forEach(([name, p], i) => {
+    const row = el("li", i === 0 ? "bar-row top" : "bar-row");
+    row.dataset.class = name;
+    const label = el("span", "bar-label", name);
+    label.title = name;
+    const track = el("span", "bar-track");
+    const fill = el("span", "bar-fill");
+    fill.style.width = `${(100 * p).toFixed(1)}%`; // CSSOM, allowed by the CSP
+    track.append(fill);
+    row.append(label, track, el("span", "bar-value", `${(100 * p).toFixed(1)}%`));
+    list.append(row);
+  });
+  setStatus(`${prediction.class} (${(100 * prediction.confidence).toFixed(1)}%)`);
+}
+
+function showExplanation(data) {
+  $("model-input").src = data.input;
+  $("gradcam-image").src = data.gradcam;
+  $("gradcam-caption").textContent =
+    `Grad-CAM for “${data.class}” (layer ${data.gradcam_layer}): bright means evidence`;
+  $("gradcam").hidden = false;
+  const layers = $("layers");
+  layers.replaceChildren();
+  for (const layer of data.layers) {
+    const section = el("section", "layer");
+    section.dataset.layer = layer.name;
+    const [c, h, w] = layer.shape;
+    section.append(el("h3", "", `${layer.name} · ${layer.type} · ${c} maps of ${h}×${w}`));
+    const shown = layer.maps.length < c ? ` (first ${layer.maps.length} shown)` : "";
+    section.append(
+      el("p", "range note", `values from ${layer.min.toPrecision(3)} (black) to ` +
+        `${layer.max.toPrecision(3)} (white)${shown}`),
+    );
+    const maps = el("div", "maps");
+    layer.maps.forEach((src, i) => {
+      const img = el("img", "map");
+      img.src = src;
+      img.alt = `${layer.name} map ${i + 1}`;
+      maps.append(img);
+    });
+    section.append(maps);
+    layers.append(section);
+  }
+  $("explain-status").textContent =
+    `${data.layers.length} layers with feature maps, from the first convolution to the last.`;
+}
+
+// ----------------------------------------------------------------------------- classify
+
+async function classify(blob, name) {
+  if (busy) return;
+  busy = true;
+  document.querySelectorAll("button").forEach((b) => { b.disabled = true; });
+  const preview = $("preview");
+  if (preview.src.startsWith("blob:")) URL.revokeObjectURL(preview.src);
+  preview.src = URL.createObjectURL(blob);
+  $("preview-name").textContent = name;
+  $("preview-figure").hidden = false;
+  $("probabilities").replaceChildren();
+  $("latency").textContent = "";
+  setStatus("Classifying…");
+  const form = () => {
+    const data = new FormData();
+    data.append("file", blob, name);
+    return data;
+  };
+  try {
+    const result = await fetchJson("/predict", { method: "POST", body: form() });
+    showProbabilities(result.predictions[0]);
+    $("latency").textContent = `answered in ${result.latency_ms.total.toFixed(1)} ms`;
+    if (model && model.explain) {
+      $("explain-status").textContent = "Computing feature maps and Grad-CAM…";
+      showExplanation(await fetchJson("/explain", { method: "POST", body: form() }));
+    }
+  } catch (err) {
+    setStatus(err.message, true);
+  } finally {
+    busy = false;
+    document.querySelectorAll("button").forEach((b) => { b.disabled = false; });
+  }
+}
+
+function classifyFile(file) {
+  if (!file) return;
+  classify(file, file.name || "image");
+}
+
+// ----------------------------------------------------------------------------- inputs
+
+function setUpDropzone() {
+  const zone = $("dropzone");
+  const input = $("file");
+  input.addEventListener("change", () => classifyFile(input.files[0]));
+  zone.addEventListener("click", (event) => {
+    if (event.target !== input && event.target.tagName !== "LABEL") input.click();
+  });
+  zone.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" || event.key === " ") {
+      event.preventDefault();
+      input.click();
+    }
+  });
+  zone.addEventListener("dragover", (event) => {
+    event.preventDefault();
+    zone.classList.add("over");
+  });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    zone.classList.remove("over");
+    classifyFile(event.dataTransfer.files[0]);
+  });
+}
+
+function setUpCanvas() {
+  const canvas = $("canvas");
+  const ctx = canvas.getContext("2d");
+  const clear = () => {
+    ctx.fillStyle = "#fff";
+    ctx.fillRect(0, 0, canvas.width, canvas.height);
+  };
+  clear();
+  ctx.lineCap = "round";
+  ctx.lineJoin = "round";
+  let last = null;
+  const point = (event) => {
+    const box = canvas.getBoundingClientRect();
+    return [
+      ((event.clientX - box.left) * canvas.width) / box.width,
+      ((event.clientY - box.top) * canvas.height) / box.height,
+    ];
+  };
+  canvas.addEventListener("pointerdown", (event) => {
+    canvas.setPointerCapture(event.pointerId);
+    last = point(event);
+  });
+  canvas.addEventListener("pointermove", (event) => {
+    if (!last) return;
+    const next = point(event);
+    ctx.strokeStyle = "#222";
+    ctx.lineWidth = 14;
+    ctx.beginPath();
+    ctx.moveTo(last[0], last[1]);
+    ctx.lineTo(next[0], next[1]);
+    ctx.stroke();
+    last = next;
+  });
+  const stop = () => { last = null; };
+  canvas.addEventListener("pointerup", stop);
+  canvas.addEventListener("pointercancel", stop);
+  $("clear-drawing").addEventListener("click", clear);
+  $("classify-drawing").addEventListener("click", () => {
+    canvas.toBlob((blob) => { if (blob) classify(blob, "drawing.png"); }, "image/png");
+  });
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  setUpDropzone();
+  setUpCanvas();
+  loadModel();
+});
