@@ -17,7 +17,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from cnnkit.errors import ConfigError
-from cnnkit.serve.app import create_app
+from cnnkit.serve.app import ServeSettings, create_app
 from cnnkit.serve.model import ServedModel
 
 __all__ = ["ALL_INTERFACES", "background_server", "check_address", "serve"]
@@ -68,6 +68,7 @@ def serve(
     import uvicorn
 
     check_address(host, port)
+    ServeSettings(**settings)  # refuse bad limits before the model is loaded
     app = create_app(ServedModel.load(model_source), **settings)
     log.info("serving %s on http://%s:%d/", model_source, host if host else "0.0.0.0", port)
     uvicorn.Server(_uvicorn_config(app, host, port, log_level)).run()
