@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +93,7 @@ def evaluate(
     data_cfg = DataConfig()
     if (run / "config.yaml").is_file():  # the run's own split settings, for split=val
         data_cfg = RunConfig.from_dict(load_yaml(run / "config.yaml")).data
+    data_cfg = dataclasses.replace(data_cfg, resize=meta.resize)  # as the model was fed
     images = load_split(data, split, meta.classes, data_cfg, meta.image_size, meta.channels)
     if len(images) == 0:
         raise DataError(f"{data}: no usable images to evaluate")
