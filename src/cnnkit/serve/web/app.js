@@ -183,6 +183,7 @@ function setUpCanvas() {
   ctx.lineCap = "round";
   ctx.lineJoin = "round";
   let last = null;
+  let stroke = []; // the points of the current stroke
   const point = (event) => {
     const box = canvas.getBoundingClientRect();
     return [
@@ -193,6 +194,7 @@ function setUpCanvas() {
   canvas.addEventListener("pointerdown", (event) => {
     canvas.setPointerCapture(event.pointerId);
     last = point(event);
+    stroke = [last];
   });
   canvas.addEventListener("pointermove", (event) => {
     if (!last) return;
@@ -204,8 +206,23 @@ function setUpCanvas() {
     ctx.lineTo(next[0], next[1]);
     ctx.stroke();
     last = next;
+    stroke.push(next);
   });
-  const stop = () => { last = null; };
+  // A stroke that ends near where it started is a closed outline: fill it, because the
+  // shapes the model learnt from are filled shapes, not outlines.
+  const stop = () => {
+    const [first, end] = [stroke[0], stroke[stroke.length - 1]];
+    if (stroke.length > 8 && Math.hypot(end[0] - first[0], end[1] - first[1]) < canvas.width / 6) {
+      ctx.fillStyle = "#222";
+      ctx.beginPath();
+      ctx.moveTo(first[0], first[1]);
+      stroke.slice(1).forEach(([x, y]) => ctx.lineTo(x, y));
+      ctx.closePath();
+      ctx.fill();
+    }
+    last = null;
+    stroke = [];
+  };
   canvas.addEventListener("pointerup", stop);
   canvas.addEventListener("pointercancel", stop);
   $("clear-drawing").addEventListener("click", clear);

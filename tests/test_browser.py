@@ -1,0 +1,178 @@
+"""The web page in a real browser: Debian's chromium, headless, driven by playwright.
+
+Never a downloaded browser: the tests skip when ``/usr/bin/chromium`` is missing
+(``apt-get install chromium``; ``.ci/run`` installs it). The server is the real one, uvicorn
+on 127.0.0.1 at a free port, serving the session's trained run.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from cnnkit.data.shapes import draw_shape
+from cnnkit.serve import background_server, create_app
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ALL_MAPS_LOADED = """() => {
+  const maps = [...document.querySelectorAll('#layers img.map')];
+  return maps.length > 0 && maps.every((img) => img.complete && img.naturalWidth > 0);
+}"""
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        pytest.skip(f"needs {CHROMIUM} (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def base_url(trained_run, browser):
+    run, _ = trained_run
+    with background_server(create_app(run)) as url:
+        with httpx.Client(base_url=url, timeout=10) as client:
+            for _ in range(500):
+                if client.get("/readyz").status_code == 200:
+                    break
+            else:
+                pytest.fail("the server never became ready")
+        yield url
+
+
+def open_page(browser, url: str, **context):
+    """A fresh page that records console errors, page errors and dialogs (there should be none)."""
+    page = browser.new_page(**context)
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.on("dialog", lambda d: (problems.append(f"dialog: {d.message}"), d.dismiss()))
+    page.goto(url + "/")
+    page.wait_for_function("document.getElementById('model-info').textContent.includes('classes')")
+    return page, problems
+
+
+def write_shape(path: Path, kind: str, seed: int = 2) -> Path:
+    draw_shape(kind, 32, np.random.default_rng(seed)).save(path)
+    return path
+
+
+def test_upload_shows_probabilities_feature_maps_and_grad_cam(browser, base_url, tmp_path):
+    page, problems = open_page(browser, base_url, viewport={"width": 1100, "height": 900})
+    image = write_shape(tmp_path / "circle.png", "circle")
+    page.set_input_files("#file", str(image))
+    page.wait_for_selector("#probabilities .bar-row", timeout=30_000)
+    page.wait_for_function(ALL_MAPS_LOADED, timeout=30_000)
+
+    rows = page.locator("#probabilities .bar-row")
+    assert rows.count() == 3
+    assert sorted(rows.evaluate_all("rows => rows.map(r => r.dataset.class)")) == [
+        "circle",
+        "square",
+        "triangle",
+    ]
+    answer = httpx.post(
+        f"{base_url}/predict", content=image.read_bytes(), headers={"content-type": "image/png"}
+    ).json()["predictions"][0]
+    assert rows.first.get_attribute("data-class") == answer["class"]  # the top bar is first
+    assert page.locator("#status").text_content().startswith(answer["class"])
+    assert page.locator("#preview-name").text_content() == "circle.png"
+
+    layers = page.locator("#layers .layer")
+    assert layers.count() == 15  # conv, batchnorm, relu (and pooling) of four blocks
+    assert layers.first.locator("h3").text_content().startswith("conv1 · conv · 16 maps of 32×32")
+    assert page.locator("#gradcam").is_visible()
+    assert page.evaluate("document.getElementById('gradcam-image').naturalWidth") == 32
+    page.screenshot(path=str(tmp_path / "desktop.png"), full_page=True)
+    assert (tmp_path / "desktop.png").stat().st_size > 10_000
+    assert problems == []  # no script error and no Content-Security-Policy violation
+    page.close()
+
+
+def test_drawing_on_a_phone_sized_screen(browser, base_url, tmp_path):
+    page, problems = open_page(
+        browser,
+        base_url,
+        viewport={"width": 390, "height": 844},
+        device_scale_factor=2,
+        is_mobile=True,
+        has_touch=True,
+    )
+    box = page.locator("#canvas").bounding_box()
+    assert box is not None and box["width"] <= 390
+    cx, cy, r = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, box["width"] / 4
+    page.mouse.move(cx - r, cy - r)
+    page.mouse.down()
+    for x, y in ((cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r), (cx - r, cy - r)):
+        page.mouse.move(x, y, steps=8)
+    page.mouse.up()
+    page.click("#classify-drawing")
+    page.wait_for_selector("#probabilities .bar-row", timeout=30_000)
+    page.wait_for_function(ALL_MAPS_LOADED, timeout=30_000)
+    assert page.locator("#preview-name").text_content() == "drawing.png"
+    # a closed outline is filled, like the shapes the model learnt from
+    top = page.locator("#probabilities .bar-row").first
+    assert top.get_attribute("data-class") == "square"
+    drawn = page.evaluate(
+        "(() => { const c = document.getElementById('canvas');"
+        " const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+        " let dark = 0; for (let i = 0; i < d.length; i += 4) if (d[i] < 128) dark++;"
+        " return dark; })()"
+    )
+    assert drawn > 1000  # the stroke is on the canvas
+    # nothing sticks out sideways on a phone
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    page.screenshot(path=str(tmp_path / "phone.png"), full_page=True)
+    assert problems == []
+    page.close()
+
+
+def test_a_hostile_file_name_is_shown_as_text(browser, base_url, tmp_path):
+    page, problems = open_page(browser, base_url, viewport={"width": 800, "height": 700})
+    name = '<img src=x onerror="alert(1)">.png'
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), "white").save(buffer, format="PNG")
+    page.set_input_files(
+        "#file", files=[{"name": name, "mimeType": "image/png", "buffer": buffer.getvalue()}]
+    )
+    page.wait_for_selector("#probabilities .bar-row", timeout=30_000)
+    assert page.locator("#preview-name").text_content() == name
+    assert page.locator("img[src='x']").count() == 0
+    assert problems == []
+    page.close()
+
+
+def test_a_bad_upload_shows_the_servers_message(browser, base_url):
+    page, problems = open_page(browser, base_url, viewport={"width": 800, "height": 700})
+    page.set_input_files(
+        "#file", files=[{"name": "notes.png", "mimeType": "image/png", "buffer": b"just text"}]
+    )
+    page.wait_for_selector("#status.error", timeout=30_000)
+    assert (
+        page.locator("#status")
+        .text_content()
+        .startswith("notes.png: not an image in a supported format")
+    )
+    # the browser logs the 400 response itself; nothing else may go wrong
+    assert all("400" in p for p in problems)
+    page.close()
