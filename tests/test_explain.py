@@ -104,6 +104,16 @@ def test_conv_equals_torch_conv2d(stride: int, padding: str) -> None:
     np.testing.assert_array_equal(ex.relu, np.maximum(ex.padded, 0))
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("shape", [(2, 2), (2, 3), (4, 4), (5, 3)])
+def test_zero_padding_equals_torch_same(shape: tuple[int, int]) -> None:
+    rng = np.random.default_rng(sum(shape))
+    image, kernel = rng.normal(size=(7, 8)), rng.normal(size=shape)
+    ex = explain_conv(image, kernel, padding="zero")
+    np.testing.assert_allclose(ex.result, _torch_conv(image, kernel, pad="same"), rtol=1e-12)
+    assert ex.result.shape == image.shape
+
+
 def test_material_example_equals_torch() -> None:
     np.testing.assert_array_equal(
         explain_conv().result, _torch_conv(MATERIAL_IMAGE, MATERIAL_KERNEL)

@@ -6,7 +6,7 @@ module here registers its commands on the one typer ``app``.
 
 from __future__ import annotations
 
-from cnnkit.cli import data, model, ship, train  # noqa: F401 - importing registers the commands
+from cnnkit.cli import data, inspect, model, ship, train  # noqa: F401 - importing registers the commands
 from cnnkit.cli._app import app
 
 __all__ = ["app", "main"]

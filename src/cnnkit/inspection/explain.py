@@ -12,8 +12,9 @@ Two ways to handle the edge:
 
 - ``border`` (the material's): compute only where the kernel fits, then frame the result with
   ``pad_value`` so that, with stride 1, the map has the image's size;
-- ``zero`` (what ``conv: {padding: same}`` does): pad the image with ``kernel // 2`` zeros on
-  each side first, so every pixel gets a value.
+- ``zero`` (what ``conv: {padding: same}`` does): pad the image with zeros first, so every
+  pixel gets a value: ``kernel // 2`` on each side for an odd kernel; an even kernel gets the
+  extra row and column at the bottom and right, as ``F.conv2d(padding="same")`` does.
 """
 
 from __future__ import annotations
@@ -225,8 +226,8 @@ def explain_conv(
     if kh > h or kw > w:
         raise ConfigError(f"--kernel: the {kh}x{kw} kernel is larger than the {h}x{w} image")
     if padding == "zero":
-        # "same" padding for odd kernels: kernel // 2 zeros before, the rest after.
-        top, left = kh // 2, kw // 2
+        # "same" padding: (k - 1) // 2 zeros before, the rest after (torch's convention).
+        top, left = (kh - 1) // 2, (kw - 1) // 2
         source = np.pad(img, ((top, kh - 1 - top), (left, kw - 1 - left)))
         pad_value = 0.0
     else:
@@ -244,7 +245,7 @@ def explain_conv(
             steps.append(ConvStep((i, j), (r, c), window.copy(), ker, total))
     if padding == "border":
         # The result belongs to the centre cells of its windows; the edge gets pad_value.
-        top, left = kh // 2, kw // 2
+        top, left = (kh - 1) // 2, (kw - 1) // 2
         padded = np.full((ho + kh - 1, wo + kw - 1), float(pad_value))
         padded[top : top + ho, left : left + wo] = result
     else:
