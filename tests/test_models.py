@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,7 @@ LAYER_NETWORKS: dict[str, list[object]] = {
     "flatten": [{"conv": {"filters": 4}}, "flatten"],
     "dense": [{"conv": {"filters": 4}}, "gap", {"dense": {"units": 6}}, "relu", "dense"],
     "scale": [{"conv": {"filters": 4}}, "gap", "dense", {"scale": {"factor": 0.5}}],
+    "whiten": [{"whiten": {"kernel": 2}}, {"conv": {"filters": 4}}, "gap", "dense"],
 }
 
 
@@ -48,7 +50,11 @@ def test_every_layer_type_has_a_network_here() -> None:
 
 def _network(entries: list[object], classes: int = 3, channels: int = 3, size: int = 12):
     torch.manual_seed(0)
-    return build_network(parse_layers(entries), classes, channels, size)
+    net = build_network(parse_layers(entries), classes, channels, size)
+    for module in net.layers.values():
+        if hasattr(module, "fit"):  # frozen whitening is set from data before training
+            module.fit(torch.randn(8, channels, size, size))
+    return net
 
 
 @pytest.mark.parametrize("kind", sorted(LAYER_NETWORKS))
@@ -71,21 +77,27 @@ def test_finite_gradients_reach_every_parameter(kind: str) -> None:
     x = torch.randn(4, 3, 12, 12)
     loss = F.cross_entropy(net(x), torch.tensor([0, 1, 2, 0]))
     loss.backward()
-    params = dict(net.named_parameters())
+    params = {name: p for name, p in net.named_parameters() if p.requires_grad}
     assert params
+    for name, p in net.named_parameters():
+        if not p.requires_grad:  # frozen by design (whitening): no gradient at all
+            assert p.grad is None and kind == "whiten", name
     for name, p in params.items():
         assert p.grad is not None, name
         assert torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name
 
 
-@pytest.mark.parametrize("preset", ["seed", "fast"])
+@pytest.mark.parametrize("preset", list_presets())
 @pytest.mark.parametrize("channels", [1, 3])
 def test_presets_build_run_and_learn(preset: str, channels: int) -> None:
     spec = load_model_spec(preset)
     size = spec.input_size
     torch.manual_seed(0)
     net = build_network(spec.layers, 4, channels, size)
+    for module in net.layers.values():
+        if hasattr(module, "fit"):  # frozen whitening is set from data before training
+            module.fit(torch.randn(8, channels, size, size))
     assert net.in_shape == (channels, size, size)
     x = torch.randn(2, channels, size, size)
     net.train()
@@ -95,7 +107,9 @@ def test_presets_build_run_and_learn(preset: str, channels: int) -> None:
     assert logits.shape == (2, 4) and torch.isfinite(logits).all()
     F.cross_entropy(logits, torch.tensor([1, 3])).backward()
     for name, p in net.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+        if p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+            assert p.grad.abs().sum() > 0, name
     net.eval()
     with torch.no_grad():
         assert torch.allclose(net.forward_head(net.forward_features(x)), net(x))
@@ -103,7 +117,8 @@ def test_presets_build_run_and_learn(preset: str, channels: int) -> None:
 
 
 def test_presets_are_listed_and_described() -> None:
-    assert list_presets() == ["fast", "seed"]
+    assert {"fast", "seed"} <= set(list_presets())
+    assert list_presets() == sorted(list_presets())
     seed = load_model_spec("seed")
     assert (
         seed.input_size == 128 and seed.name == "seed" and "learning material" in seed.description
@@ -367,7 +382,8 @@ def test_gaussian_initialisation() -> None:
         (
             ["conv3d"],
             "layer 1: unknown layer type 'conv3d', expected one of conv, relu, gelu, maxpool, "
-            "avgpool, gap, gmp, dropout2d, dropout, batchnorm, flatten, dense, scale",
+            "avgpool, gap, gmp, dropout2d, dropout, batchnorm, flatten, dense, scale"
+            + "".join(f", {k}" for k in list(LAYER_FIELDS)[13:]),
         ),
         ([5], "layer 1: expected a layer name or a mapping like 'conv: {filters: 12}', got 5"),
         ([{"conv": 5}], "layer 1 (conv): expected a mapping of settings, got 5"),
@@ -482,7 +498,9 @@ def test_architecture_rebuilds_the_same_network() -> None:
 def test_unknown_preset() -> None:
     with pytest.raises(ConfigError) as info:
         load_model_spec("resnet50")
-    assert str(info.value) == "unknown model 'resnet50': not a preset (fast, seed) nor a YAML file"
+    assert str(info.value) == (
+        f"unknown model 'resnet50': not a preset ({', '.join(list_presets())}) nor a YAML file"
+    )
 
 
 def test_model_files(tmp_path: Path) -> None:
@@ -550,6 +568,29 @@ def test_summary_flops_of_conv_and_dense_agree_with_torch(preset: str) -> None:
     ours = sum(r["flops"] for r in info["layers"] if r["type"] in ("conv", "dense"))
     assert ours == counter.get_total_flops()
     assert info["total_params"] == sum(p.numel() for p in net.parameters())
+
+
+@pytest.mark.parametrize(
+    ("preset", "channels"),
+    [
+        ("fast", 3),
+        pytest.param(
+            "mnist",
+            1,
+            marks=pytest.mark.xfail(
+                reason="presets/mnist.yaml says about 5 MFLOPs; summarize counts 7.2 M for one "
+                "28x28 greyscale image (7.9 M in colour)",
+                strict=True,
+            ),
+        ),
+    ],
+)
+def test_preset_descriptions_state_the_flops_counted(preset: str, channels: int) -> None:
+    description = load_model_spec(preset).description
+    match = re.search(r"about (\d+(?:\.\d+)?) MFLOPs", description, re.IGNORECASE)
+    assert match, description
+    counted = summarize(preset, channels=channels)["total_flops"] / 1e6
+    assert counted == pytest.approx(float(match.group(1)), rel=0.2)
 
 
 def test_fast_preset_is_as_described() -> None:
