@@ -79,6 +79,17 @@ def test_grad_cam_leaves_model_untouched() -> None:
     assert all(p.grad is None for p in net.parameters())
 
 
+def test_grad_cam_under_inference_mode() -> None:
+    torch.manual_seed(0)
+    net = build_network(parse_layers([{"conv": {"filters": 4}}, "relu", "gap"]), 2, 1, 8)
+    x = torch.rand(1, 1, 8, 8)
+    expected, cls = grad_cam(net, x)
+    with torch.inference_mode():
+        heat, used = grad_cam(net, x.clone())
+    assert used == cls
+    np.testing.assert_array_equal(heat, expected)
+
+
 def test_grad_cam_rejects_bad_arguments() -> None:
     net = build_network(parse_layers([{"conv": {"filters": 4}}, "relu", "gap"]), 2, 1, 8)
     x = torch.rand(1, 1, 8, 8)

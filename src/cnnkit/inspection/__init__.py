@@ -1,6 +1,22 @@
-"""See inside a network: every layer's output for an image, kernels, and Grad-CAM heat maps."""
+"""See inside a network: every layer's output for an image, kernels, and Grad-CAM heat maps.
 
+``explain_conv`` / ``explain_pool`` compute the learning material's worked examples step by
+step; ``inspect_image`` writes the layer-by-layer page for one image and a trained model.
+"""
+
+from cnnkit.inspection.explain import explain_conv, explain_pool
 from cnnkit.inspection.gradcam import default_cam_layer, grad_cam
 from cnnkit.inspection.maps import LayerOutput, layer_outputs, normalize_map
+from cnnkit.inspection.walkthrough import InspectResult, inspect_image
 
-__all__ = ["LayerOutput", "default_cam_layer", "grad_cam", "layer_outputs", "normalize_map"]
+__all__ = [
+    "InspectResult",
+    "LayerOutput",
+    "default_cam_layer",
+    "explain_conv",
+    "explain_pool",
+    "grad_cam",
+    "inspect_image",
+    "layer_outputs",
+    "normalize_map",
+]

@@ -61,17 +61,20 @@ def grad_cam(
     was_training = model.training
     model.eval()
     param = next(model.parameters(), None)
-    h = x.detach().clone().float()
-    if param is not None:
-        h = h.to(param.device)
+    device = param.device if param is not None else x.device
     try:
-        with torch.enable_grad():
+        # Works even when called under torch.inference_mode() (a web server, say).
+        with torch.inference_mode(False), torch.enable_grad():
+            h = x.detach().clone().float().to(device)
             activation = None
             for name, module in model.layers.items():
-                h = module(h)
+                if activation is not None:
+                    h = module(h)
+                    continue
+                with torch.no_grad():  # no graph before the maps: nothing there needs one
+                    h = module(h)
                 if name == target:
-                    # A leaf from here on: gradients stop at the maps, weights need none.
-                    activation = h.detach().requires_grad_(True)  # (1, K, h, w)
+                    activation = h.detach().requires_grad_(True)  # (1, K, h, w), a leaf
                     h = activation
             logits = h  # (1, classes)
             chosen = int(logits[0].argmax()) if class_index is None else int(class_index)
