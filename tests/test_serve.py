@@ -69,14 +69,21 @@ def assert_still_serving(client: TestClient) -> None:
 
 
 class GatedModel(ServedModel):
-    """A served model whose predictions wait for ``gate`` once it is set (slow inference)."""
+    """A served model whose forward passes wait for ``gate`` once it is set (slow inference)."""
 
     gate: threading.Event | None = None
 
-    def predict(self, images):
+    def infer(self, batch):
         if self.gate is not None:
             self.gate.wait(10)
-        return super().predict(images)
+        return super().infer(batch)
+
+
+def wait_busy(app, count: int) -> None:
+    deadline = time.monotonic() + 10
+    while app.state.worker.busy < count:
+        assert time.monotonic() < deadline, "requests never reached the worker"
+        time.sleep(0.01)
 
 
 @pytest.fixture(scope="module")
@@ -299,10 +306,7 @@ def test_overload_is_503_with_retry_after_and_then_recovers(trained_run) -> None
             target=lambda: first.update(r=post_image(client, shape_png("circle")))
         )
         worker.start()
-        deadline = time.monotonic() + 10
-        while app.state.worker.busy < 1:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_busy(app, 1)
         busy = post_image(client, shape_png("circle"))
         assert busy.status_code == 503
         assert busy.headers["retry-after"] == "1"
@@ -312,6 +316,46 @@ def test_overload_is_503_with_retry_after_and_then_recovers(trained_run) -> None
         assert first["r"].status_code == 200
         served.gate = None
         assert_still_serving(client)
+
+
+def test_waiting_requests_run_as_one_batch_and_keep_their_own_errors(trained_run) -> None:
+    run, _ = trained_run
+    served = GatedModel.load(run)
+    app = create_app(served)
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    corrupt = png_bytes(noise)[:3000]  # its header passes; decoding it fails in the worker
+    images = {"first": shape_png("circle"), "square": shape_png("square", seed=4)}
+    images |= {"triangle": shape_png("triangle", seed=4), "corrupt": corrupt}
+    with TestClient(app) as client:
+        wait_ready(client)
+        served.gate = threading.Event()
+        answers: dict = {}
+
+        def send(name: str) -> None:
+            answers[name] = post_image(client, images[name], name=f"{name}.png")
+
+        first = threading.Thread(target=send, args=("first",))
+        first.start()
+        wait_busy(app, 1)  # the first request is in the forward pass, held by the gate
+        others = [threading.Thread(target=send, args=(n,)) for n in ("square", "triangle")]
+        others.append(threading.Thread(target=send, args=("corrupt",)))
+        for thread in others:
+            thread.start()
+        wait_busy(app, 4)
+        served.gate.set()
+        for thread in [first, *others]:
+            thread.join(10)
+        served.gate = None
+    assert answers["first"].json()["model_batch_size"] == 1
+    expected = served.predict([Image.open(io.BytesIO(images[n])) for n in ("square", "triangle")])
+    for i, name in enumerate(("square", "triangle")):
+        body = answers[name].json()
+        assert answers[name].status_code == 200
+        assert body["model_batch_size"] == 2  # run together, without the corrupt one
+        probs = body["predictions"][0]["probabilities"]
+        np.testing.assert_allclose(list(probs.values()), expected.probabilities[i], atol=2e-3)
+    assert answers["corrupt"].status_code == 400
+    assert "unreadable" in answers["corrupt"].json()["error"]
 
 
 def test_inference_timeout_is_504_and_the_slot_comes_back(trained_run) -> None:

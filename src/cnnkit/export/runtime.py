@@ -41,6 +41,10 @@ class OnnxClassifier(Classifier):
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads  # 0: onnxruntime's default (all cores)
         options.log_severity_level = 3  # errors only
+        # Idle worker threads sleep instead of spinning: spinning burns the cores that the
+        # decoding, the HTTP server or other processes need, for tiny gains on small models.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(
                 str(self.path), options, providers=["CPUExecutionProvider"]

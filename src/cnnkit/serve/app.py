@@ -19,8 +19,8 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import AsyncIterator
+from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib.resources import files
@@ -36,6 +36,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from cnnkit.errors import ConfigError, ImageError
 from cnnkit.serve.model import ServedModel
 from cnnkit.serve.uploads import ApiError, UploadLimits, error_status, read_images
+from cnnkit.serve.worker import ModelWorker
 
 __all__ = ["SECURITY_HEADERS", "ServeSettings", "create_app", "web_dir"]
 
@@ -62,12 +63,20 @@ class ServeSettings:
     max_images: int = 16  # images in one /predict request
     max_pixels: int = 4096 * 4096  # per image, from its header
     max_queue: int = 32  # requests admitted to the model (running + waiting); more get 503
+    max_batch: int = 64  # images of waiting requests run in one forward pass
     timeout_s: float = 10.0  # per request, for its model work
     max_maps: int = 8  # feature maps per layer in /explain
     retry_after_s: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_images", "max_pixels", "max_queue", "max_maps"):
+        for name in (
+            "max_body_bytes",
+            "max_images",
+            "max_pixels",
+            "max_queue",
+            "max_batch",
+            "max_maps",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"serve: {name} must be a positive integer, got {value!r}")
@@ -78,51 +87,6 @@ class ServeSettings:
 def web_dir() -> Path:
     """The folder of the page's HTML, CSS and JavaScript (package data)."""
     return Path(str(files("cnnkit.serve") / "web"))
-
-
-class ModelWorker:
-    """One thread runs every model call in order, behind a bounded admission count.
-
-    A request holds its place until its work has really finished, even after it timed out,
-    so slow work can never pile up beyond ``max_queue``.
-    """
-
-    def __init__(self, max_queue: int) -> None:
-        self.max_queue = max_queue
-        self._lock = threading.Lock()
-        self._busy = 0
-        self._pool: ThreadPoolExecutor | None = None
-
-    @property
-    def busy(self) -> int:
-        return self._busy
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Future | None:
-        """Queue ``fn(*args)``; None when ``max_queue`` requests are already admitted."""
-        with self._lock:
-            if self._busy >= self.max_queue:
-                return None
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(1, thread_name_prefix="cnnkit-model")
-            self._busy += 1
-            pool = self._pool
-        try:
-            future = pool.submit(fn, *args)
-        except RuntimeError:  # shut down meanwhile
-            self._release(None)
-            return None
-        future.add_done_callback(self._release)
-        return future
-
-    def _release(self, _: object) -> None:
-        with self._lock:
-            self._busy -= 1
-
-    def close(self) -> None:
-        with self._lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
 
 
 class SecurityHeaders:
@@ -163,6 +127,7 @@ def create_app(
     max_pixels: int = ServeSettings.max_pixels,
     max_queue: int = ServeSettings.max_queue,
     timeout_s: float = ServeSettings.timeout_s,
+    max_batch: int = ServeSettings.max_batch,
     max_maps: int = ServeSettings.max_maps,
 ) -> FastAPI:
     """The app for a run directory, a ``.onnx`` file or an already loaded ``ServedModel``.
@@ -170,11 +135,19 @@ def create_app(
     The model is loaded here (cnnkit's errors surface now, not at the first request) and
     warmed up on the worker thread when the app starts; ``/readyz`` says when that is done.
     """
-    settings = ServeSettings(max_body_bytes, max_images, max_pixels, max_queue, timeout_s, max_maps)
+    settings = ServeSettings(
+        max_body_bytes=max_body_bytes,
+        max_images=max_images,
+        max_pixels=max_pixels,
+        max_queue=max_queue,
+        max_batch=max_batch,
+        timeout_s=timeout_s,
+        max_maps=max_maps,
+    )
     served = (
         model_source if isinstance(model_source, ServedModel) else ServedModel.load(model_source)
     )
-    worker = ModelWorker(settings.max_queue)
+    worker = ModelWorker(served, settings.max_queue, settings.max_batch)
     ready = threading.Event()
     warm_error: list[str] = []
     limits = UploadLimits(settings.max_body_bytes, settings.max_images, settings.max_pixels)
@@ -222,9 +195,8 @@ def create_app(
         log.error("internal error: %s: %s", type(exc).__name__, exc)
         return _error(500, "internal server error")
 
-    async def run_model(fn: Callable[..., Any], *args: Any) -> Any:
-        """``fn(*args)`` on the worker, within the timeout; image errors become 400/413."""
-        future = worker.submit(fn, *args)
+    async def run_model(future: Future | None) -> Any:
+        """The worker's answer within the timeout; image errors become 400/413."""
         if future is None:
             raise ApiError(
                 503, f"server busy: {settings.max_queue} requests queued; retry", busy_headers
@@ -261,7 +233,7 @@ def create_app(
     async def predict(request: Request) -> JSONResponse:
         start = time.perf_counter()
         uploads = await read_images(request, limits)
-        result = await run_model(served.predict, [u.image for u in uploads])
+        result = await run_model(worker.predict([u.image for u in uploads]))
         predictions = []
         for upload, probs in zip(uploads, result.probabilities, strict=True):
             best = int(probs.argmax())
@@ -281,7 +253,12 @@ def create_app(
             "total": round(1000 * (time.perf_counter() - start), 3),
         }
         return JSONResponse(
-            {"predictions": predictions, "batch_size": len(uploads), "latency_ms": latency},
+            {
+                "predictions": predictions,
+                "batch_size": len(uploads),
+                "model_batch_size": result.batch_size,  # with other requests' images
+                "latency_ms": latency,
+            },
             headers={"cache-control": "no-store"},
         )
 
@@ -295,7 +272,8 @@ def create_app(
         uploads = await read_images(request, limits)
         if len(uploads) != 1:
             raise ApiError(400, f"explain takes one image, got {len(uploads)}")
-        body = await run_model(served.explain, uploads[0].image, settings.max_maps)
+        image = uploads[0].image
+        body = await run_model(worker.submit(lambda: served.explain(image, settings.max_maps)))
         body["latency_ms"] = {"total": round(1000 * (time.perf_counter() - start), 3)}
         return JSONResponse(body, headers={"cache-control": "no-store"})
 

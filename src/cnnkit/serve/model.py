@@ -24,11 +24,12 @@ __all__ = ["BatchResult", "ServedModel"]
 
 @dataclass(frozen=True)
 class BatchResult:
-    """Probabilities ``(N, classes)`` for a batch, and where the time went."""
+    """Probabilities ``(N, classes)`` for a request's images, and where the time went."""
 
     probabilities: np.ndarray
     decode_ms: float
     inference_ms: float
+    batch_size: int  # images in the forward pass that computed them (several requests')
 
 
 class ServedModel:
@@ -76,15 +77,22 @@ class ServedModel:
         if self.can_explain:
             self.explain(blank, max_maps=1)
 
+    def decode(self, images: list[Image.Image]) -> np.ndarray:
+        """Opened images to the uint8 ``(N, S, S, C)`` batch the model is fed (``load_image``)."""
+        return np.stack([self.classifier.preprocess(image) for image in images])
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """Probabilities ``(N, classes)`` of a decoded batch."""
+        return self.classifier.logits(batch).float().softmax(dim=1).numpy()
+
     def predict(self, images: list[Image.Image]) -> BatchResult:
-        """Decode and resize opened images (``load_image``), then classify them as one batch."""
+        """Decode and classify opened images as one batch."""
         start = time.perf_counter()
-        batch = np.stack([self.classifier.preprocess(image) for image in images])  # (N, S, S, C)
+        batch = self.decode(images)  # (N, S, S, C)
         decoded = time.perf_counter()
-        logits = self.classifier.logits(batch)  # (N, classes)
-        probs = logits.float().softmax(dim=1).numpy()
+        probs = self.infer(batch)  # (N, classes)
         done = time.perf_counter()
-        return BatchResult(probs, 1000 * (decoded - start), 1000 * (done - decoded))
+        return BatchResult(probs, 1000 * (decoded - start), 1000 * (done - decoded), len(batch))
 
     def explain(self, image: Image.Image, max_maps: int = 8) -> dict[str, Any]:
         """Feature maps layer by layer and the Grad-CAM overlay for one opened image."""
