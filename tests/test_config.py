@@ -38,6 +38,8 @@ from cnnkit.errors import ConfigError
         (lambda: DataConfig(val_split="0.2"), "data.val_split: expected a number, got '0.2'"),
         (lambda: DataConfig(seed="x"), "data.seed: expected an integer, got 'x'"),
         (lambda: DataConfig(strict="no"), "data.strict: expected true or false, got 'no'"),
+        (lambda: DataConfig(path=5), "data.path: expected a folder path, got 5"),
+        (lambda: DataConfig(cache_dir=["x"]), "data.cache_dir: expected a folder path, got ['x']"),
         (lambda: TrainConfig(epochs=0), "train.epochs: expected a positive integer, got 0"),
         (lambda: TrainConfig(epochs=True), "train.epochs: expected a positive integer, got True"),
         (lambda: TrainConfig(batch_size=-4), "train.batch_size: expected a positive integer"),
@@ -64,6 +66,11 @@ from cnnkit.errors import ConfigError
         (lambda: TrainConfig(device="tpu"), "train.device: expected one of auto, cpu, cuda"),
         (lambda: TrainConfig(precision="fp16"), "train.precision: expected one of auto, fp32"),
         (lambda: TrainConfig(seed=1.5), "train.seed: expected an integer, got 1.5"),
+        (lambda: TrainConfig(tta="yes"), "train.tta: expected true or false, got 'yes'"),
+        (lambda: TrainConfig(deterministic=1), "train.deterministic: expected true or false"),
+        (lambda: TrainConfig(sync_bn=None), "train.sync_bn: expected true or false, got None"),
+        (lambda: TrainConfig(ema=1.0), "train.ema: expected a number from 0 to 0.99999, got 1.0"),
+        (lambda: TrainConfig(checkpoint_every=0), "train.checkpoint_every: expected a positive"),
         (
             lambda: AugmentConfig(rotate=200),
             "augment.rotate: expected a number from 0 to 180, got 200",
@@ -93,6 +100,8 @@ def test_defaults_are_valid_and_documented_values() -> None:
     assert cfg.data.image_size is None
     assert cfg.train.optimizer == "adamw" and cfg.train.schedule == "onecycle"
     DataConfig(channels=1)  # an integer is accepted as well as "1"
+    as_path = DataConfig(path=Path("data/x"), cache_dir=Path("/tmp/c"))
+    assert (as_path.path, as_path.cache_dir) == ("data/x", "/tmp/c")  # stored as str
 
 
 def test_run_config_round_trips_through_yaml(tmp_path: Path) -> None:

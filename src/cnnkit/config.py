@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -82,6 +83,12 @@ class DataConfig:
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:
+        for name in ("path", "cache_dir"):  # a Path is welcome; it is stored (and saved) as str
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                object.__setattr__(self, name, os.fspath(value))
+            elif not isinstance(value, str) and (name == "path" or value is not None):
+                raise _fail("data", name, value, "expected a folder path")
         if self.image_size is not None:
             _positive_int("data", "image_size", self.image_size)
             if self.image_size < 4 or self.image_size > 1024:
@@ -149,6 +156,8 @@ class TrainConfig:
             _positive_int("train", "checkpoint_every", self.checkpoint_every)
         if self.ema is not None:
             _number("train", "ema", self.ema, 0.0, 0.99999)
+        for name in ("deterministic", "sync_bn", "tta"):
+            _bool("train", name, getattr(self, name))
         _positive_int("train", "batch_size", self.batch_size)
         if not isinstance(self.lr, int | float) or isinstance(self.lr, bool) or not self.lr > 0:
             raise _fail("train", "lr", self.lr, "expected a positive number")
