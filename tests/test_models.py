@@ -574,15 +574,7 @@ def test_summary_flops_of_conv_and_dense_agree_with_torch(preset: str) -> None:
     ("preset", "channels"),
     [
         ("fast", 3),
-        pytest.param(
-            "mnist",
-            1,
-            marks=pytest.mark.xfail(
-                reason="presets/mnist.yaml says about 5 MFLOPs; summarize counts 7.2 M for one "
-                "28x28 greyscale image (7.9 M in colour)",
-                strict=True,
-            ),
-        ),
+        ("mnist", 1),
     ],
 )
 def test_preset_descriptions_state_the_flops_counted(preset: str, channels: int) -> None:

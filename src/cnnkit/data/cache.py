@@ -122,14 +122,23 @@ def decode_cached(
     root = Path(cache_root) if cache_root else default_cache_root()
     key = _cache_key(files, size, str(channels), resize)
     folder = root / key
-    if (folder / "meta.json").is_file():
+    # A cache decoded with channels "auto" serves an explicit request for the channel count
+    # it resolved to (a resumed run, evaluation and reports ask for it by number).
+    candidates = [folder]
+    if str(channels) != "auto":
+        candidates.append(root / _cache_key(files, size, "auto", resize))
+    for found in candidates:
+        if not (found / "meta.json").is_file():
+            continue
         try:
-            decoded = _open(folder)
+            decoded = _open(found)
         except (OSError, ValueError, KeyError, TypeError):
-            shutil.rmtree(folder, ignore_errors=True)  # damaged: rebuild below
-        else:
-            _report(list(decoded.skipped), len(decoded), strict)
-            return decoded
+            shutil.rmtree(found, ignore_errors=True)  # damaged: rebuild below
+            continue
+        if str(channels) != "auto" and decoded.channels != int(channels):
+            continue
+        _report(list(decoded.skipped), len(decoded), strict)
+        return decoded
 
     workers = workers or max(1, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:

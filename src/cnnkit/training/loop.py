@@ -11,11 +11,13 @@ rank 0 prints and writes files.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
 import signal
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -84,21 +86,30 @@ def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return opt(groups, lr=cfg.lr, betas=(0.9, 0.99), foreach=True)
 
 
+def one_cycle(
+    total_steps: int, warmup: float = 0.25, start: float = 0.1, end: float = 0.01
+) -> Callable[[int], float]:
+    """Learning-rate factor per step: linear warm-up from ``start`` to 1 over the first
+    ``warmup`` of the steps, then cosine down to ``end``. Works for any number of steps,
+    even one (torch's OneCycleLR divides by zero for very short runs)."""
+    up = max(1, round(warmup * total_steps))
+    down = max(1, total_steps - up)
+
+    def factor(step: int) -> float:
+        if step < up:
+            return start + (1.0 - start) * step / up
+        t = min(1.0, (step - up) / down)
+        return end + (1.0 - end) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+    return factor
+
+
 def _schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> Any:
     if cfg.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(
-            opt,
-            max_lr=cfg.lr,
-            total_steps=total_steps,
-            pct_start=0.25,
-            anneal_strategy="cos",
-            div_factor=10.0,
-            final_div_factor=100.0,
-            cycle_momentum=False,
-        )
+        return torch.optim.lr_scheduler.LambdaLR(opt, one_cycle(total_steps))
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(
-            opt, T_max=total_steps, eta_min=cfg.lr / 100
+            opt, T_max=max(1, total_steps), eta_min=cfg.lr / 100
         )
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
@@ -230,6 +241,11 @@ def train(
     if not info.is_main:
         logging.getLogger("cnnkit").setLevel(logging.ERROR)
         data = prepare_data(config.data, image_size)
+    # What config.yaml records is the resolved run: the input size and channels really used.
+    config = dataclasses.replace(
+        config,
+        data=dataclasses.replace(config.data, image_size=image_size, channels=str(data.channels)),
+    )
     in_ram = isinstance(data.train.images, np.ndarray)
     train_images = torch.from_numpy(data.train.images).to(device) if in_ram else None
     train_labels = torch.from_numpy(np.asarray(data.train.labels)).to(device)
@@ -285,7 +301,7 @@ def train(
     elif resume:
         folder, weights, saved = ckpt.find_checkpoint(out)
         check_resumable(saved["fingerprint"], run_fingerprint, force)
-        model.load_state_dict(weights)
+        ckpt.load_weights(model, weights, folder)
         opt.load_state_dict(saved["optimizer"])
         if saved["total_steps"] == cfg.epochs * steps:
             sched.load_state_dict(saved["scheduler"])
@@ -428,7 +444,11 @@ def train(
                 row["lr"],
                 row["seconds"],
             )
-            if val_acc > p.best_acc or (val_acc == p.best_acc and val_loss < p.best_loss):
+            if (
+                math.isnan(val_acc)  # no validation images: keep the latest weights
+                or val_acc > p.best_acc
+                or (val_acc == p.best_acc and val_loss < p.best_loss)
+            ):
                 p.best_acc, p.best_loss, p.best_epoch, p.stale = val_acc, val_loss, epoch, 0
                 if info.is_main:
                     save_model(out, evaluated, meta)
