@@ -15,6 +15,7 @@ import os
 import pickle
 import re
 import struct
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -372,3 +373,34 @@ def test_the_source_scan_flags_unsafe_loading(source: str) -> None:
 def test_the_source_scan_passes_safe_loading() -> None:
     source = "torch.load(p, map_location='cpu', weights_only=True)\nnp.load(p)\n"
     assert unsafe_loads(source, "x.py") == (1, [])
+
+
+# ------------------------------------------------------------------- torch.export files
+
+
+def _rewrite_zip(src: Path, dst: Path, replace: dict[str, bytes]) -> None:
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for item in zin.infolist():
+            zout.writestr(item, replace.get(item.filename, zin.read(item.filename)))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="torch.export.load unpickles with weights_only=False (sample inputs fall back to it; "
+    "weights marked use_pickle always use it): load_pt2 must vet the archive first",
+)
+def test_a_crafted_pt2_archive_runs_nothing(tmp_path: Path) -> None:
+    export = pytest.importorskip("cnnkit.export")
+    program = torch.export.export(torch.nn.Linear(2, 2).eval(), (torch.ones(1, 2),))
+    clean = tmp_path / "clean.pt2"
+    torch.export.save(program, str(clean))
+    with zipfile.ZipFile(clean) as archive:
+        (inputs,) = [n for n in archive.namelist() if n.endswith("sample_inputs/model.pt")]
+    marker = tmp_path / "pwned"
+    payload = tmp_path / "payload.pt"
+    torch.save(RunsCommand(f"touch {marker}"), payload)
+    crafted = tmp_path / "crafted.pt2"
+    _rewrite_zip(clean, crafted, {inputs: payload.read_bytes()})
+    with pytest.raises(CheckpointError):
+        export.load_pt2(crafted)
+    assert not marker.exists(), "loading the .pt2 ran the command inside it"
