@@ -272,6 +272,19 @@ def test_settings_are_part_of_the_cache_key(small_set: Path, count_decodes: list
         assert data.train.images.shape[1:3] == (size, size)
 
 
+def test_an_auto_decode_serves_its_resolved_channel_count(
+    small_set: Path, count_decodes: list[str]
+) -> None:
+    auto = prepare_data(DataConfig(path=str(small_set)), SIZE)
+    assert auto.channels == 3 and len(count_decodes) == 18
+    count_decodes.clear()
+    explicit = prepare_data(DataConfig(path=str(small_set), channels="3"), SIZE)
+    assert count_decodes == []  # what a resumed run or an evaluation asks for by number
+    assert np.array_equal(explicit.train.images, auto.train.images)
+    grey = prepare_data(DataConfig(path=str(small_set), channels="1"), SIZE)
+    assert len(count_decodes) == 18 and grey.channels == 1
+
+
 def _cache_folders(root: Path) -> list[Path]:
     return [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
 
