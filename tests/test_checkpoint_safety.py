@@ -152,6 +152,30 @@ def test_checkpoint_round_trip_restores_weights_state_and_random_streams(tmp_pat
     assert np.array_equal(draws[1], again[1]) and draws[2] == again[2]
 
 
+def test_gpu_random_states_are_saved_and_restored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Plumbing only (no GPU here): the CUDA generators' states travel with the checkpoint."""
+    state = training_state()
+    generators = [torch.arange(16, dtype=torch.uint8)]
+    restored: list[list[torch.Tensor]] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: generators)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    state["rng"] = ckpt.rng_state()
+    folder = ckpt.save_checkpoint(tmp_path, torch.nn.Linear(2, 2), state)
+    _, loaded = ckpt.load_checkpoint(folder)
+    ckpt.set_rng_state(loaded["rng"])
+    assert len(restored) == 1 and torch.equal(restored[0][0], generators[0])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with caplog.at_level(logging.WARNING, logger="cnnkit"):
+        ckpt.set_rng_state(loaded["rng"])
+    assert len(restored) == 1
+    assert "random state of 1 GPU(s), this machine has 2" in caplog.text
+
+
 def test_newest_two_are_kept_and_cut_short_writes_are_cleaned(tmp_path: Path) -> None:
     model = torch.nn.Linear(2, 2)
     for _ in range(4):
@@ -163,6 +187,9 @@ def test_newest_two_are_kept_and_cut_short_writes_are_cleaned(tmp_path: Path) ->
     (leftover / "model.safetensors").write_bytes(b"half")
     folder, _, _ = ckpt.find_checkpoint(tmp_path)
     assert folder.name == "ckpt-000004"
+    assert not leftover.exists()
+    leftover.mkdir()  # the next save also clears what an earlier session's kill left
+    ckpt.save_checkpoint(tmp_path, model, training_state())
     assert not leftover.exists()
 
 

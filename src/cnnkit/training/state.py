@@ -76,13 +76,20 @@ class Progress:
 
 
 def rng_state() -> dict[str, Any]:
-    """The torch, numpy and Python random states, as tensors and plain values."""
+    """The torch (CPU and, once used, CUDA), numpy and Python random states.
+
+    Tensors and plain values only, so ``weights_only=True`` loads them. Dropout and
+    augmentation on a GPU draw from the CUDA generators, hence those are kept too.
+    """
     np_state = np.random.get_state()
-    return {
+    state = {
         "torch": torch.get_rng_state(),
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
         "python": [list(v) if isinstance(v, tuple) else v for v in random.getstate()],
     }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -91,6 +98,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    elif cuda:
+        log.warning(
+            "the checkpoint holds the random state of %d GPU(s), this machine has %d: "
+            "GPU randomness (dropout, augmentation) continues from a different stream",
+            len(cuda),
+            torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        )
 
 
 def _digest(path: Path) -> str:
