@@ -68,7 +68,9 @@ def open_page(browser, url: str, **context):
     page.on("pageerror", lambda e: problems.append(str(e)))
     page.on("dialog", lambda d: (problems.append(f"dialog: {d.message}"), d.dismiss()))
     page.goto(url + "/")
-    page.wait_for_function("document.getElementById('model-info').textContent.includes('classes')")
+    # selectors and function predicates only: a string expression would need eval(), which
+    # the page's Content-Security-Policy forbids
+    page.wait_for_selector("#model-info:has-text('classes')")
     return page, problems
 
 
@@ -143,6 +145,27 @@ def test_drawing_on_a_phone_sized_screen(browser, base_url, tmp_path):
     # nothing sticks out sideways on a phone
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
     page.screenshot(path=str(tmp_path / "phone.png"), full_page=True)
+    assert problems == []
+    page.close()
+
+
+def test_dropping_an_image_classifies_it(browser, base_url, tmp_path):
+    page, problems = open_page(browser, base_url, viewport={"width": 800, "height": 700})
+    data = list(write_shape(tmp_path / "square.png", "square", seed=4).read_bytes())
+    page.evaluate(
+        """(bytes) => {
+            const file = new File([new Uint8Array(bytes)], "dropped.png", {type: "image/png"});
+            const transfer = new DataTransfer();
+            transfer.items.add(file);
+            const zone = document.getElementById("dropzone");
+            zone.dispatchEvent(new DragEvent("dragover", {dataTransfer: transfer, bubbles: true}));
+            zone.dispatchEvent(new DragEvent("drop", {dataTransfer: transfer, bubbles: true}));
+        }""",
+        data,
+    )
+    page.wait_for_selector("#probabilities .bar-row", timeout=30_000)
+    assert page.locator("#preview-name").text_content() == "dropped.png"
+    assert not page.locator("#dropzone").evaluate("z => z.classList.contains('over')")
     assert problems == []
     page.close()
 
