@@ -1,8 +1,9 @@
 """Data-parallel training through torchrun: sharding, the 2-process gloo run, error paths.
 
 The multi-process tests start the real launcher (``python -m torch.distributed.run`` and the
-``cnnkit train --nproc`` shortcut) as subprocesses on a tiny generated data set; each launch
-costs mostly interpreter and torch start-up, so there are four of them and no more.
+``cnnkit train --nproc`` shortcut) as subprocesses on a tiny generated data set. A launch is
+mostly interpreter and torch start-up, so there are four, all started together by the
+``jobs`` fixture and awaited by the tests that read them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import os
 import subprocess
 import sys
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -65,10 +66,54 @@ def _env(tmp: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def _torchrun(nproc: int, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    cmd += [f"--nproc-per-node={nproc}", "-m", "cnnkit", "train", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+
+
+def _torchrun(nproc: int, *args: str) -> list[str]:
+    return [*TORCHRUN, f"--nproc-per-node={nproc}", "-m", "cnnkit", "train", *args]
+
+
+class Jobs:
+    """Commands started at once, each in its own folder; ``result`` waits for one of them."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._running: dict[str, subprocess.Popen] = {}
+        self._done: dict[str, subprocess.CompletedProcess] = {}
+
+    def folder(self, name: str) -> Path:
+        return self.root / name
+
+    def run_dir(self, name: str) -> Path:
+        return self.root / name / "runs" / "run"
+
+    def start(self, name: str, cmd: list[str], **env: str) -> None:
+        folder = self.folder(name)
+        folder.mkdir(parents=True)
+        # Output goes to files, so no pipe can fill up while nobody reads it.
+        with open(folder / "stdout", "w") as out, open(folder / "stderr", "w") as err:
+            self._running[name] = subprocess.Popen(
+                cmd, env=_env(folder, **env), stdout=out, stderr=err
+            )
+
+    def result(self, name: str) -> subprocess.CompletedProcess:
+        """The finished job; a job still running after ``LAUNCH_TIMEOUT_S`` fails the test."""
+        if name not in self._done:
+            proc = self._running.pop(name)
+            try:
+                proc.wait(timeout=LAUNCH_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                pytest.fail(f"{name}: still running after {LAUNCH_TIMEOUT_S} s (a hang)")
+            out, err = ((self.folder(name) / f).read_text() for f in ("stdout", "stderr"))
+            self._done[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        return self._done[name]
+
+    def stop_all(self) -> None:
+        for proc in self._running.values():
+            proc.kill()
+            proc.wait()
 
 
 def _metrics(run: Path) -> list[dict[str, float]]:
@@ -116,14 +161,47 @@ def plain_args(shapes: Path, plain_model: Path) -> list[str]:
     ]
 
 
+def _tiny_split(folder: Path) -> Path:
+    """2 training images (one per class) and 2 validation images."""
+    generated = generate_shapes(folder / "generated", count=2, size=16, seed=0)
+    for split, index in (("train", 0), ("val", 1)):
+        for kind in ("circle", "square"):
+            (folder / split / kind).mkdir(parents=True)
+            src = generated / kind / f"{kind}_{index:05d}.png"
+            (folder / split / kind / src.name).write_bytes(src.read_bytes())
+    return folder
+
+
 @pytest.fixture(scope="module")
-def two_process_run(
-    plain_args: list[str], tmp_path_factory: pytest.TempPathFactory
-) -> tuple[Path, subprocess.CompletedProcess]:
-    tmp = tmp_path_factory.mktemp("ddp2")
-    proc = _torchrun(2, [*plain_args, "--out", str(tmp / "runs" / "run")], _env(tmp))
+def jobs(
+    shapes: Path, plain_args: list[str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Jobs]:
+    """Every multi-process job of this file, started together (they are independent)."""
+    root = tmp_path_factory.mktemp("ddp-jobs")
+    jobs = Jobs(root)
+    small = ["--image-size", "16", "--precision", "fp32"]
+    # The 2-process run that a 1-process run must reproduce.
+    jobs.start("plain", _torchrun(2, *plain_args, "--out", str(jobs.run_dir("plain"))))
+    # The shortcut, on the default model (batchnorm) with augmentation; a global batch of
+    # 15 cannot be split over 2 processes, so it is rounded down to 14.
+    shortcut = [sys.executable, "-m", "cnnkit", "train", str(shapes), "--nproc", "2", *small]
+    shortcut += ["--out", str(jobs.run_dir("shortcut")), "--epochs", "2", "--batch-size", "15"]
+    jobs.start("shortcut", [*shortcut, "--deterministic", "--vflip"])
+    # More processes than training images.
+    tiny = _tiny_split(root / "tiny")
+    jobs.start("world", _torchrun(3, str(tiny), "--out", str(jobs.run_dir("world")), *small))
+    # Rank 1 fails at the end of epoch 1, while rank 0 waits for it in an all-reduce.
+    fault = [str(shapes), "--out", str(jobs.run_dir("fault")), *small, "--epochs", "2"]
+    jobs.start("fault", _torchrun(2, *fault, "--batch-size", "16"), CNNKIT_FAULT_RANK="1")
+    yield jobs
+    jobs.stop_all()
+
+
+@pytest.fixture(scope="module")
+def two_process_run(jobs: Jobs) -> tuple[Path, subprocess.CompletedProcess]:
+    proc = jobs.result("plain")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return tmp / "runs" / "run", proc
+    return jobs.run_dir("plain"), proc
 
 
 @pytest.fixture(scope="module")
@@ -152,10 +230,11 @@ def one_process_run(plain_args: list[str], tmp_path_factory: pytest.TempPathFact
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
-@pytest.mark.parametrize(("n", "global_batch"), [(72, 16), (73, 12), (100, 8), (9, 4), (5, 4)])
-def test_shards_cover_each_global_batch_once(n: int, global_batch: int, world: int) -> None:
-    if global_batch % world:
-        pytest.skip("covered by the divisibility error test")
+@pytest.mark.parametrize("per_rank", [1, 3, 8])
+@pytest.mark.parametrize("tail", ["none", "one", "all but one"])
+def test_shards_cover_each_global_batch_once(world: int, per_rank: int, tail: str) -> None:
+    global_batch = world * per_rank
+    n = 5 * global_batch + {"none": 0, "one": 1, "all but one": global_batch - 1}[tail]
     order = torch.randperm(n, generator=torch.Generator().manual_seed(7))
     shards = [dist.shard_batches(order, global_batch, r, world) for r in range(world)]
     steps = n // global_batch
@@ -253,7 +332,7 @@ def test_launch_torchrun_command(monkeypatch: pytest.MonkeyPatch) -> None:
         "--out",
         "RUN",
     ]
-    assert env["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 2))
+    assert env["OMP_NUM_THREADS"] == str(max(1, len(os.sched_getaffinity(0)) // 2))
     with pytest.raises(ConfigError, match="--nproc: expected a positive integer, got 0"):
         dist.launch_torchrun(0, [])
 
@@ -307,7 +386,7 @@ def test_two_processes_match_one_process_of_the_same_global_batch(
     w2, w1 = load_file(str(two / "model.safetensors")), load_file(str(one / "model.safetensors"))
     assert w2.keys() == w1.keys()
     worst = max((w2[k] - w1[k]).abs().max().item() for k in w1)
-    assert worst < 1e-4, worst
+    assert worst < 1e-5, worst  # measured: about 1e-8
     # The tolerance is far below how far one epoch moves the weights from where they started
     # (seed 0, as in both runs), so ranks that trained on their halves without averaging
     # gradients would fail this test.
@@ -315,67 +394,50 @@ def test_two_processes_match_one_process_of_the_same_global_batch(
     spec = load_model_spec(str(plain_model))
     start = build_network(spec.layers, 3, 3, 16).state_dict()
     moved = max((w1[k] - start[k]).abs().max().item() for k in w1)
-    assert moved > 100 * 1e-4, moved
+    assert moved > 1000 * 1e-5, moved  # without DDP's averaging: 0.04 off (measured)
 
 
 # ------------------------------------------------------- the shortcut, batchnorm, rounding
 
 
-def test_nproc_shortcut_with_batchnorm_and_augmentation(shapes: Path, tmp_path: Path) -> None:
-    """``cnnkit train --nproc 2`` on the default model (batchnorm) with augmentation.
-
-    A global batch of 15 cannot be split over 2 processes: it is rounded down to 14.
-    """
-    run = tmp_path / "runs" / "run"
-    cmd = [sys.executable, "-m", "cnnkit", "train", str(shapes), "--out", str(run)]
-    cmd += ["--nproc", "2", "--image-size", "16", "--epochs", "2", "--batch-size", "15"]
-    cmd += ["--precision", "fp32", "--deterministic", "--vflip"]
-    proc = subprocess.run(
-        cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S
-    )
+def test_nproc_shortcut_with_batchnorm_and_augmentation(jobs: Jobs, shapes: Path) -> None:
+    """``cnnkit train --nproc 2`` on the default model (batchnorm) with augmentation."""
+    proc, run = jobs.result("shortcut"), jobs.run_dir("shortcut")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "x2, fp32, batch 14, 5 steps per epoch" in proc.stderr
+    assert "x2, fp32, batch 14, 5 steps per epoch" in proc.stderr  # 15 rounded down
     assert [p.name for p in run.parent.iterdir()] == ["run"]
     for name in RUN_FILES:
         assert (run / name).is_file(), name
     summary = json.loads((run / "summary.json").read_text())
     assert (summary["world_size"], summary["epochs_run"]) == (2, 2)
     assert proc.stdout.count("best validation accuracy") == 1
+    # Batchnorm buffers differ between ranks after each step unless rank 0's are broadcast
+    # before validation: then this check fails on the validation loss.
     _check_whole_validation_set(run, shapes)
 
 
 # ------------------------------------------------------------------------ error paths
 
 
-def test_more_processes_than_training_images_fails_on_every_rank(tmp_path: Path) -> None:
-    data = tmp_path / "tiny"
-    generated = generate_shapes(tmp_path / "gen", count=2, size=16, seed=0)
-    for split, index in (("train", 0), ("val", 1)):
-        for kind in ("circle", "square"):
-            (data / split / kind).mkdir(parents=True)
-            src = generated / kind / f"{kind}_{index:05d}.png"
-            (data / split / kind / src.name).write_bytes(src.read_bytes())
-    start = time.monotonic()
-    args = [str(data), "--out", str(tmp_path / "run"), "--image-size", "16", "--quiet"]
-    proc = _torchrun(3, args, _env(tmp_path))
+def test_more_processes_than_training_images_fails_on_every_rank(jobs: Jobs) -> None:
+    proc = jobs.result("world")
     assert proc.returncode != 0
     message = "error: 2 training images cannot be shared by 3 processes"
     # Each rank raises the same ConfigError; torchrun may stop the slower ones first.
     assert 1 <= proc.stderr.count(message) <= 3, proc.stderr[-3000:]
     assert "]: Traceback" not in proc.stderr  # one line per rank, no worker traceback
-    assert time.monotonic() - start < LAUNCH_TIMEOUT_S
 
 
-def test_a_failing_rank_ends_the_whole_job(shapes: Path, tmp_path: Path) -> None:
-    """Rank 1 fails while rank 0 waits for it in an all-reduce: the job ends with the cause."""
-    start = time.monotonic()
-    args = [str(shapes), "--out", str(tmp_path / "run"), "--image-size", "16"]
-    args += ["--epochs", "2", "--batch-size", "16", "--precision", "fp32", "--quiet"]
-    proc = _torchrun(2, args, _env(tmp_path, CNNKIT_FAULT_RANK="1"))
+def test_a_failing_rank_ends_the_whole_job(jobs: Jobs) -> None:
+    """Rank 1 fails while rank 0 waits for it in an all-reduce: the job ends with the cause.
+
+    Rank 0 is not left waiting for the collective's timeout: rank 1's exit closes its gloo
+    connections, so rank 0's all-reduce fails at once, and torchrun stops what is left.
+    """
+    proc = jobs.result("fault")
     assert proc.returncode != 0
     assert "RuntimeError: CNNKIT_FAULT_RANK: simulated failure on rank 1" in proc.stderr
-    assert not (tmp_path / "run" / "summary.json").exists()
-    assert time.monotonic() - start < LAUNCH_TIMEOUT_S
+    assert "best validation accuracy" not in proc.stdout  # rank 0 never finished
 
 
 # ---------------------------------------------------------------------------------- GPU
@@ -420,10 +482,11 @@ def test_nccl_smoke_on_one_gpu() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_two_gpus_with_nccl(shapes: Path, tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    args = [str(shapes), "--out", str(run), "--image-size", "16", "--epochs", "2"]
-    args += ["--batch-size", "16", "--device", "cuda", "--sync-bn", "--precision", "fp32"]
-    proc = _torchrun(2, args, _env(tmp_path))
+    gpu = Jobs(tmp_path)
+    args = [str(shapes), "--out", str(gpu.run_dir("nccl")), "--image-size", "16"]
+    args += ["--epochs", "2", "--batch-size", "16", "--device", "cuda", "--sync-bn"]
+    gpu.start("nccl", _torchrun(2, *args, "--precision", "fp32"))
+    proc, run = gpu.result("nccl"), gpu.run_dir("nccl")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert (summary["world_size"], summary["device"]) == (2, "cuda:0")

@@ -190,6 +190,13 @@ def shard_batches(order: torch.Tensor, global_batch: int, rank: int, world: int)
     return batches[:, rank, :].contiguous()
 
 
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
 def launch_torchrun(nproc: int, argv: list[str]) -> int:
     """Run ``cnnkit <argv>`` under torchrun with ``nproc`` local processes; its exit code."""
     import subprocess
@@ -207,6 +214,6 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
         *argv,
     ]
     env = dict(os.environ)
-    # Each process gets its share of the cores instead of all of them each.
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # Each process gets its share of the cores it may run on, instead of all of them each.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, _usable_cores() // nproc)))
     return subprocess.call(cmd, env=env)
