@@ -206,3 +206,13 @@ def test_expand_inputs(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=f"^{tmp_path / 'empty'}: no images found \\(looked for "):
         expand_inputs([tmp_path / "empty"])
+
+
+def test_float_arrays_in_unit_range_are_scaled_like_pixels(
+    trained_run: tuple[Path, TrainResult], shapes_dir: Path
+) -> None:
+    model = load(trained_run[0], precision="fp32")
+    path = next((shapes_dir / "circle").iterdir())
+    pixels = np.asarray(Image.open(path).convert("RGB"))
+    as_unit = pixels.astype(np.float32) / 255.0
+    assert np.array_equal(model.preprocess(as_unit), model.preprocess(pixels))

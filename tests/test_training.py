@@ -271,3 +271,10 @@ def test_config_yaml_holds_the_resolved_input_size(tiny_shapes: Path, tmp_path: 
     assert written["image_size"] == 64
     assert written["channels"] in ("3", 3)
     assert np.isfinite(load_model(tmp_path / "run")[1].mean).all()
+
+
+def test_a_data_error_leaves_no_empty_run_directory(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    with pytest.raises(DataError, match="data folder not found"):
+        train(tiny_config(tmp_path / "missing"), out, progress=False)
+    assert not out.exists()

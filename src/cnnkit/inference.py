@@ -73,7 +73,13 @@ class Classifier:
                     f"array of shape {image.shape}: expected (H, W), (H, W, 1), "
                     "(H, W, 3) or (H, W, 4)"
                 )
-            arr = image if image.dtype == np.uint8 else np.clip(image, 0, 255).astype(np.uint8)
+            if image.dtype == np.uint8:
+                arr = image
+            else:  # floats in [0, 1] are scaled to 0-255; other numbers are taken as pixels
+                values = np.nan_to_num(image.astype(np.float64))
+                if image.dtype.kind == "f" and values.size and values.max() <= 1.0:
+                    values = values * 255.0
+                arr = np.clip(np.rint(values), 0, 255).astype(np.uint8)
             mode = {1: "L", 3: "RGB", 4: "RGBA"}[arr.shape[2]]
             image = Image.fromarray(arr[:, :, 0] if mode == "L" else arr, mode=mode)
         return load_image(image, self.meta.image_size, self.meta.channels, self.meta.resize)

@@ -222,6 +222,7 @@ def train(
         device = torch.device("cuda", info.local_rank)
     precision = resolve_precision(cfg.precision, device)
     if info.is_main:
+        created = not out.exists()
         _prepare_run_dir(out, overwrite, resume)
     dist.barrier(info)
     if cfg.deterministic:
@@ -236,7 +237,12 @@ def train(
     # ---------------------------------------------------------------- Data
     image_size = config.data.image_size or spec.input_size
     if info.is_main:  # rank 0 decodes into the cache while the others wait, then they map it
-        data = prepare_data(config.data, image_size)
+        try:
+            data = prepare_data(config.data, image_size)
+        except CnnkitError:
+            if created and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()  # a data error leaves no empty run directory behind
+            raise
     dist.barrier(info)
     if not info.is_main:
         logging.getLogger("cnnkit").setLevel(logging.ERROR)
