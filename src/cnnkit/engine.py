@@ -100,7 +100,8 @@ def batched_logits(
 
     With ``tta`` each image's logits are averaged with those of its mirror image.
     """
-    model.eval()
+    if model.training:  # eval() walks every module: skip it when already in eval mode
+        model.eval()
     out = []
     n = len(images)
     for part in _chunks(n, batch_size):
