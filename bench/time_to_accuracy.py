@@ -57,27 +57,36 @@ class Recipe:
 
 
 RECIPES = {
-    "shapes": Recipe(0.99, "fast", epochs=30, batch_size=64, lr=3e-3, flags=("--vflip",)),
-    "mnist": Recipe(
-        0.99,
-        str(REPO / "bench/models/mnist.yaml"),
-        epochs=4,
-        batch_size=128,
-        lr=4e-3,
-        image_size=28,
-        flags=("--no-hflip", "--rotate", "8", "--shear", "5", "--scale", "0.1"),
+    # The demo's settings: shapes may be mirrored, upside down, skewed and turned.
+    "shapes": Recipe(
+        0.99, "fast", epochs=30, batch_size=32, lr=4e-3, flags=("--vflip", "--rotate", "15")
     ),
+    "mnist": Recipe(0.99, "mnist", epochs=3, batch_size=128, lr=4e-3, flags=("--no-augment",)),
     "cifar10": Recipe(
         0.94,
-        str(REPO / "bench/models/cifar.yaml"),
-        epochs=30,
+        "cifar",
+        epochs=12,
         batch_size=256,
         lr=4e-3,
-        image_size=32,
-        flags=("--hflip", "--rotate", "0", "--shear", "0", "--scale", "0", "--translate", "0.125"),
+        flags=(
+            "--hflip",
+            "--rotate",
+            "0",
+            "--shear",
+            "0",
+            "--scale",
+            "0",
+            "--translate",
+            "0.0625",
+            "--label-smoothing",
+            "0.2",
+            "--tta",
+            "--ema",
+            "0.99",
+        ),
     ),
 }
-PEER = {"epochs": 60, "max_seconds": 1800.0}  # the peer stops at 99% or at this limit
+PEER = {"epochs": 60, "max_seconds": 600.0}  # the peer stops at 99% or at this limit
 SHAPES_PER_CLASS = 400
 QUICK = {"epochs": 1, "shapes_per_class": 20, "files_per_class": 30, "peer_seconds": 30.0}
 
