@@ -422,3 +422,33 @@ def test_create_app_refuses_bad_sources_and_settings(tmp_path: Path, trained_run
         create_app(run, max_queue=0)
     with pytest.raises(ConfigError, match="timeout_s must be positive"):
         create_app(run, timeout_s=0)
+
+
+def test_a_real_server_refuses_big_bodies_fast_and_keeps_serving(trained_run) -> None:
+    """Over real sockets (uvicorn, h11), not only through the in-process test client."""
+    import httpx
+
+    from cnnkit.serve import background_server
+
+    run, _ = trained_run
+    with background_server(create_app(run, max_body_bytes=1_000_000)) as url:
+        assert url.startswith("http://127.0.0.1:")
+        with httpx.Client(base_url=url, timeout=10) as http:
+            deadline = time.monotonic() + 30
+            while http.get("/readyz").status_code != 200:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            start = time.perf_counter()
+            declared = http.post(
+                "/predict", content=bytes(20_000_000), headers={"content-type": "image/png"}
+            )
+            streamed = http.post(
+                "/predict",
+                content=(bytes(100_000) for _ in range(200)),  # 20 MB, chunked
+                headers={"content-type": "image/png"},
+            )
+            assert time.perf_counter() - start < 2.0
+            assert declared.status_code == streamed.status_code == 413
+            good = http.post("/predict", content=shape_png(), headers={"content-type": "image/png"})
+            assert good.status_code == 200
+            assert good.headers["x-content-type-options"] == "nosniff"
