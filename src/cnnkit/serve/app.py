@@ -9,8 +9,9 @@
 
 Safe by default: the model is fixed when the app is made (no request names a file or URL);
 request bodies, image sizes and the work queue are bounded; every model call runs on one
-worker thread with a timeout; every error is JSON ``{"error": ...}`` with its status, and
-every response carries security headers. The server keeps answering after any bad request.
+worker thread (``worker``: waiting predictions run as one batch) with a timeout; every error
+is JSON ``{"error": ...}`` with its status, and every response carries security headers. The
+server keeps answering after any bad request.
 """
 
 from __future__ import annotations
