@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from cnnkit.data.shapes import generate_shapes
-from cnnkit.errors import ConfigError
+from cnnkit.errors import CnnkitError, ConfigError
 from cnnkit.evaluation import evaluate
 from cnnkit.models.registry import build_network, load_model_spec
 from cnnkit.training import distributed as dist
@@ -314,6 +314,17 @@ def test_timeout_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
             dist.timeout()
 
 
+def test_a_lost_peer_is_one_clear_error() -> None:
+    info = dist.DistInfo(rank=1, local_rank=1, world_size=2)
+    with pytest.raises(CnnkitError) as exc, dist._waiting_for_others(info, "summing figures"):
+        raise RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:1234.")
+    assert str(exc.value).startswith(
+        "process 1 of 2 stopped while summing figures: another process of this job failed "
+        "(its error comes first) or did not answer within CNNKIT_DIST_TIMEOUT"
+    )
+    assert "Connection closed by peer" in str(exc.value)
+
+
 def test_launch_torchrun_command(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     monkeypatch.setattr(subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 3)
@@ -437,6 +448,8 @@ def test_a_failing_rank_ends_the_whole_job(jobs: Jobs) -> None:
     proc = jobs.result("fault")
     assert proc.returncode != 0
     assert "RuntimeError: CNNKIT_FAULT_RANK: simulated failure on rank 1" in proc.stderr
+    # Rank 0 says in one line why it stopped (unless torchrun stopped it first), no traceback.
+    assert "[rank0]: Traceback" not in proc.stderr
     assert "best validation accuracy" not in proc.stdout  # rank 0 never finished
 
 

@@ -17,13 +17,14 @@ import contextlib
 import datetime
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from cnnkit.errors import ConfigError
+from cnnkit.errors import CnnkitError, ConfigError
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -122,9 +123,28 @@ def teardown(info: DistInfo) -> None:
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def _waiting_for_others(info: DistInfo, what: str) -> Iterator[None]:
+    """Turn a collective's failure into one line that points at the real cause.
+
+    A collective fails when another process died (its own error is printed above) or did
+    not arrive within the timeout; the backend's message alone reads like a crash here.
+    """
+    try:
+        yield
+    except RuntimeError as exc:  # gloo and NCCL raise RuntimeError (or DistBackendError)
+        detail = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise CnnkitError(
+            f"process {info.rank} of {info.world_size} stopped while {what}: another "
+            "process of this job failed (its error comes first) or did not answer within "
+            f"CNNKIT_DIST_TIMEOUT ({timeout().total_seconds():g} s) [{detail}]"
+        ) from None
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
-        dist.barrier()
+        with _waiting_for_others(info, "waiting for the other processes"):
+            dist.barrier()
 
 
 def broadcast_buffers(info: DistInfo, module: nn.Module) -> None:
@@ -135,8 +155,9 @@ def broadcast_buffers(info: DistInfo, module: nn.Module) -> None:
     validate its shard with statistics slightly different from the model rank 0 saves.
     """
     if info.enabled:
-        for buffer in module.buffers():
-            dist.broadcast(buffer, src=0)
+        with _waiting_for_others(info, "receiving rank 0's batchnorm statistics"):
+            for buffer in module.buffers():
+                dist.broadcast(buffer, src=0)
 
 
 def all_sum(info: DistInfo, values: torch.Tensor) -> torch.Tensor:
@@ -149,7 +170,8 @@ def all_sum(info: DistInfo, values: torch.Tensor) -> torch.Tensor:
     if os.environ.get("CNNKIT_FAULT_RANK") == str(info.rank):
         raise RuntimeError(f"CNNKIT_FAULT_RANK: simulated failure on rank {info.rank}")
     out = values.clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    with _waiting_for_others(info, "summing figures over the processes"):
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
 
 
