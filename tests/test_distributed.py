@@ -465,9 +465,11 @@ def _nccl_check(script: str) -> None:
 
 
 NCCL_SMOKE = """
-import os, torch, torch.distributed as dist
+import os, socket, torch, torch.distributed as dist
 from cnnkit.models.registry import build_network, load_model_spec
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
+with socket.socket() as s:  # a free port for the one-process group
+    s.bind(("127.0.0.1", 0))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
 dist.init_process_group("nccl", rank=0, world_size=1)
 torch.manual_seed(0)
 net = build_network(load_model_spec("fast").layers, 3, 3, 32).cuda()
