@@ -32,7 +32,7 @@ from cnnkit.console import console
 from cnnkit.data.dataset import PreparedData, prepare_data
 from cnnkit.data.images import to_model_input
 from cnnkit.engine import autocast, batched_logits, resolve_device, resolve_precision, use_all_cores
-from cnnkit.errors import CnnkitError, RunDirError
+from cnnkit.errors import CnnkitError, ConfigError, RunDirError
 from cnnkit.models.network import Whiten
 from cnnkit.models.registry import build_network, load_model_spec
 from cnnkit.training import distributed as dist
@@ -265,7 +265,7 @@ def train(
     model = build_network(spec.layers, len(data.classes), data.channels, image_size)
     if cfg.sync_bn and info.enabled:
         if device.type != "cuda":
-            raise RunDirError("train.sync_bn: synchronised batchnorm needs CUDA GPUs")
+            raise ConfigError("train.sync_bn: synchronised batchnorm needs CUDA GPUs")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     _fit_whitening(model, data)
     model = model.to(device, memory_format=torch.channels_last)
