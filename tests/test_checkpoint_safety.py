@@ -411,11 +411,6 @@ def _rewrite_zip(src: Path, dst: Path, replace: dict[str, bytes]) -> None:
             zout.writestr(item, replace.get(item.filename, zin.read(item.filename)))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="torch.export.load unpickles with weights_only=False (sample inputs fall back to it; "
-    "weights marked use_pickle always use it): load_pt2 must vet the archive first",
-)
 def test_a_crafted_pt2_archive_runs_nothing(tmp_path: Path) -> None:
     export = pytest.importorskip("cnnkit.export")
     program = torch.export.export(torch.nn.Linear(2, 2).eval(), (torch.ones(1, 2),))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -250,3 +252,57 @@ def test_onnx_classifier_refuses_what_is_not_a_cnnkit_export(tmp_path) -> None:
     onnx.save(onnx.helper.make_model(graph), str(plain))
     with pytest.raises(CheckpointError, match="has no cnnkit metadata"):
         OnnxClassifier(plain)
+
+
+class _RunsCommand:
+    """A pickle whose loading runs ``os.system(command)``."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def _rewrite(src: Path, dst: Path, replace: dict[str, bytes], add: dict[str, bytes]) -> None:
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for item in zin.infolist():
+            zout.writestr(item, replace.get(item.filename, zin.read(item.filename)))
+        for name, data in add.items():
+            zout.writestr(name, data)
+
+
+def test_load_pt2_runs_nothing_from_a_crafted_archive(pt2_export, tmp_path) -> None:
+    marker = tmp_path / "pwned"
+    payload = tmp_path / "payload.pt"
+    torch.save(_RunsCommand(f"touch {marker}"), payload)
+    root = "archive/"
+    config_name = f"{root}data/weights/model_weights_config.json"
+    with zipfile.ZipFile(pt2_export.path) as archive:
+        config = json.loads(archive.read(config_name))
+    first = next(iter(config["config"].values()))
+    first["use_pickle"] = True  # torch.export.load then torch.load()s it, weights_only=False
+    pickled_weight = tmp_path / "pickled_weight.pt2"
+    _rewrite(
+        pt2_export.path,
+        pickled_weight,
+        {
+            config_name: json.dumps(config).encode(),
+            f"{root}data/weights/{first['path_name']}": payload.read_bytes(),
+        },
+        {},
+    )
+    with pytest.raises(CheckpointError, match=r"not a loadable torch\.export program"):
+        load_pt2(pickled_weight)
+    opaque = tmp_path / "opaque.pt2"
+    _rewrite(
+        pt2_export.path, opaque, {}, {f"{root}data/constants/opaque_obj_0": payload.read_bytes()}
+    )
+    with pytest.raises(CheckpointError, match=r"refused, it holds pickled Python objects"):
+        load_pt2(opaque)
+    junk = tmp_path / "junk.pt2"
+    junk.write_bytes(b"not a zip")
+    with pytest.raises(CheckpointError, match=r"not a torch\.export archive"):
+        load_pt2(junk)
+    assert not marker.exists()
+    assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ  # restored

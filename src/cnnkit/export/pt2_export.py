@@ -8,12 +8,22 @@ loaded back with ``torch.export.load`` and compared with the original before it 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import time
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.export.pt2_archive.constants import (
+    CONSTANTS_DIR,
+    CUSTOM_OBJ_FILENAME_PREFIX,
+    OPAQUE_OBJ_FILENAME_PREFIX,
+)
 
 from cnnkit.checkpoint import ModelMeta, atomic_write, load_model
 from cnnkit.errors import CheckpointError, ExportError
@@ -36,6 +46,7 @@ from cnnkit.export.verify import (
 __all__ = ["METADATA_FILE", "export_pt2", "load_pt2"]
 
 METADATA_FILE = "cnnkit.json"
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
 
 def export_pt2(
@@ -63,10 +74,12 @@ def export_pt2(
     result: dict[str, Parity] = {}
 
     def write_and_verify(tmp: Path) -> None:
+        buffer = io.BytesIO()  # saved through a buffer: the archive's folder is not the tmp name
         with quiet_exporter():
             torch.export.save(
-                program, tmp, extra_files={METADATA_FILE: json.dumps(metadata_for(meta))}
+                program, buffer, extra_files={METADATA_FILE: json.dumps(metadata_for(meta))}
             )
+        tmp.write_bytes(buffer.getvalue())
         loaded, _ = load_pt2(tmp)
         result["parity"] = check_parity(
             reference_logits(model, meta),
@@ -88,17 +101,57 @@ def export_pt2(
     )
 
 
+def _vet_archive(path: str | Path) -> None:
+    """Refuse archives whose constants ``torch.export.load`` would unpickle as Python objects.
+
+    Its custom-object and opaque-object constants go through the unrestricted pickle; cnnkit
+    exports have neither. (Tensors pickled inside the archive are loaded ``weights_only``.)
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise CheckpointError(f"{path}: not a torch.export archive ({exc})") from None
+    unsafe = (
+        f"/{CONSTANTS_DIR}{CUSTOM_OBJ_FILENAME_PREFIX}",
+        f"/{CONSTANTS_DIR}{OPAQUE_OBJ_FILENAME_PREFIX}",
+    )
+    for name in names:
+        if any(marker in f"/{name}" for marker in unsafe):
+            raise CheckpointError(f"{path}: refused, it holds pickled Python objects ({name})")
+
+
+@contextlib.contextmanager
+def _weights_only_loads() -> Iterator[None]:
+    """Every ``torch.load`` inside, even one asking for ``weights_only=False``, is restricted to
+    tensors and plain containers (torch's ``TORCH_FORCE_WEIGHTS_ONLY_LOAD``)."""
+    before = os.environ.get(FORCE_WEIGHTS_ONLY)
+    os.environ[FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[FORCE_WEIGHTS_ONLY]
+        else:
+            os.environ[FORCE_WEIGHTS_ONLY] = before
+
+
 def load_pt2(path: str | Path) -> tuple[Logits, ModelMeta]:
     """A ``.pt2`` export as a function uint8 ``(B, S, S, C)`` -> logits ``(B, classes)``.
 
-    Only load files you trust: a torch.export archive is not as inert as safetensors.
+    ``torch.export.load`` unpickles parts of the archive; here nothing in it can run code:
+    archives with pickled Python objects are refused, and tensors load ``weights_only``.
     """
+    _vet_archive(path)
     extra = {METADATA_FILE: ""}
     try:
-        with quiet_exporter():
+        with quiet_exporter(), _weights_only_loads():
             program = torch.export.load(str(path), extra_files=extra)
     except Exception as exc:  # a damaged archive raises anything from zipfile to pickle errors
-        raise CheckpointError(f"{path}: not a loadable torch.export program ({exc})") from None
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{path}: not a loadable torch.export program ({why[:200]})"
+        ) from None
     meta = meta_from_metadata(json.loads(extra[METADATA_FILE] or "{}"), str(path))
     module = program.module()
 
