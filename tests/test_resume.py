@@ -361,7 +361,7 @@ def test_forced_resume_with_a_model_of_another_shape_is_one_clear_error(
     args = ["train", "--resume", str(run), "--channels", "1", "--quiet"]
     refused = CliRunner().invoke(app, args)
     assert refused.exit_code == 1
-    assert "data.channels changed from 'auto' to '1'" in refused.stderr
+    assert re.search(r"data\.channels changed from '(auto|3)' to '1'", refused.stderr)
     result = CliRunner().invoke(app, [*args, "--force"])
     assert result.exit_code == 1, result.exception
     (line,) = result.stderr.strip().splitlines()
