@@ -33,7 +33,7 @@ from cnnkit.errors import CheckpointError, ConfigError
 from cnnkit.training import state as ckpt
 from cnnkit.training.loop import train
 
-EPOCHS, EVERY = 4, 3  # 72 training images in batches of 8: 9 steps, 3 checkpoints per epoch
+EPOCHS, EVERY = 5, 3  # 72 training images in batches of 8: 9 steps, 3 checkpoints per epoch
 TRAIN_OPTIONS = [
     "--image-size", "16", "--epochs", str(EPOCHS), "--batch-size", "8",
     "--checkpoint-every", str(EVERY), "--deterministic", "--precision", "fp32",
@@ -154,10 +154,13 @@ def test_killed_anywhere_and_resumed_ends_bit_identical(tmp_path: Path) -> None:
         (half,) = (run / "checkpoints").glob(".tmp-*")  # the cut-short write, never renamed
         assert (half / "model.safetensors").is_file() and not (half / "state.pt").exists()
 
-        # 2. SIGKILL at a random moment after the resumed run wrote a checkpoint.
+        # 2. SIGKILL at a random moment after the resumed run wrote a checkpoint (at most
+        # two more checkpoints later, so that enough of the run is left for the signals).
         proc = chain.start(*resume)
-        wait_for_checkpoint(proc, run, newest(run))
-        time.sleep(rng.uniform(0.0, 0.3))
+        seen = wait_for_checkpoint(proc, run, newest(run))
+        deadline = time.monotonic() + rng.uniform(0.0, 0.3)
+        while time.monotonic() < deadline and newest(run) < seen + 2:
+            time.sleep(0.002)
         proc.kill()
         code, err = finish(proc)
         assert code == -signal.SIGKILL, f"{note} finished before the kill: {err}"
@@ -168,7 +171,7 @@ def test_killed_anywhere_and_resumed_ends_bit_identical(tmp_path: Path) -> None:
             seen = wait_for_checkpoint(proc, run, newest(run))
             proc.send_signal(sig)
             code, err = finish(proc)
-            assert code == 1, f"{note} {sig.name}: exit {code}: {err}"
+            assert code == 1, f"{note} {sig.name} after checkpoint {seen}: exit {code}: {err}"
             assert "Traceback" not in err, err
             assert err.strip().splitlines()[-1] == (
                 f"error: interrupted by {sig.name}; checkpoint saved, continue with: "
