@@ -411,18 +411,29 @@ def _rewrite_zip(src: Path, dst: Path, replace: dict[str, bytes]) -> None:
             zout.writestr(item, replace.get(item.filename, zin.read(item.filename)))
 
 
-def test_a_crafted_pt2_archive_runs_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", ["sample inputs", "a weight marked use_pickle"])
+def test_a_crafted_pt2_archive_runs_nothing(tmp_path: Path, where: str) -> None:
     export = pytest.importorskip("cnnkit.export")
     program = torch.export.export(torch.nn.Linear(2, 2).eval(), (torch.ones(1, 2),))
     clean = tmp_path / "clean.pt2"
     torch.export.save(program, str(clean))
-    with zipfile.ZipFile(clean) as archive:
-        (inputs,) = [n for n in archive.namelist() if n.endswith("sample_inputs/model.pt")]
     marker = tmp_path / "pwned"
     payload = tmp_path / "payload.pt"
     torch.save(RunsCommand(f"touch {marker}"), payload)
+    with zipfile.ZipFile(clean) as archive:
+        names = archive.namelist()
+        if where == "sample inputs":
+            (inputs,) = [n for n in names if n.endswith("sample_inputs/model.pt")]
+            replace = {inputs: payload.read_bytes()}
+        else:  # torch.export.load unpickles such a weight with weights_only=False
+            (config_name,) = [n for n in names if n.endswith("model_weights_config.json")]
+            config = json.loads(archive.read(config_name))
+            entry = config["config"]["weight"]
+            entry["use_pickle"] = True
+            weight = config_name.rsplit("/", 1)[0] + "/" + entry["path_name"]
+            replace = {config_name: json.dumps(config).encode(), weight: payload.read_bytes()}
     crafted = tmp_path / "crafted.pt2"
-    _rewrite_zip(clean, crafted, {inputs: payload.read_bytes()})
+    _rewrite_zip(clean, crafted, replace)
     with pytest.raises(CheckpointError):
         export.load_pt2(crafted)
     assert not marker.exists(), "loading the .pt2 ran the command inside it"
