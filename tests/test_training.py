@@ -278,3 +278,11 @@ def test_a_data_error_leaves_no_empty_run_directory(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="data folder not found"):
         train(tiny_config(tmp_path / "missing"), out, progress=False)
     assert not out.exists()
+
+
+def test_deterministic_mode_does_not_outlive_the_run(tiny_shapes: Path, tmp_path: Path) -> None:
+    import torch
+
+    cfg = tiny_config(tiny_shapes, epochs=1, deterministic=True)
+    train(cfg, tmp_path / "run", progress=False)
+    assert not torch.are_deterministic_algorithms_enabled()

@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from cnnkit import __version__
 from cnnkit.errors import CheckpointError, ConfigError, RunDirError
@@ -81,12 +82,16 @@ class ModelMeta:
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` for a temporary file beside ``path``, fsync it, rename it to ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
+    """Call ``write(tmp)`` for a temporary file beside ``path``, fsync it, rename it to ``path``.
+
+    A full disk or an unwritable folder raises ``RunDirError``; ``path`` keeps its old contents.
+    """
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -96,15 +101,18 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise RunDirError(f"cannot write {path}: {exc.strerror or exc}") from None
         raise
 
 
 def save_model(run_dir: Path, model: Network, meta: ModelMeta) -> None:
     """Write ``model.safetensors`` and ``model.json`` into ``run_dir``."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    atomic_write(run_dir / WEIGHTS, lambda p: save_file(tensors, str(p)))
+    atomic_write(run_dir / WEIGHTS, lambda p: p.write_bytes(safetensors_bytes(tensors)))
     atomic_write(run_dir / META, lambda p: p.write_text(meta.to_json()))
 
 

@@ -37,6 +37,9 @@ IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".dib", ".gif", ".webp"}
 )
 MAX_PIXELS = 40_000_000  # 40 MP: larger than any camera photo, far below a bomb
+# JPEG's and GIF's largest side. Wider rows make Pillow's row loop quadratic: a 512-byte
+# animated WEBP with a 4,000,000 x 8 canvas took 7 s to decode.
+MAX_SIDE = 65_535
 GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 BACKGROUND = (255, 255, 255)  # what transparent pixels are composited onto
 
@@ -95,6 +98,11 @@ def open_image(source: Source) -> Image.Image:
             f"{name}: refused, {width}x{height} is more than {MAX_PIXELS:,} pixels "
             "(decompression bomb)"
         )
+    if max(width, height) > MAX_SIDE:
+        raise ImageError(
+            f"{name}: refused, {width}x{height} has a side over {MAX_SIDE:,} pixels "
+            "(decompression bomb)"
+        )
     return image
 
 
@@ -125,6 +133,8 @@ def _to_rgb_or_grey(image: Image.Image) -> Image.Image:
     elif mode == "PA":
         image = image.convert("RGBA")
         mode = "RGBA"
+    elif mode == "La":  # premultiplied alpha: Pillow converts it to LA and nothing else
+        image = image.convert("LA")
     if mode in ("RGBA", "RGBa", "LA", "La"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))

@@ -17,6 +17,7 @@ import math
 import random
 import signal
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -207,6 +208,24 @@ def train(
     force: bool = False,
 ) -> TrainResult:
     """Train ``config`` into the run directory ``out`` (or continue it with ``resume``)."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        return _train(
+            config, out, overwrite=overwrite, progress=progress, resume=resume, force=force
+        )
+    finally:  # --deterministic applies to this run only, not to the rest of the process
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _train(
+    config: RunConfig | None,
+    out: str | Path,
+    *,
+    overwrite: bool,
+    progress: bool,
+    resume: bool,
+    force: bool,
+) -> TrainResult:
     # ---------------------------------------------------------------- Setup
     session_start = time.perf_counter()
     out = Path(out)
@@ -312,15 +331,17 @@ def train(
         if saved["total_steps"] == cfg.epochs * steps:
             sched.load_state_dict(saved["scheduler"])
         else:  # more or fewer epochs than planned: same position on the new schedule
-            for _ in range(saved["progress"]["epoch"] * steps + saved["progress"]["step"]):
-                sched.step()
+            with warnings.catch_warnings():  # stepping without optimizer steps is intended
+                warnings.simplefilter("ignore", UserWarning)
+                for _ in range(saved["progress"]["epoch"] * steps + saved["progress"]["step"]):
+                    sched.step()
         if ema is not None and "ema" in saved:
             ema.load_state_dict(saved["ema"])
         p = ckpt.progress_from_state(saved["progress"])
         if info.is_main:
             ckpt.set_rng_state(saved["rng"])
         log.info("resumed from %s: epoch %d, step %d of %d", folder, p.epoch + 1, p.step, steps)
-    elif info.is_main:
+    if info.is_main:  # the settings now in force (a resume may extend the epochs)
         atomic_write(out / "config.yaml", lambda path: config.save(path))
     log.info(
         "training %s (%s parameters) on %s%s, %s, batch %d, %d steps per epoch",
