@@ -296,5 +296,5 @@ def demo_cmd(
     )
     out.print(
         f"outputs: {out_dir}/ (model.safetensors, metrics.csv, curves.png, "
-        "confusion_matrix.png, summary.json)"
+        "confusion_matrix.png, summary.json, report.html)"
     )
