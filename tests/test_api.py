@@ -132,3 +132,24 @@ def test_public_names_and_errors() -> None:
     ):
         assert issubclass(error, cnnkit.CnnkitError)
     assert issubclass(cnnkit.ConfigError, ValueError)
+
+
+def test_train_accepts_every_setting_by_name(tiny_shapes: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cnnkit.train(
+        tiny_shapes,
+        run,
+        image_size=16,
+        epochs=1,
+        batch_size=4,
+        ema=0.9,
+        tta=True,
+        checkpoint_every=2,
+        resize="squash",
+        vflip=True,
+        label_smoothing=0.1,
+    )
+    saved = RunConfig.from_dict(load_yaml(run / "config.yaml"))
+    assert (saved.train.ema, saved.train.tta, saved.train.checkpoint_every) == (0.9, True, 2)
+    assert saved.data.resize == "squash" and saved.augment.vflip
+    assert any((run / "checkpoints").iterdir())

@@ -47,25 +47,6 @@ __all__ = [
     "train",
 ]
 
-_SECTIONS = {
-    "data": ("image_size", "channels", "resize", "val_split", "strict", "cache_dir"),
-    "augment": ("hflip", "vflip", "shear", "rotate", "scale", "translate"),
-    "train": (
-        "epochs",
-        "batch_size",
-        "lr",
-        "optimizer",
-        "weight_decay",
-        "momentum",
-        "schedule",
-        "label_smoothing",
-        "patience",
-        "target_accuracy",
-        "device",
-        "precision",
-    ),
-}
-
 
 def train(
     data: str | Path,
@@ -80,7 +61,16 @@ def train(
     **options: Any,
 ) -> TrainResult:
     """Train on a folder of images; ``options`` are any ``cnnkit train`` setting by name."""
-    from cnnkit.config import RunConfig, load_yaml, merge_overrides
+    import dataclasses
+
+    from cnnkit.config import (
+        AugmentConfig,
+        DataConfig,
+        RunConfig,
+        TrainConfig,
+        load_yaml,
+        merge_overrides,
+    )
     from cnnkit.training.loop import train as _train
 
     base = RunConfig.from_dict(load_yaml(config)) if config else RunConfig()
@@ -91,8 +81,18 @@ def train(
         "train.seed": seed,
         "augment.enabled": augment,
     }
+    # Every setting of the data, augment and train sections, by its name (the config
+    # dataclasses are the single list; path, seed and enabled have their own arguments).
+    sections = {
+        section: {f.name for f in dataclasses.fields(cls)} - {"path", "seed", "enabled"}
+        for section, cls in (
+            ("data", DataConfig),
+            ("augment", AugmentConfig),
+            ("train", TrainConfig),
+        )
+    }
     for name, value in options.items():
-        section = next((s for s, names in _SECTIONS.items() if name in names), None)
+        section = next((s for s, names in sections.items() if name in names), None)
         if section is None:
             raise ConfigError(f"train: unknown option {name!r}")
         overrides[f"{section}.{name}"] = value
