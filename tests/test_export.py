@@ -134,16 +134,16 @@ def test_onnx_and_pytorch_predict_the_same_classes(onnx_export, trained_run, sha
 
 
 def test_failed_verification_raises_and_leaves_no_file(trained_run, tmp_path, monkeypatch) -> None:
-    import cnnkit.export.onnx_export as onnx_export_module
+    import cnnkit.export.base as export_base  # where every exporter's reference comes from
 
     run, _ = trained_run
-    real = onnx_export_module.reference_logits
+    real = export_base.reference_logits
 
     def off_by_a_bit(model, meta):
         reference = real(model, meta)
         return lambda images: reference(images) + 0.01
 
-    monkeypatch.setattr(onnx_export_module, "reference_logits", off_by_a_bit)
+    monkeypatch.setattr(export_base, "reference_logits", off_by_a_bit)
     out = tmp_path / "bad.onnx"
     with pytest.raises(ExportError, match=r"differs from the PyTorch model by up to 0\.01"):
         export_onnx(run, out, check_images=8)

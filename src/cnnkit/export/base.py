@@ -5,18 +5,20 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cnnkit.checkpoint import ModelMeta
+from cnnkit.checkpoint import ModelMeta, atomic_write
 from cnnkit.engine import batched_logits
 from cnnkit.errors import ExportError
-from cnnkit.export.verify import Logits, Parity
+from cnnkit.export.graph import sample_images
+from cnnkit.export.verify import Logits, Parity, check_parity
 from cnnkit.models.network import Network
 
 __all__ = ["ExportReport", "output_path", "quiet_exporter", "reference_logits"]
@@ -80,3 +82,48 @@ def quiet_exporter() -> Iterator[io.StringIO]:
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
+
+
+def write_verified(
+    path: Path,
+    run_dir: str | Path,
+    model: Network,
+    meta: ModelMeta,
+    *,
+    fmt: str,
+    label: str,
+    write: Callable[[Path], Logits],
+    check_images: int,
+    tolerance: float,
+    batch_sizes: tuple[int, ...],
+    started: float,
+    opset: int | None = None,
+) -> ExportReport:
+    """Write an export with ``write(tmp)`` (which returns the written file's logits function),
+    compare it with PyTorch before it takes its final name, and report.
+
+    A failed comparison raises ``ExportError`` and leaves no file at ``path``.
+    """
+    images, source = sample_images(run_dir, meta, check_images)
+    result: dict[str, Parity] = {}
+
+    def write_and_verify(tmp: Path) -> None:
+        result["parity"] = check_parity(
+            reference_logits(model, meta),
+            write(tmp),
+            images,
+            tolerance=tolerance,
+            batch_sizes=batch_sizes,
+            source=source,
+            what=f"{label} export of {run_dir}",
+        )
+
+    atomic_write(path, write_and_verify)
+    return ExportReport(
+        path=path,
+        format=fmt,
+        parity=result["parity"],
+        size_bytes=path.stat().st_size,
+        seconds=time.perf_counter() - started,
+        opset=opset,
+    )

@@ -13,18 +13,17 @@ from pathlib import Path
 
 import torch
 
-from cnnkit.checkpoint import atomic_write, load_model
+from cnnkit.checkpoint import load_model
 from cnnkit.errors import ExportError
-from cnnkit.export.base import ExportReport, output_path, quiet_exporter, reference_logits
+from cnnkit.export.base import ExportReport, output_path, quiet_exporter, write_verified
 from cnnkit.export.graph import (
     INPUT_NAME,
     MAX_BATCH,
     OUTPUT_NAMES,
     ExportModule,
     metadata_for,
-    sample_images,
 )
-from cnnkit.export.verify import DEFAULT_BATCH_SIZES, DEFAULT_TOLERANCE, Parity, check_parity
+from cnnkit.export.verify import DEFAULT_BATCH_SIZES, DEFAULT_TOLERANCE, Logits
 
 __all__ = ["export_onnx"]
 
@@ -83,28 +82,23 @@ def export_onnx(
         why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"ONNX export of {run_dir} failed: {why[:300]}") from exc
     used_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
-    images, source = sample_images(run_dir, meta, check_images)
-    result: dict[str, Parity] = {}
 
-    def write_and_verify(tmp: Path) -> None:
+    def write(tmp: Path) -> Logits:
         tmp.write_bytes(data)
         exported = OnnxClassifier(tmp)
-        result["parity"] = check_parity(
-            reference_logits(model, meta),
-            lambda batch_images: exported.logits(batch_images).numpy(),
-            images,
-            tolerance=tolerance,
-            batch_sizes=batch_sizes,
-            source=source,
-            what=f"ONNX export of {run_dir}",
-        )
+        return lambda batch_images: exported.logits(batch_images).numpy()
 
-    atomic_write(path, write_and_verify)
-    return ExportReport(
-        path=path,
-        format="onnx",
-        parity=result["parity"],
-        size_bytes=path.stat().st_size,
-        seconds=time.perf_counter() - start,
+    return write_verified(
+        path,
+        run_dir,
+        model,
+        meta,
+        fmt="onnx",
+        label="ONNX",
+        write=write,
+        check_images=check_images,
+        tolerance=tolerance,
+        batch_sizes=batch_sizes,
+        started=start,
         opset=used_opset,
     )

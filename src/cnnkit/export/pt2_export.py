@@ -25,22 +25,19 @@ from torch.export.pt2_archive.constants import (
     OPAQUE_OBJ_FILENAME_PREFIX,
 )
 
-from cnnkit.checkpoint import ModelMeta, atomic_write, load_model
+from cnnkit.checkpoint import ModelMeta, load_model
 from cnnkit.errors import CheckpointError, ExportError
-from cnnkit.export.base import ExportReport, output_path, quiet_exporter, reference_logits
+from cnnkit.export.base import ExportReport, output_path, quiet_exporter, write_verified
 from cnnkit.export.graph import (
     MAX_BATCH,
     ExportModule,
     meta_from_metadata,
     metadata_for,
-    sample_images,
 )
 from cnnkit.export.verify import (
     DEFAULT_BATCH_SIZES,
     DEFAULT_TOLERANCE,
     Logits,
-    Parity,
-    check_parity,
 )
 
 __all__ = ["METADATA_FILE", "export_pt2", "load_pt2"]
@@ -70,10 +67,8 @@ def export_pt2(
     except Exception as exc:  # torch.export raises many types; the reason is what matters
         why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"pt2 export of {run_dir} failed: {why[:300]}") from exc
-    images, source = sample_images(run_dir, meta, check_images)
-    result: dict[str, Parity] = {}
 
-    def write_and_verify(tmp: Path) -> None:
+    def write(tmp: Path) -> Logits:
         buffer = io.BytesIO()  # saved through a buffer: the archive's folder is not the tmp name
         with quiet_exporter():
             torch.export.save(
@@ -81,23 +76,20 @@ def export_pt2(
             )
         tmp.write_bytes(buffer.getvalue())
         loaded, _ = load_pt2(tmp)
-        result["parity"] = check_parity(
-            reference_logits(model, meta),
-            loaded,
-            images,
-            tolerance=tolerance,
-            batch_sizes=batch_sizes,
-            source=source,
-            what=f"pt2 export of {run_dir}",
-        )
+        return loaded
 
-    atomic_write(path, write_and_verify)
-    return ExportReport(
-        path=path,
-        format="pt2",
-        parity=result["parity"],
-        size_bytes=path.stat().st_size,
-        seconds=time.perf_counter() - start,
+    return write_verified(
+        path,
+        run_dir,
+        model,
+        meta,
+        fmt="pt2",
+        label="pt2",
+        write=write,
+        check_images=check_images,
+        tolerance=tolerance,
+        batch_sizes=batch_sizes,
+        started=start,
     )
 
 
