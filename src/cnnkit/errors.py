@@ -22,6 +22,7 @@ __all__ = [
     "ExportError",
     "ImageError",
     "RunDirError",
+    "first_line",
 ]
 
 
@@ -51,3 +52,10 @@ class CheckpointError(CnnkitError):
 
 class ExportError(CnnkitError):
     """An export failed or its result does not match the PyTorch model."""
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type name if empty), at most ``limit``
+    characters: the reason to put in a one-line error about a library's failure."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from cnnkit.errors import ImageError
+from cnnkit.errors import ImageError, first_line
 
 __all__ = [
     "ALLOWED_FORMATS",
@@ -107,8 +107,7 @@ def open_image(source: Source) -> Image.Image:
 
 
 def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:160]
+    return first_line(exc, 160)
 
 
 def _to_rgb_or_grey(image: Image.Image) -> Image.Image:

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnnkit.checkpoint import ModelMeta, atomic_write
+from cnnkit.checkpoint import ModelMeta, atomic_write, load_model
 from cnnkit.engine import batched_logits
 from cnnkit.errors import ExportError
-from cnnkit.export.graph import sample_images
+from cnnkit.export.graph import MAX_BATCH, ExportModule, sample_images
 from cnnkit.export.verify import Logits, Parity, check_parity
 from cnnkit.models.network import Network
 
@@ -127,3 +127,14 @@ def write_verified(
         seconds=time.perf_counter() - started,
         opset=opset,
     )
+
+
+def export_inputs(
+    run_dir: str | Path,
+) -> tuple[Network, ModelMeta, ExportModule, torch.Tensor, torch.export.Dim]:
+    """What every exporter traces: the run's model in eval mode wrapped with its
+    preprocessing, an example uint8 batch ``(2, S, S, C)`` and the dynamic batch dimension."""
+    model, meta = load_model(run_dir)  # eval mode
+    module = ExportModule(model, meta).eval()
+    example = torch.zeros((2, meta.image_size, meta.image_size, meta.channels), dtype=torch.uint8)
+    return model, meta, module, example, torch.export.Dim("batch", min=1, max=MAX_BATCH)

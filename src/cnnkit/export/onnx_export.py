@@ -13,14 +13,17 @@ from pathlib import Path
 
 import torch
 
-from cnnkit.checkpoint import load_model
-from cnnkit.errors import ExportError
-from cnnkit.export.base import ExportReport, output_path, quiet_exporter, write_verified
+from cnnkit.errors import ExportError, first_line
+from cnnkit.export.base import (
+    ExportReport,
+    export_inputs,
+    output_path,
+    quiet_exporter,
+    write_verified,
+)
 from cnnkit.export.graph import (
     INPUT_NAME,
-    MAX_BATCH,
     OUTPUT_NAMES,
-    ExportModule,
     metadata_for,
 )
 from cnnkit.export.verify import DEFAULT_BATCH_SIZES, DEFAULT_TOLERANCE, Logits
@@ -52,10 +55,7 @@ def export_onnx(
         raise ExportError(f"--opset: expected {MIN_OPSET} or newer, got {opset}")
     start = time.perf_counter()
     path = output_path(run_dir, out, ".onnx")
-    model, meta = load_model(run_dir)  # eval mode
-    module = ExportModule(model, meta).eval()
-    example = torch.zeros((2, meta.image_size, meta.image_size, meta.channels), dtype=torch.uint8)
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    model, meta, module, example, batch = export_inputs(run_dir)
     try:
         with quiet_exporter(), torch.no_grad():
             program = torch.onnx.export(
@@ -79,8 +79,7 @@ def export_onnx(
         onnx.checker.check_model(proto)
         data = proto.SerializeToString()
     except Exception as exc:  # the exporter raises many types; the reason is what matters
-        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"ONNX export of {run_dir} failed: {why[:300]}") from exc
+        raise ExportError(f"ONNX export of {run_dir} failed: {first_line(exc)}") from exc
     used_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
 
     def write(tmp: Path) -> Logits:

@@ -25,12 +25,16 @@ from torch.export.pt2_archive.constants import (
     OPAQUE_OBJ_FILENAME_PREFIX,
 )
 
-from cnnkit.checkpoint import ModelMeta, load_model
-from cnnkit.errors import CheckpointError, ExportError
-from cnnkit.export.base import ExportReport, output_path, quiet_exporter, write_verified
+from cnnkit.checkpoint import ModelMeta
+from cnnkit.errors import CheckpointError, ExportError, first_line
+from cnnkit.export.base import (
+    ExportReport,
+    export_inputs,
+    output_path,
+    quiet_exporter,
+    write_verified,
+)
 from cnnkit.export.graph import (
-    MAX_BATCH,
-    ExportModule,
     meta_from_metadata,
     metadata_for,
 )
@@ -57,16 +61,12 @@ def export_pt2(
     """Export ``run_dir``'s model to ``out`` (default ``RUN_DIR/model.pt2``) and verify it."""
     start = time.perf_counter()
     path = output_path(run_dir, out, ".pt2")
-    model, meta = load_model(run_dir)  # eval mode
-    module = ExportModule(model, meta).eval()
-    example = torch.zeros((2, meta.image_size, meta.image_size, meta.channels), dtype=torch.uint8)
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    model, meta, module, example, batch = export_inputs(run_dir)
     try:
         with quiet_exporter(), torch.no_grad():
             program = torch.export.export(module, (example,), dynamic_shapes={"image": {0: batch}})
     except Exception as exc:  # torch.export raises many types; the reason is what matters
-        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"pt2 export of {run_dir} failed: {why[:300]}") from exc
+        raise ExportError(f"pt2 export of {run_dir} failed: {first_line(exc)}") from exc
 
     def write(tmp: Path) -> Logits:
         buffer = io.BytesIO()  # saved through a buffer: the archive's folder is not the tmp name
@@ -140,9 +140,8 @@ def load_pt2(path: str | Path) -> tuple[Logits, ModelMeta]:
         with quiet_exporter(), _weights_only_loads():
             program = torch.export.load(str(path), extra_files=extra)
     except Exception as exc:  # a damaged archive raises anything from zipfile to pickle errors
-        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
-            f"{path}: not a loadable torch.export program ({why[:200]})"
+            f"{path}: not a loadable torch.export program ({first_line(exc, 200)})"
         ) from None
     meta = meta_from_metadata(json.loads(extra[METADATA_FILE] or "{}"), str(path))
     module = program.module()

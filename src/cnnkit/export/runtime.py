@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from cnnkit.checkpoint import ModelMeta
-from cnnkit.errors import CheckpointError
+from cnnkit.errors import CheckpointError, first_line
 from cnnkit.export.graph import INPUT_NAME, meta_from_metadata
 from cnnkit.inference import Classifier, load
 
@@ -50,8 +50,9 @@ class OnnxClassifier(Classifier):
                 str(self.path), options, providers=["CPUExecutionProvider"]
             )
         except Exception as exc:  # onnxruntime raises its own untyped errors
-            why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CheckpointError(f"{self.path}: not a valid ONNX model ({why[:200]})") from None
+            raise CheckpointError(
+                f"{self.path}: not a valid ONNX model ({first_line(exc, 200)})"
+            ) from None
         props = dict(self.session.get_modelmeta().custom_metadata_map)
         self.meta: ModelMeta = meta_from_metadata(props, str(self.path))
         self.device = torch.device("cpu")

@@ -35,7 +35,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from cnnkit.errors import CheckpointError, RunDirError
+from cnnkit.errors import CheckpointError, RunDirError, first_line
 
 __all__ = [
     "Progress",
@@ -250,9 +250,8 @@ def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
     try:
         state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
-            f"{folder / 'state.pt'}: refused or unreadable ({first[:200]})"
+            f"{folder / 'state.pt'}: refused or unreadable ({first_line(exc, 200)})"
         ) from None
     missing = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else STATE_KEYS
     if missing:
