@@ -79,6 +79,22 @@ def test_a_folder_named_like_an_image_is_listed_to_be_reported(tmp_path: Path) -
     assert paths == ["a/000.png", "a/odd.png", "b/000.png"]  # not walked into, not hidden
 
 
+def test_nested_order_and_symlinked_folders_are_not_followed(tmp_path: Path) -> None:
+    root = make_set(tmp_path / "d", {"a": 1, "b": 1})
+    make_png(root / "a" / "sub" / "z.png")
+    make_png(root / "a" / "sub" / "deeper" / "y.png")
+    make_png(root / "a" / "zz.png")  # a class's own files come before its sub-folders
+    (root / "a" / "loop").symlink_to(root / "a")  # would recurse forever if followed
+    (root / "b" / "elsewhere").symlink_to(root / "a" / "sub")
+    assert _names(root, scan_folder(root).splits["all"].paths) == [
+        "a/000.png",
+        "a/zz.png",
+        "a/sub/z.png",
+        "a/sub/deeper/y.png",
+        "b/000.png",
+    ]
+
+
 @pytest.mark.parametrize("held", ["val", "test"])
 def test_train_and_val_or_test_layouts(tmp_path: Path, held: str) -> None:
     make_set(tmp_path / "train", {"x": 3, "y": 2})

@@ -15,7 +15,7 @@ import numpy as np
 from cnnkit.config import AugmentConfig, DataConfig, RunConfig, TrainConfig
 from cnnkit.data.cache import default_cache_root
 from cnnkit.data.shapes import SHAPE_CLASSES, SHAPES_VERSION, draw_shape, generate_shapes
-from cnnkit.evaluation import EvalResult, evaluate
+from cnnkit.evaluation import EvalResult, evaluate, evaluate_images
 from cnnkit.inference import Prediction, load
 from cnnkit.report import try_write_report
 from cnnkit.training.loop import TrainResult, train
@@ -63,11 +63,14 @@ def run_demo(out: Path, progress: bool = True, data_root: Path | None = None) ->
         train=DEMO_CONFIG.train,
     )
     trained = train(cfg, out, overwrite=True, progress=progress)
-    evaluation = evaluate(out, data, split="val")
+    if trained.data is not None:  # the validation images are still in memory
+        evaluation = evaluate_images(load(out), trained.data.val, run_dir=out)
+    else:
+        evaluation = evaluate(out, data, split="val")
     rng = np.random.default_rng(int(time.time_ns() % 2**32))
     kind = SHAPE_CLASSES[int(rng.integers(len(SHAPE_CLASSES)))]
     image = draw_shape(kind, DEMO_SIZE, rng)
     image.save(out / "new_shape.png")
     (prediction,) = load(out).predict([out / "new_shape.png"])
-    try_write_report(out)
+    try_write_report(out, trained.data)
     return DemoReport(trained, evaluation, kind, prediction, time.perf_counter() - started)

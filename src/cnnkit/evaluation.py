@@ -11,12 +11,12 @@ import numpy as np
 import torch
 
 from cnnkit.config import DataConfig, RunConfig, load_yaml
-from cnnkit.data.dataset import load_split
+from cnnkit.data.dataset import ImageArray, load_split
 from cnnkit.errors import DataError
-from cnnkit.inference import load
+from cnnkit.inference import Classifier, load
 from cnnkit.plots import plot_confusion
 
-__all__ = ["EvalResult", "classification_report", "evaluate"]
+__all__ = ["EvalResult", "classification_report", "evaluate", "evaluate_images"]
 
 
 @dataclass
@@ -97,6 +97,25 @@ def evaluate(
     images = load_split(data, split, meta.classes, data_cfg, meta.image_size, meta.channels)
     if len(images) == 0:
         raise DataError(f"{data}: no usable images to evaluate")
+    return evaluate_images(classifier, images, run_dir=run if plot else None, worst=worst)
+
+
+def evaluate_images(
+    classifier: Classifier,
+    images: ImageArray,
+    *,
+    run_dir: str | Path | None = None,
+    worst: int = 8,
+) -> EvalResult:
+    """Score ``classifier`` on decoded, labelled images (already in the model's classes).
+
+    Training and its report call this with the validation arrays still in memory, so nothing
+    is scanned or decoded twice. With ``run_dir``, ``confusion_matrix.png`` and
+    ``evaluation.json`` are written there.
+    """
+    if len(images) == 0:
+        raise DataError("no images to evaluate")
+    meta = classifier.meta
     logits = classifier.logits(images.images)  # (N, classes)
     labels = torch.from_numpy(np.asarray(images.labels))
     loss = torch.nn.functional.cross_entropy(logits, labels).item()
@@ -126,7 +145,8 @@ def evaluate(
         paths=images.paths,
         labels=images.labels,
     )
-    if plot:
+    if run_dir is not None:
+        run = Path(run_dir)
         plot_confusion(confusion, meta.classes, run / "confusion_matrix.png")
         (run / "evaluation.json").write_text(json.dumps(result.to_dict(), indent=2))
     return result

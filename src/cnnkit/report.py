@@ -28,7 +28,8 @@ from cnnkit.config import RunConfig, load_yaml
 from cnnkit.data.dataset import PreparedData, prepare_data
 from cnnkit.data.images import load_image, to_model_input
 from cnnkit.errors import CnnkitError
-from cnnkit.evaluation import EvalResult, evaluate
+from cnnkit.evaluation import EvalResult, evaluate, evaluate_images
+from cnnkit.inference import load
 from cnnkit.inspection.html import confusion_table, esc, maps_html, page, table
 from cnnkit.inspection.maps import layer_outputs
 from cnnkit.inspection.render import data_uri, display_scale, kernel_grid, upscale
@@ -73,30 +74,37 @@ class _Run:
 
 
 def write_report(
-    run_dir: str | Path, data: str | Path | None = None, out: str | Path | None = None
+    run_dir: str | Path,
+    data: str | Path | None = None,
+    out: str | Path | None = None,
+    *,
+    prepared: PreparedData | None = None,
 ) -> Path:
     """Write ``report.html`` (into ``run_dir`` unless ``out`` is given) and return its path.
 
-    ``data`` overrides the data folder recorded in the run's ``config.yaml``.
+    ``data`` overrides the data folder recorded in the run's ``config.yaml``; ``prepared``
+    is the data training just used, still in memory (nothing is scanned or decoded again).
     """
-    html = build_report(run_dir, data)
+    html = build_report(run_dir, data, prepared=prepared)
     path = Path(out) if out is not None else Path(run_dir) / "report.html"
     atomic_write(path, lambda p: p.write_text(html, encoding="utf-8"))
     return path
 
 
-def try_write_report(run_dir: str | Path) -> Path | None:
+def try_write_report(run_dir: str | Path, prepared: PreparedData | None = None) -> Path | None:
     """``write_report`` after training: a failure is a warning, never a lost model."""
     try:
-        return write_report(run_dir)
+        return write_report(run_dir, prepared=prepared)
     except Exception as exc:  # the trained model is already saved; keep it whatever happens
         log.warning("report not written: %s", exc)
         return None
 
 
-def build_report(run_dir: str | Path, data: str | Path | None = None) -> str:
+def build_report(
+    run_dir: str | Path, data: str | Path | None = None, *, prepared: PreparedData | None = None
+) -> str:
     """The report's HTML for ``run_dir`` (raises ``RunDirError`` without a saved model)."""
-    run = _gather(Path(run_dir), data)
+    run = _gather(Path(run_dir), data, prepared)
     body = [
         f"<h1>Training report: {esc(run.run_dir.name)}</h1>",
         "<nav>" + " ".join(f"<a href='#{k}'>{esc(t)}</a>" for k, t in SECTIONS) + "</nav>",
@@ -125,7 +133,7 @@ def build_report(run_dir: str | Path, data: str | Path | None = None) -> str:
 # ----------------------------------------------------------------------------- gathering
 
 
-def _gather(run_dir: Path, data: str | Path | None) -> _Run:
+def _gather(run_dir: Path, data: str | Path | None, prepared: PreparedData | None) -> _Run:
     model, meta = load_model(run_dir)
     model.eval()
     run = _Run(run_dir, model, meta)
@@ -152,6 +160,9 @@ def _gather(run_dir: Path, data: str | Path | None) -> _Run:
         run.missing["data"] = f"the data folder {folder} no longer exists"
     elif run.config is None:
         run.missing["data"] = run.missing["config"]
+    elif prepared is not None:
+        run.data = prepared
+        run.evaluation = evaluate_images(load(run_dir), prepared.val)
     else:
         try:
             run.data = prepare_data(run.config.data, meta.image_size)

@@ -151,7 +151,8 @@ def train_cmd(
     )
     from cnnkit.report import try_write_report
 
-    report = try_write_report(out_dir)  # a failure is a warning: the model is already saved
+    # a failure is a warning: the model is already saved
+    report = try_write_report(out_dir, result.data)
     if report is not None:
         out.print(f"report: {report}", markup=False)
 

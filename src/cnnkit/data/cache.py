@@ -57,15 +57,19 @@ class DecodedImages:
 
 
 def _cache_key(files: ImageList, size: int, channels: str, resize: str) -> str:
+    """A digest of the settings and of every file's absolute path, label, size and mtime."""
     digest = hashlib.sha256()
     digest.update(f"v{CACHE_VERSION}|{size}|{channels}|{resize}\n".encode())
+    lines = []
     for path, label in zip(files.paths, files.labels, strict=True):
+        name = os.path.abspath(path)  # string arithmetic only: no per-file resolve()
         try:
-            st = path.stat()
+            st = os.stat(name)
             stamp = f"{st.st_size}|{st.st_mtime_ns}"
         except OSError:
             stamp = "missing"
-        digest.update(f"{path.resolve()}|{label}|{stamp}\n".encode())
+        lines.append(f"{name}|{label}|{stamp}\n")
+    digest.update("".join(lines).encode())
     return digest.hexdigest()[:32]
 
 

@@ -12,10 +12,17 @@ import torch
 
 from cnnkit.config import DataConfig
 from cnnkit.data.cache import DecodedImages, decode_cached
-from cnnkit.data.folder import ImageList, scan_folder, stratified_split
+from cnnkit.data.folder import FolderLayout, ImageList, scan_folder, stratified_split
 from cnnkit.errors import DataError
 
-__all__ = ["ImageArray", "PreparedData", "channel_stats", "load_split", "prepare_data"]
+__all__ = [
+    "ImageArray",
+    "PreparedData",
+    "channel_stats",
+    "held_out_split",
+    "load_split",
+    "prepare_data",
+]
 
 log = logging.getLogger("cnnkit")
 RAM_FRACTION = 0.25  # arrays smaller than this share of RAM are copied in; larger stay mapped
@@ -124,6 +131,13 @@ def _decode(files: ImageList, cfg: DataConfig, size: int, channels: str) -> Deco
     )
 
 
+def held_out_split(layout: FolderLayout) -> str:
+    """The split a train/val|test folder validates on: ``val`` when it has images, else
+    ``test`` (without any, no epoch could be kept as the best)."""
+    given = [n for n in ("val", "test") if n in layout.splits]
+    return next((n for n in given if len(layout.splits[n])), given[0])
+
+
 def prepare_data(cfg: DataConfig, image_size: int) -> PreparedData:
     """Scan, decode (once, cached) and split the folder at ``cfg.path``."""
     layout = scan_folder(cfg.path)
@@ -131,9 +145,7 @@ def prepare_data(cfg: DataConfig, image_size: int) -> PreparedData:
     if layout.has_split:
         train = _decode(layout.splits["train"], cfg, image_size, channels)
         channels = str(train.channels)
-        # val/ when it has images, else test/; without any, no epoch could be kept as the best
-        given = [n for n in ("val", "test") if n in layout.splits]
-        held = next((n for n in given if len(layout.splits[n])), given[0])
+        held = held_out_split(layout)
         val = _decode(layout.splits[held], cfg, image_size, channels)
         if len(val) == 0:
             raise DataError(f"{layout.root / held}: no usable images to validate on")
@@ -181,8 +193,9 @@ def load_split(
     """Images of ``path`` for evaluation, labelled by a trained model's ``classes``.
 
     ``split``: ``auto`` takes ``test/`` when the folder has one, else ``val/``, else the whole
-    folder; ``all``, ``train``, ``val`` and ``test`` name one explicitly (for a folder without
-    its own split, ``train``/``val`` re-draw the training run's split from ``cfg``).
+    folder; ``all``, ``train``, ``val`` and ``test`` name one explicitly. ``val`` is always
+    what training validated on: ``test/`` in a train/test folder, and for a folder without
+    its own split, ``train``/``val`` re-draw the training run's split from ``cfg``.
     """
     layout = scan_folder(path)
     unknown = sorted(set(layout.classes) - set(classes))
@@ -194,6 +207,8 @@ def load_split(
     if layout.has_split:
         if split == "auto":
             split = "test" if "test" in layout.splits else "val"
+        elif split == "val":  # what training validated on: val/, else test/
+            split = held_out_split(layout)
         if split == "all":
             parts = [layout.splits[k] for k in ("train", "val", "test") if k in layout.splits]
             files = ImageList(

@@ -17,8 +17,6 @@ import math
 import random
 import signal
 import time
-import warnings
-from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,7 @@ from cnnkit.models.registry import build_network, load_model_spec
 from cnnkit.training import distributed as dist
 from cnnkit.training import state as ckpt
 from cnnkit.training.augment import build_augmentation
+from cnnkit.training.optim import Optimizer, Schedule, constant, cosine, one_cycle
 from cnnkit.training.outputs import TrainResult, check_resumable, fingerprint, write_outputs
 
 __all__ = ["TrainingInterrupted", "train"]
@@ -71,48 +70,17 @@ def _prepare_run_dir(out: Path, overwrite: bool, resume: bool) -> None:
         raise RunDirError(f"cannot write to run directory {out}: {exc.strerror}") from None
 
 
-def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def _optimizer(model: nn.Module, cfg: TrainConfig) -> Optimizer:
     # No weight decay on biases and batchnorm parameters (1-D tensors), as is standard.
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(
-            groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, foreach=True
-        )
-    opt = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return opt(groups, lr=cfg.lr, betas=(0.9, 0.99), foreach=True)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay}]
+    return Optimizer(groups, cfg.optimizer, cfg.lr, betas=(0.9, 0.99), momentum=cfg.momentum)
 
 
-def one_cycle(
-    total_steps: int, warmup: float = 0.25, start: float = 0.1, end: float = 0.01
-) -> Callable[[int], float]:
-    """Learning-rate factor per step: linear warm-up from ``start`` to 1 over the first
-    ``warmup`` of the steps, then cosine down to ``end``. Works for any number of steps,
-    even one (torch's OneCycleLR divides by zero for very short runs)."""
-    up = max(1, round(warmup * total_steps))
-    down = max(1, total_steps - up)
-
-    def factor(step: int) -> float:
-        if step < up:
-            return start + (1.0 - start) * step / up
-        t = min(1.0, (step - up) / down)
-        return end + (1.0 - end) * 0.5 * (1.0 + math.cos(math.pi * t))
-
-    return factor
-
-
-def _schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> Any:
-    if cfg.schedule == "onecycle":
-        return torch.optim.lr_scheduler.LambdaLR(opt, one_cycle(total_steps))
-    if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(
-            opt, T_max=max(1, total_steps), eta_min=cfg.lr / 100
-        )
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+def _schedule(opt: Optimizer, cfg: TrainConfig, total_steps: int) -> Schedule:
+    factor = {"onecycle": one_cycle, "cosine": cosine}.get(cfg.schedule)
+    return Schedule(opt, factor(total_steps) if factor else constant)
 
 
 def _progress_bar(enabled: bool) -> Any:
@@ -331,10 +299,7 @@ def _train(
         if saved["total_steps"] == cfg.epochs * steps:
             sched.load_state_dict(saved["scheduler"])
         else:  # more or fewer epochs than planned: same position on the new schedule
-            with warnings.catch_warnings():  # stepping without optimizer steps is intended
-                warnings.simplefilter("ignore", UserWarning)
-                for _ in range(saved["progress"]["epoch"] * steps + saved["progress"]["step"]):
-                    sched.step()
+            sched.seek(saved["progress"]["epoch"] * steps + saved["progress"]["step"])
         if ema is not None and "ema" in saved:
             ema.load_state_dict(saved["ema"])
         p = ckpt.progress_from_state(saved["progress"])
@@ -517,6 +482,7 @@ def _train(
         device=str(device),
         world_size=info.world_size,
         history=p.history,
+        data=data,
     )
     if info.is_main:
         write_outputs(out, result)

@@ -39,6 +39,9 @@ class TrainResult:
     device: str
     world_size: int = 1
     history: list[dict[str, float]] = field(default_factory=list)
+    # The decoded data the run used, kept for the evaluation and report that follow it in
+    # the same process (not written anywhere).
+    data: PreparedData | None = field(default=None, repr=False, compare=False)
 
     def summary(self) -> dict[str, object]:
         return {
