@@ -149,7 +149,7 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
                 raise DataError(
                     f"{path}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
                 )
-            out.extend(found)
+            out.extend(Path(p) for p in found)
         else:
             out.append(path)
     return out

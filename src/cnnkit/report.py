@@ -330,10 +330,14 @@ def _augmented(run: _Run) -> str:
 def _curves(run: _Run) -> str:
     if not run.metrics:
         raise CnnkitError(f"{run.run_dir / 'metrics.csv'} is missing or empty")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "curves.png"
-        plot_curves(run.metrics, path)
-        uri = data_uri(path.read_bytes())
+    drawn, metrics = run.run_dir / "curves.png", run.run_dir / "metrics.csv"
+    if drawn.is_file() and drawn.stat().st_mtime_ns >= metrics.stat().st_mtime_ns:
+        uri = data_uri(drawn.read_bytes())  # training drew it from these very metrics
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "curves.png"
+            plot_curves(run.metrics, path)
+            uri = data_uri(path.read_bytes())
     best = max(run.metrics, key=lambda r: (r.get("val_acc", 0.0), -r["val_loss"]))
     last = run.metrics[-1]
     rows = [

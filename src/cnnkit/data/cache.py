@@ -73,7 +73,7 @@ def _cache_key(files: ImageList, size: int, channels: str, resize: str) -> str:
     return digest.hexdigest()[:32]
 
 
-def _peek_mode(path: Path) -> tuple[str | None, str | None]:
+def _peek_mode(path: str) -> tuple[str | None, str | None]:
     """(mode, None) from the header, or (None, reason) for a file that cannot be opened."""
     try:
         with open_image(path) as image:

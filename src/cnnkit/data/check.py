@@ -45,10 +45,10 @@ class DataReport:
         }
 
 
-def _inspect(path: Path) -> tuple[str, tuple[int, int] | None, str | None, str]:
+def _inspect(path: str) -> tuple[str, tuple[int, int] | None, str | None, str]:
     """(sha256, size, mode or None, reason or '') of one file; decodes the pixels to verify."""
     try:
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     except OSError as exc:
         return "", None, None, f"{path}: unreadable ({exc.strerror})"
     try:

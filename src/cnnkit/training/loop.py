@@ -182,7 +182,9 @@ def train(
             config, out, overwrite=overwrite, progress=progress, resume=resume, force=force
         )
     finally:  # --deterministic applies to this run only, not to the rest of the process
-        torch.use_deterministic_algorithms(deterministic)
+        if torch.are_deterministic_algorithms_enabled() != deterministic:
+            # (only when changed: the call imports torch._inductor, over a second)
+            torch.use_deterministic_algorithms(deterministic)
 
 
 def _train(
