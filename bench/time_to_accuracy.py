@@ -61,7 +61,15 @@ RECIPES = {
     "shapes": Recipe(
         0.99, "fast", epochs=30, batch_size=32, lr=4e-3, flags=("--vflip", "--rotate", "15")
     ),
-    "mnist": Recipe(0.99, "mnist", epochs=3, batch_size=128, lr=4e-3, flags=("--no-augment",)),
+    # One epoch: the preset passes 99% at the end of its one-cycle schedule.
+    "mnist": Recipe(
+        0.99,
+        "mnist",
+        epochs=1,
+        batch_size=128,
+        lr=1e-2,
+        flags=("--no-augment", "--label-smoothing", "0.1"),
+    ),
     "cifar10": Recipe(
         0.94,
         "cifar",
