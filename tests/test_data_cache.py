@@ -209,13 +209,13 @@ def test_channel_stats_match_numpy(small_set: Path) -> None:
 @pytest.fixture
 def count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
-    real = cache_mod.load_image
+    real = cache_mod.decode_image
 
     def counting(source, *args, **kwargs):
         calls.append(str(source))
         return real(source, *args, **kwargs)
 
-    monkeypatch.setattr(cache_mod, "load_image", counting)
+    monkeypatch.setattr(cache_mod, "decode_image", counting)
     return calls
 
 
@@ -349,6 +349,23 @@ def test_all_greyscale_gives_one_channel(small_set: Path) -> None:
     assert data.channels == 1
     assert data.train.images.shape[1:] == (SIZE, SIZE, 1)
     assert len(data.mean) == len(data.std) == 1
+
+
+def test_auto_greyscale_pixels_equal_a_greyscale_decode(tmp_path: Path) -> None:
+    """Auto decodes with three channels and keeps one: exactly the greyscale decode."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "grey"
+    for cls, (w, h) in (("a", (37, 23)), ("b", (19, 41))):  # resized and cropped to SIZE
+        (root / cls).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8)).save(root / cls / "l.png")
+        wide = rng.integers(0, 65536, (h, w), dtype=np.uint16)
+        Image.fromarray(wide).save(root / cls / "i16.png")  # 16-bit: scaled, not clipped
+        la = Image.fromarray(rng.integers(0, 256, (h, w, 2), dtype=np.uint8), mode="LA")
+        la.save(root / cls / "la.png")  # alpha composited onto white
+    decoded = decode_cached(scan_folder(root).splits["all"], SIZE, cache_root=tmp_path / "c")
+    assert decoded.channels == 1
+    for path, image in zip(decoded.paths, decoded.images, strict=True):
+        assert np.array_equal(image, load_image(path, SIZE, channels=1)), path
 
 
 def test_one_colour_image_gives_three_channels(small_set: Path) -> None:

@@ -11,7 +11,10 @@ failure becomes an ``ImageError`` naming the file and the reason.
 
 from __future__ import annotations
 
+import errno
 import io
+import os
+import stat
 import warnings
 from pathlib import Path
 from typing import BinaryIO
@@ -27,6 +30,7 @@ __all__ = [
     "GREY_MODES",
     "IMAGE_SUFFIXES",
     "MAX_PIXELS",
+    "decode_image",
     "load_image",
     "open_image",
     "to_model_input",
@@ -66,12 +70,17 @@ def open_image(source: Source) -> Image.Image:
         else:
             fp = source
             if isinstance(source, str | Path):
-                path = Path(source)
-                if not path.exists():
-                    raise ImageError(f"{name}: file not found")
-                if not path.is_file():
+                try:  # one stat call: this runs once per image of a data set
+                    st = os.stat(source)
+                except (FileNotFoundError, NotADirectoryError):
+                    raise ImageError(f"{name}: file not found") from None
+                except OSError as exc:
+                    if exc.errno != errno.ELOOP:
+                        raise
+                    raise ImageError(f"{name}: file not found") from None
+                if not stat.S_ISREG(st.st_mode):
                     raise ImageError(f"{name}: not a file")
-                if path.stat().st_size == 0:
+                if st.st_size == 0:
                     raise ImageError(f"{name}: empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -174,8 +183,20 @@ def load_image(
     EXIF orientation is applied, every mode becomes RGB or greyscale correctly, and with
     ``size=None`` the image keeps its own size. Raises ``ImageError`` for anything unreadable.
     """
+    return decode_image(source, size, channels, resize)[0]
+
+
+def decode_image(
+    source: Source | Image.Image,
+    size: int | None = None,
+    channels: int = 3,
+    resize: str = "crop",
+) -> tuple[np.ndarray, str]:
+    """``load_image``'s array and the mode the image was stored in (``"L"``, ``"RGB"``, ...),
+    from one opening of the file: the decode cache tells greyscale data sets by it."""
     name = _name(source) if not isinstance(source, Image.Image) else "<PIL image>"
     image = source if isinstance(source, Image.Image) else open_image(source)
+    stored = image.mode
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -197,7 +218,7 @@ def load_image(
         raise ImageError(f"{name}: unreadable ({_reason(exc)})") from None
     if arr.ndim == 2:
         arr = arr[:, :, None]
-    return np.ascontiguousarray(arr)
+    return np.ascontiguousarray(arr), stored
 
 
 def to_model_input(
