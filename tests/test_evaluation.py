@@ -99,6 +99,10 @@ def test_split_layouts(run: Path, tmp_path: Path) -> None:
     assert evaluate(run, tmp_path, plot=False).count == 9  # auto: val/
     with pytest.raises(DataError, match="has no 'test' split"):
         evaluate(run, tmp_path, split="test", plot=False)
+    shutil.rmtree(tmp_path / "val")
+    generate_shapes(tmp_path / "test", count=4, size=32, seed=7)
+    # train/ + test/ (as MNIST and CIFAR-10 come): "val" is what training validated on
+    assert evaluate(run, tmp_path, split="val", plot=False).count == 12
 
 
 def test_a_folder_with_some_of_the_classes(run: Path, tmp_path: Path) -> None:

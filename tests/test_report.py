@@ -17,7 +17,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import cnnkit
+import cnnkit.data.dataset as dataset_mod
+import cnnkit.report as report_mod
 from cnnkit.cli import app
+from cnnkit.config import RunConfig, load_yaml
+from cnnkit.data.dataset import prepare_data
 from cnnkit.data.shapes import generate_shapes
 from cnnkit.errors import RunDirError
 from cnnkit.report import DATA_SECTIONS, SECTIONS, build_report, try_write_report, write_report
@@ -33,6 +37,25 @@ def report_run(trained_run, tmp_path_factory: pytest.TempPathFactory) -> tuple[P
     started = time.perf_counter()
     path = write_report(run_dir)
     return run_dir, path, time.perf_counter() - started
+
+
+def test_report_from_training_data_in_memory_matches_one_from_disk(
+    trained_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After training, the report uses the decoded data the run holds: nothing is scanned or
+    decoded again, and the page is the one a later ``cnnkit report`` builds from disk."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run[0], run_dir)
+    from_disk = build_report(run_dir)
+    prepared = prepare_data(RunConfig.from_dict(load_yaml(run_dir / "config.yaml")).data, 32)
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("the folder was scanned again")
+
+    monkeypatch.setattr(report_mod, "prepare_data", refuse)
+    monkeypatch.setattr(dataset_mod, "scan_folder", refuse)
+    in_memory = build_report(run_dir, prepared=prepared)
+    assert in_memory == from_disk
 
 
 def _images(html: str) -> list[np.ndarray]:
