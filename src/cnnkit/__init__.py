@@ -54,26 +54,23 @@ def train(
     *,
     model: str = "fast",
     seed: int = 0,
-    augment: bool = True,
+    augment: bool | None = None,
     overwrite: bool = False,
     progress: bool = False,
     config: str | Path | None = None,
     **options: Any,
 ) -> TrainResult:
-    """Train on a folder of images; ``options`` are any ``cnnkit train`` setting by name."""
+    """Train on a folder of images; ``options`` are any ``cnnkit train`` setting by name.
+
+    Settings left out come from the config file, then from the model's recommended settings
+    (``augment=None``: augmentation as the model recommends, on by default).
+    """
     import dataclasses
 
-    from cnnkit.config import (
-        AugmentConfig,
-        DataConfig,
-        RunConfig,
-        TrainConfig,
-        load_yaml,
-        merge_overrides,
-    )
+    from cnnkit.config import AugmentConfig, DataConfig, TrainConfig, load_yaml
+    from cnnkit.models.registry import resolve_run_config
     from cnnkit.training.loop import train as _train
 
-    base = RunConfig.from_dict(load_yaml(config)) if config else RunConfig()
     overrides: dict[str, Any] = {
         "model": model,
         "data.path": str(data),
@@ -96,11 +93,13 @@ def train(
         if section is None:
             raise ConfigError(f"train: unknown option {name!r}")
         overrides[f"{section}.{name}"] = value
-    result = _train(merge_overrides(base, overrides), out, overwrite=overwrite, progress=progress)
+    # The model's recommended settings, then the config file, then the arguments.
+    cfg = resolve_run_config(load_yaml(config) if config else None, overrides)
+    result = _train(cfg, out, overwrite=overwrite, progress=progress)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes the report
         from cnnkit.report import try_write_report
 
-        try_write_report(out)  # a failure is a warning: the model is already saved
+        try_write_report(out, result.data)  # a failure is a warning: the model is already saved
     return result
 
 

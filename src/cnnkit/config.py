@@ -190,8 +190,12 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> RunConfig:
-        """Build from a plain mapping (a parsed YAML file); unknown keys are errors."""
+    def from_dict(cls, raw: Mapping[str, Any], defaults: RunConfig | None = None) -> RunConfig:
+        """Build from a plain mapping (a parsed YAML file); unknown keys are errors.
+
+        What ``raw`` leaves out comes from ``defaults`` (the dataclasses' own defaults when
+        None; a model's recommended settings when given).
+        """
         if not isinstance(raw, Mapping):
             raise ConfigError(f"config: expected a mapping of sections, got {type(raw).__name__}")
         known = {"model", "data", "augment", "train"}
@@ -200,33 +204,35 @@ class RunConfig:
             raise ConfigError(
                 f"config: unknown section {unknown[0]!r}, expected {', '.join(sorted(known))}"
             )
-        model = raw.get("model", "fast")
+        base = defaults or cls()
+        model = raw.get("model", base.model)
         if not isinstance(model, str):
             raise ConfigError(f"config.model: expected a preset name or file, got {model!r}")
         return cls(
             model=model,
-            data=_section(DataConfig, "data", raw.get("data")),
-            augment=_section(AugmentConfig, "augment", raw.get("augment")),
-            train=_section(TrainConfig, "train", raw.get("train")),
+            data=_section(base.data, "data", raw.get("data")),
+            augment=_section(base.augment, "augment", raw.get("augment")),
+            train=_section(base.train, "train", raw.get("train")),
         )
 
     def save(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-def _section(cls: type, name: str, raw: Any) -> Any:
+def _section(base: Any, name: str, raw: Any) -> Any:
+    """``base`` (a section dataclass) with the fields that ``raw`` sets."""
     if raw is None:
-        return cls()
+        return base
     if not isinstance(raw, Mapping):
         raise ConfigError(f"config.{name}: expected a mapping, got {raw!r}")
-    names = {f.name for f in fields(cls)}
+    names = {f.name for f in fields(base)}
     for key in raw:
         if key not in names:
             raise ConfigError(
                 f"config.{name}: unknown field {key!r}, expected one of {', '.join(sorted(names))}"
             )
     try:
-        return cls(**raw)
+        return dataclasses.replace(base, **raw)
     except TypeError as exc:  # a value of an impossible type slipped past the checks
         raise ConfigError(f"config.{name}: {exc}") from None
 

@@ -74,63 +74,63 @@ def train_cmd(
     quiet: Annotated[bool, typer.Option(help="Only warnings and the result.")] = False,
 ) -> None:
     """Train a CNN on a folder of images and write a run directory."""
+    from cnnkit.models.registry import resolve_run_config
     from cnnkit.training.loop import train
 
     if nproc is not None:
         from cnnkit.training.distributed import launch_torchrun
 
         raise typer.Exit(launch_torchrun(nproc, _without_nproc(sys.argv[1:])))
+    flags = {
+        "model": model,
+        "data.path": str(data) if data is not None else None,
+        "data.image_size": image_size,
+        "data.seed": seed,
+        "data.val_split": val_split,
+        "data.channels": channels,
+        "data.resize": resize,
+        "data.strict": strict or None,
+        "train.epochs": epochs,
+        "train.batch_size": batch_size,
+        "train.lr": lr,
+        "train.optimizer": optimizer,
+        "train.schedule": schedule,
+        "train.seed": seed,
+        "train.target_accuracy": target_accuracy,
+        "train.patience": patience,
+        "train.device": device,
+        "train.precision": precision,
+        "train.label_smoothing": label_smoothing,
+        "train.weight_decay": weight_decay,
+        "augment.enabled": augment,
+        "augment.hflip": hflip,
+        "augment.vflip": vflip,
+        "augment.shear": shear,
+        "augment.rotate": rotate,
+        "augment.scale": scale,
+        "augment.translate": translate,
+        "train.checkpoint_every": checkpoint_every,
+        "train.deterministic": deterministic,
+        "train.ema": ema,
+        "train.tta": tta,
+        "train.sync_bn": sync_bn,
+    }
     if resume is not None:
         if out_dir is not None and out_dir != resume:
             raise ConfigError("--resume names the run directory; leave out --out")
         out_dir = resume
-        base = (
+        saved = (
             RunConfig.from_dict(load_yaml(resume / "config.yaml"))
             if (resume / "config.yaml").is_file()
             else RunConfig()
         )
-    else:
-        if data is None or out_dir is None:
-            raise ConfigError("train needs a DATA folder and --out RUN_DIR (or --resume RUN_DIR)")
-        base = RunConfig.from_dict(load_yaml(config)) if config else RunConfig()
+    elif data is None or out_dir is None:
+        raise ConfigError("train needs a DATA folder and --out RUN_DIR (or --resume RUN_DIR)")
     try:
-        cfg = merge_overrides(
-            base,
-            {
-                "model": model,
-                "data.path": str(data) if data is not None else None,
-                "data.image_size": image_size,
-                "data.seed": seed,
-                "data.val_split": val_split,
-                "data.channels": channels,
-                "data.resize": resize,
-                "data.strict": strict or None,
-                "train.epochs": epochs,
-                "train.batch_size": batch_size,
-                "train.lr": lr,
-                "train.optimizer": optimizer,
-                "train.schedule": schedule,
-                "train.seed": seed,
-                "train.target_accuracy": target_accuracy,
-                "train.patience": patience,
-                "train.device": device,
-                "train.precision": precision,
-                "train.label_smoothing": label_smoothing,
-                "train.weight_decay": weight_decay,
-                "augment.enabled": augment,
-                "augment.hflip": hflip,
-                "augment.vflip": vflip,
-                "augment.shear": shear,
-                "augment.rotate": rotate,
-                "augment.scale": scale,
-                "augment.translate": translate,
-                "train.checkpoint_every": checkpoint_every,
-                "train.deterministic": deterministic,
-                "train.ema": ema,
-                "train.tta": tta,
-                "train.sync_bn": sync_bn,
-            },
-        )
+        if resume is not None:
+            cfg = merge_overrides(saved, flags)
+        else:  # a new run: the model's recommended settings, then the config file, then flags
+            cfg = resolve_run_config(load_yaml(config) if config else None, flags)
     except TypeError as exc:
         raise ConfigError(str(exc)) from None
     result = train(

@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from cnnkit.config import load_yaml
+from cnnkit.config import RunConfig, load_yaml, merge_overrides
 from cnnkit.errors import ConfigError
 from cnnkit.models.layers import LayerSpec, parse_layers, with_head
 from cnnkit.models.network import Network
 
-__all__ = ["ModelSpec", "build_network", "list_presets", "load_model_spec"]
+__all__ = [
+    "ModelSpec",
+    "build_network",
+    "list_presets",
+    "load_model_spec",
+    "resolve_run_config",
+]
+
+log = logging.getLogger("cnnkit")
+RECOMMENDABLE = ("augment", "train")  # the sections a model may recommend settings for
 
 DEFAULT_INPUT_SIZE = 128
 
@@ -27,6 +38,9 @@ class ModelSpec:
     input_size: int
     layers: tuple[LayerSpec, ...]
     description: str = ""
+    # Training settings the model was designed with ({"train": {"epochs": 1}, ...}): they
+    # replace cnnkit's defaults, and a config file or flag still overrides each of them.
+    recommended: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, hash=False)
 
 
 def _preset_files() -> dict[str, Any]:
@@ -44,11 +58,11 @@ def _from_mapping(raw: Any, origin: str) -> ModelSpec:
         raw = {"layers": raw}
     if not isinstance(raw, dict):
         raise ConfigError(f"{origin}: expected a mapping with 'layers' (or a list of layers)")
-    unknown = sorted(set(raw) - {"name", "description", "input_size", "layers"})
+    unknown = sorted(set(raw) - {"name", "description", "input_size", "layers", "recommended"})
     if unknown:
         raise ConfigError(
             f"{origin}: unknown field {unknown[0]!r} "
-            "(allowed: name, description, input_size, layers)"
+            "(allowed: name, description, input_size, layers, recommended)"
         )
     size = raw.get("input_size", DEFAULT_INPUT_SIZE)
     if isinstance(size, bool) or not isinstance(size, int) or not 4 <= size <= 1024:
@@ -58,8 +72,56 @@ def _from_mapping(raw: Any, origin: str) -> ModelSpec:
     except ConfigError as exc:
         raise ConfigError(f"{origin}: {exc}") from None
     return ModelSpec(
-        str(raw.get("name", origin)), size, tuple(layers), str(raw.get("description", ""))
+        str(raw.get("name", origin)),
+        size,
+        tuple(layers),
+        str(raw.get("description", "")),
+        _recommended(raw.get("recommended"), origin),
     )
+
+
+def _recommended(raw: Any, origin: str) -> dict[str, dict[str, Any]]:
+    """Validated recommended settings: each must make a valid config section."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{origin}: recommended: expected a mapping of sections, got {raw!r}")
+    unknown = sorted(set(raw) - set(RECOMMENDABLE))
+    if unknown:
+        raise ConfigError(
+            f"{origin}: recommended: unknown section {unknown[0]!r}, "
+            f"expected {' or '.join(RECOMMENDABLE)}"
+        )
+    try:
+        RunConfig.from_dict(dict(raw))  # every field known, every value in range
+    except ConfigError as exc:
+        raise ConfigError(f"{origin}: recommended: {exc}") from None
+    return {section: dict(values or {}) for section, values in raw.items()}
+
+
+def resolve_run_config(raw: Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> RunConfig:
+    """The settings of a new run, each from the first that gives it: ``overrides`` (flags,
+    keyword arguments; None is "not given"), the config file ``raw``, the model's
+    recommended settings, cnnkit's defaults. Says which recommended settings it applied."""
+    if raw is not None and not isinstance(raw, Mapping):
+        raise ConfigError(f"config: expected a mapping of sections, got {type(raw).__name__}")
+    raw = raw or {}
+    model = overrides.get("model") or raw.get("model") or RunConfig().model
+    defaults = None
+    if isinstance(model, str):  # (anything else: from_dict below says what is wrong)
+        spec = load_model_spec(model)
+        defaults = RunConfig.from_dict({"model": model, **spec.recommended})
+        given = {f"{sec}.{k}" for sec in RECOMMENDABLE for k in (raw.get(sec) or {})}
+        given |= {k for k, v in overrides.items() if v is not None}
+        applied = [
+            f"{section}.{name}={value}"
+            for section, values in spec.recommended.items()
+            for name, value in values.items()
+            if f"{section}.{name}" not in given
+        ]
+        if applied:
+            log.info("%s's recommended settings: %s", spec.name, ", ".join(applied))
+    return merge_overrides(RunConfig.from_dict(raw, defaults=defaults), overrides)
 
 
 def load_model_spec(name_or_path: str) -> ModelSpec:
