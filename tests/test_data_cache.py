@@ -101,6 +101,34 @@ def test_every_bad_file_is_skipped_with_one_warning(
             assert np.array_equal(image, load_image(path, SIZE, 3))
 
 
+def test_worker_processes_decode_exactly_what_one_process_does(
+    small_set: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large set is decoded by forked workers, in chunks; the cache must not differ."""
+    _add_bad_files(small_set)
+    files = scan_folder(small_set).splits["all"]
+    alone = decode_cached(files, SIZE, cache_root=tmp_path / "one")
+    monkeypatch.setattr(cache_mod, "PARALLEL_FROM", 4)
+    monkeypatch.setattr(cache_mod, "CHUNK", 5)  # 23 files: five chunks, bad files in several
+    monkeypatch.setattr(cache_mod, "_cores", lambda: 2)
+    log = tmp_path / "pids"
+    real = cache_mod.decode_image
+
+    def recorded(*args: object) -> tuple:
+        with open(log, "a") as f:  # forked workers inherit this patch; their pids land here
+            f.write(f"{os.getpid()}\n")
+        return real(*args)
+
+    monkeypatch.setattr(cache_mod, "decode_image", recorded)
+    shared = decode_cached(files, SIZE, cache_root=tmp_path / "many")
+    pids = set(log.read_text().split())
+    assert pids and str(os.getpid()) not in pids  # the workers decoded, not this process
+    assert shared.paths == alone.paths and shared.skipped == alone.skipped
+    assert np.array_equal(shared.labels, alone.labels)
+    assert np.array_equal(np.asarray(shared.images), np.asarray(alone.images))
+    assert len(alone.skipped) == 5 and len(alone) == 18
+
+
 def test_strict_makes_bad_files_an_error(small_set: Path) -> None:
     expected = _add_bad_files(small_set)
     with pytest.raises(DataError) as info:
