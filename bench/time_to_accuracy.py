@@ -70,12 +70,13 @@ RECIPES = {
         lr=1e-2,
         flags=("--no-augment", "--label-smoothing", "0.1"),
     ),
+    # The cifar preset's recommended settings; 8 epochs fit the 10 minutes on two cores.
     "cifar10": Recipe(
         0.94,
         "cifar",
-        epochs=12,
-        batch_size=256,
-        lr=4e-3,
+        epochs=8,
+        batch_size=128,
+        lr=6e-3,
         flags=(
             "--hflip",
             "--rotate",
