@@ -168,9 +168,19 @@ def test_model_summary_json_and_options() -> None:
 def test_model_list() -> None:
     result = invoke("model", "list")
     assert result.exit_code == 0
-    lines = {line.split()[0]: line for line in result.stdout.strip().splitlines()}
+    rows = result.stdout.strip().splitlines()
+    lines = {line.split()[0]: line for line in rows if not line.startswith(" ")}
     assert list(lines) == list_presets()
     assert "input 64x64" in lines["fast"] and "input 128x128" in lines["seed"]
+    after_mnist = rows[rows.index(lines["mnist"]) + 1]
+    assert after_mnist.split() == [
+        "recommended:",
+        "train.epochs=1,",
+        "train.batch_size=128,",
+        "train.lr=0.01,",
+        "train.label_smoothing=0.1,",
+        "augment.enabled=False",
+    ]
 
 
 def test_model_errors(tmp_path: Path) -> None:

@@ -51,3 +51,6 @@ def model_list() -> None:
     for name in list_presets():
         spec = load_model_spec(name)
         out.print(f"{name:8s} input {spec.input_size}x{spec.input_size}  {spec.description}")
+        settings = spec.recommended_settings()
+        if settings:  # what `cnnkit train --model NAME` uses unless told otherwise
+            out.print(f"         recommended: {', '.join(settings)}", markup=False)

@@ -42,6 +42,15 @@ class ModelSpec:
     # replace cnnkit's defaults, and a config file or flag still overrides each of them.
     recommended: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, hash=False)
 
+    def recommended_settings(self, skip: set[str] | frozenset[str] = frozenset()) -> list[str]:
+        """``["train.epochs=1", ...]``, leaving out the dotted names in ``skip``."""
+        return [
+            f"{section}.{name}={value}"
+            for section, values in self.recommended.items()
+            for name, value in values.items()
+            if f"{section}.{name}" not in skip
+        ]
+
 
 def _preset_files() -> dict[str, Any]:
     folder = resources.files("cnnkit") / "presets"
@@ -113,12 +122,7 @@ def resolve_run_config(raw: Mapping[str, Any] | None, overrides: Mapping[str, An
         defaults = RunConfig.from_dict({"model": model, **spec.recommended})
         given = {f"{sec}.{k}" for sec in RECOMMENDABLE for k in (raw.get(sec) or {})}
         given |= {k for k, v in overrides.items() if v is not None}
-        applied = [
-            f"{section}.{name}={value}"
-            for section, values in spec.recommended.items()
-            for name, value in values.items()
-            if f"{section}.{name}" not in given
-        ]
+        applied = spec.recommended_settings(skip=given)
         if applied:
             log.info("%s's recommended settings: %s", spec.name, ", ".join(applied))
     return merge_overrides(RunConfig.from_dict(raw, defaults=defaults), overrides)
