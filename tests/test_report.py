@@ -24,6 +24,7 @@ from cnnkit.config import RunConfig, load_yaml
 from cnnkit.data.dataset import prepare_data
 from cnnkit.data.shapes import generate_shapes
 from cnnkit.errors import RunDirError
+from cnnkit.inference import Classifier
 from cnnkit.report import DATA_SECTIONS, SECTIONS, build_report, try_write_report, write_report
 
 IMG_SRC = re.compile(r"<img[^>]*\ssrc=['\"]([^'\"]*)['\"]")
@@ -56,6 +57,11 @@ def test_report_from_training_data_in_memory_matches_one_from_disk(
     monkeypatch.setattr(dataset_mod, "scan_folder", refuse)
     in_memory = build_report(run_dir, prepared=prepared)
     assert in_memory == from_disk
+    # With training's validation logits of the saved weights, nothing runs the model again.
+    logits = trained_run[1].val_logits
+    assert logits is not None and logits.shape == (len(prepared.val), len(prepared.classes))
+    monkeypatch.setattr(Classifier, "logits", refuse)
+    assert build_report(run_dir, prepared=prepared, val_logits=logits) == from_disk
 
 
 def _images(html: str) -> list[np.ndarray]:

@@ -99,7 +99,8 @@ def train(
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes the report
         from cnnkit.report import try_write_report
 
-        try_write_report(out, result.data)  # a failure is a warning: the model is already saved
+        # a failure is a warning: the model is already saved
+        try_write_report(out, result.data, result.val_logits)
     return result
 
 

@@ -64,7 +64,9 @@ def run_demo(out: Path, progress: bool = True, data_root: Path | None = None) ->
     )
     trained = train(cfg, out, overwrite=True, progress=progress)
     if trained.data is not None:  # the validation images are still in memory
-        evaluation = evaluate_images(load(out), trained.data.val, run_dir=out)
+        evaluation = evaluate_images(
+            load(out), trained.data.val, run_dir=out, logits=trained.val_logits
+        )
     else:
         evaluation = evaluate(out, data, split="val")
     rng = np.random.default_rng(int(time.time_ns() % 2**32))
@@ -72,5 +74,5 @@ def run_demo(out: Path, progress: bool = True, data_root: Path | None = None) ->
     image = draw_shape(kind, DEMO_SIZE, rng)
     image.save(out / "new_shape.png")
     (prediction,) = load(out).predict([out / "new_shape.png"])
-    try_write_report(out, trained.data)
+    try_write_report(out, trained.data, trained.val_logits)
     return DemoReport(trained, evaluation, kind, prediction, time.perf_counter() - started)

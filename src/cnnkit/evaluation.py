@@ -106,17 +106,20 @@ def evaluate_images(
     *,
     run_dir: str | Path | None = None,
     worst: int = 8,
+    logits: torch.Tensor | None = None,
 ) -> EvalResult:
     """Score ``classifier`` on decoded, labelled images (already in the model's classes).
 
     Training and its report call this with the validation arrays still in memory, so nothing
-    is scanned or decoded twice. With ``run_dir``, ``confusion_matrix.png`` and
-    ``evaluation.json`` are written there.
+    is scanned or decoded twice, and with the logits training's validation computed for the
+    saved weights (``logits``), so nothing is run twice either. With ``run_dir``,
+    ``confusion_matrix.png`` and ``evaluation.json`` are written there.
     """
     if len(images) == 0:
         raise DataError("no images to evaluate")
     meta = classifier.meta
-    logits = classifier.logits(images.images)  # (N, classes)
+    if logits is None or tuple(logits.shape) != (len(images), len(meta.classes)):
+        logits = classifier.logits(images.images)  # (N, classes)
     labels = torch.from_numpy(np.asarray(images.labels))
     loss = torch.nn.functional.cross_entropy(logits, labels).item()
     probs = torch.softmax(logits, dim=1).numpy()

@@ -79,32 +79,42 @@ def write_report(
     out: str | Path | None = None,
     *,
     prepared: PreparedData | None = None,
+    val_logits: torch.Tensor | None = None,
 ) -> Path:
     """Write ``report.html`` (into ``run_dir`` unless ``out`` is given) and return its path.
 
     ``data`` overrides the data folder recorded in the run's ``config.yaml``; ``prepared``
-    is the data training just used, still in memory (nothing is scanned or decoded again).
+    is the data training just used, still in memory (nothing is scanned or decoded again),
+    and ``val_logits`` its validation logits of the saved weights (nothing is run again).
     """
-    html = build_report(run_dir, data, prepared=prepared)
+    html = build_report(run_dir, data, prepared=prepared, val_logits=val_logits)
     path = Path(out) if out is not None else Path(run_dir) / "report.html"
     atomic_write(path, lambda p: p.write_text(html, encoding="utf-8"))
     return path
 
 
-def try_write_report(run_dir: str | Path, prepared: PreparedData | None = None) -> Path | None:
+def try_write_report(
+    run_dir: str | Path,
+    prepared: PreparedData | None = None,
+    val_logits: torch.Tensor | None = None,
+) -> Path | None:
     """``write_report`` after training: a failure is a warning, never a lost model."""
     try:
-        return write_report(run_dir, prepared=prepared)
+        return write_report(run_dir, prepared=prepared, val_logits=val_logits)
     except Exception as exc:  # the trained model is already saved; keep it whatever happens
         log.warning("report not written: %s", exc)
         return None
 
 
 def build_report(
-    run_dir: str | Path, data: str | Path | None = None, *, prepared: PreparedData | None = None
+    run_dir: str | Path,
+    data: str | Path | None = None,
+    *,
+    prepared: PreparedData | None = None,
+    val_logits: torch.Tensor | None = None,
 ) -> str:
     """The report's HTML for ``run_dir`` (raises ``RunDirError`` without a saved model)."""
-    run = _gather(Path(run_dir), data, prepared)
+    run = _gather(Path(run_dir), data, prepared, val_logits)
     body = [
         f"<h1>Training report: {esc(run.run_dir.name)}</h1>",
         "<nav>" + " ".join(f"<a href='#{k}'>{esc(t)}</a>" for k, t in SECTIONS) + "</nav>",
@@ -133,7 +143,12 @@ def build_report(
 # ----------------------------------------------------------------------------- gathering
 
 
-def _gather(run_dir: Path, data: str | Path | None, prepared: PreparedData | None) -> _Run:
+def _gather(
+    run_dir: Path,
+    data: str | Path | None,
+    prepared: PreparedData | None,
+    val_logits: torch.Tensor | None,
+) -> _Run:
     model, meta = load_model(run_dir)
     model.eval()
     run = _Run(run_dir, model, meta)
@@ -162,7 +177,7 @@ def _gather(run_dir: Path, data: str | Path | None, prepared: PreparedData | Non
         run.missing["data"] = run.missing["config"]
     elif prepared is not None:
         run.data = prepared
-        run.evaluation = evaluate_images(load(run_dir), prepared.val)
+        run.evaluation = evaluate_images(load(run_dir), prepared.val, logits=val_logits)
     else:
         try:
             run.data = prepare_data(run.config.data, meta.image_size)

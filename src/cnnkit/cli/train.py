@@ -152,7 +152,7 @@ def train_cmd(
     from cnnkit.report import try_write_report
 
     # a failure is a warning: the model is already saved
-    report = try_write_report(out_dir, result.data)
+    report = try_write_report(out_dir, result.data, result.val_logits)
     if report is not None:
         out.print(f"report: {report}", markup=False)
 

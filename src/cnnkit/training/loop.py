@@ -132,10 +132,12 @@ def _validate(
     precision: str,
     info: dist.DistInfo,
     tta: bool,
-) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) over the whole validation split, all ranks together."""
+) -> tuple[float, float, torch.Tensor | None]:
+    """(mean cross-entropy, accuracy) over the whole validation split, all ranks together,
+    and in a single process the logits ``(N, classes)`` (the report reuses the best epoch's)."""
     idx = np.arange(info.rank, len(data.val), info.world_size)
     sums = torch.zeros(3, dtype=torch.float64)
+    logits = None
     if len(idx):
         images = data.val.images[idx] if info.enabled else data.val.images
         logits = batched_logits(model, images, data.mean, data.std, device, precision, tta=tta)
@@ -146,8 +148,8 @@ def _validate(
         )
     sums = dist.all_sum(info, sums.to(device)).cpu()
     if sums[2] == 0:
-        return float("nan"), float("nan")
-    return float(sums[0] / sums[2]), float(sums[1] / sums[2])
+        return float("nan"), float("nan"), None
+    return float(sums[0] / sums[2]), float(sums[1] / sums[2]), None if info.enabled else logits
 
 
 def _fit_whitening(model: nn.Module, data: PreparedData, sample: int = 5000) -> None:
@@ -291,6 +293,7 @@ def _train(
 
     # ---------------------------------------------------------------- Resume
     p = ckpt.Progress()
+    best_logits: torch.Tensor | None = None  # known when the best epoch ran in this session
     if resume and not ckpt.list_checkpoints(out):  # killed before its first checkpoint
         log.warning("%s has no checkpoint yet; starting the run from the beginning", out)
     elif resume:
@@ -415,7 +418,9 @@ def _train(
             p.images_seen += (steps - first_step) * global_batch
             evaluated = ema.module if ema is not None else model
             dist.broadcast_buffers(info, evaluated)  # validate what rank 0 saves
-            val_loss, val_acc = _validate(evaluated, data, device, precision, info, cfg.tta)
+            val_loss, val_acc, val_logits = _validate(
+                evaluated, data, device, precision, info, cfg.tta
+            )
             row = {
                 "epoch": epoch,
                 "train_loss": train_loss,
@@ -444,6 +449,7 @@ def _train(
                 or (val_acc == p.best_acc and val_loss < p.best_loss)
             ):
                 p.best_acc, p.best_loss, p.best_epoch, p.stale = val_acc, val_loss, epoch, 0
+                best_logits = val_logits  # of the weights saved as the model
                 if info.is_main:
                     save_model(out, evaluated, meta)
             else:
@@ -485,6 +491,7 @@ def _train(
         world_size=info.world_size,
         history=p.history,
         data=data,
+        val_logits=best_logits,
     )
     if info.is_main:
         write_outputs(out, result)

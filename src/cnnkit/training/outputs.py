@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from cnnkit.checkpoint import atomic_write
 from cnnkit.config import RunConfig
 from cnnkit.data.dataset import PreparedData
@@ -42,6 +44,8 @@ class TrainResult:
     # The decoded data the run used, kept for the evaluation and report that follow it in
     # the same process (not written anywhere).
     data: PreparedData | None = field(default=None, repr=False, compare=False)
+    # Validation logits (N, classes) of the saved weights, when this session computed them.
+    val_logits: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def summary(self) -> dict[str, object]:
         return {
