@@ -15,62 +15,22 @@ import contextlib
 import csv
 import json
 import logging
-import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 
-from cnnkit.checkpoint import ModelMeta, atomic_write, load_model
+from cnnkit.checkpoint import atomic_write, load_model
 from cnnkit.config import RunConfig, load_yaml
 from cnnkit.data.dataset import PreparedData, prepare_data
-from cnnkit.data.images import load_image, to_model_input
 from cnnkit.errors import CnnkitError
-from cnnkit.evaluation import EvalResult, evaluate, evaluate_images
+from cnnkit.evaluation import evaluate, evaluate_images
 from cnnkit.inference import load
-from cnnkit.inspection.html import confusion_table, esc, maps_html, page, table
-from cnnkit.inspection.maps import layer_outputs
-from cnnkit.inspection.render import data_uri, display_scale, kernel_grid, upscale
-from cnnkit.models.network import Network
-from cnnkit.plots import plot_curves
-from cnnkit.training.augment import build_augmentation
+from cnnkit.inspection.html import esc, page
+from cnnkit.report_sections import BUILDERS, DATA_SECTIONS, SECTIONS, Run, unavailable
 
-__all__ = ["SECTIONS", "build_report", "try_write_report", "write_report"]
+__all__ = ["DATA_SECTIONS", "SECTIONS", "build_report", "try_write_report", "write_report"]
 
 log = logging.getLogger("cnnkit")
-
-SECTIONS = (
-    ("summary", "Summary"),
-    ("config", "Configuration"),
-    ("model", "Model"),
-    ("augmented", "Augmented training images"),
-    ("curves", "Loss and accuracy"),
-    ("confusion", "Confusion matrix"),
-    ("per-class", "Per-class precision, recall and F1"),
-    ("mistakes", "Most confidently wrong"),
-    ("kernels", "First layer kernels"),
-    ("feature-maps", "Feature maps of a validation image"),
-)
-DATA_SECTIONS = ("augmented", "confusion", "per-class", "mistakes", "feature-maps")
-AUGMENTED, MISTAKES, MAPS_PER_LAYER = 16, 8, 16
-
-
-@dataclass
-class _Run:
-    """What the report is made from; ``missing`` says why a source is absent."""
-
-    run_dir: Path
-    model: Network
-    meta: ModelMeta
-    config_text: str = ""
-    config: RunConfig | None = None
-    summary: dict[str, Any] = field(default_factory=dict)
-    metrics: list[dict[str, float]] = field(default_factory=list)
-    data: PreparedData | None = None
-    evaluation: EvalResult | None = None
-    missing: dict[str, str] = field(default_factory=dict)
 
 
 def write_report(
@@ -119,23 +79,11 @@ def build_report(
         f"<h1>Training report: {esc(run.run_dir.name)}</h1>",
         "<nav>" + " ".join(f"<a href='#{k}'>{esc(t)}</a>" for k, t in SECTIONS) + "</nav>",
     ]
-    builders = {
-        "summary": _summary,
-        "config": _config,
-        "model": _model,
-        "augmented": _augmented,
-        "curves": _curves,
-        "confusion": _confusion,
-        "per-class": _per_class,
-        "mistakes": _mistakes,
-        "kernels": _kernels,
-        "feature-maps": _feature_maps,
-    }
     for key, title in SECTIONS:
         try:
-            content = builders[key](run)
+            content = BUILDERS[key](run)
         except CnnkitError as exc:
-            content = _unavailable(str(exc))
+            content = unavailable(str(exc))
         body.append(f"<section id='{key}'><h2>{esc(title)}</h2>\n{content}</section>")
     return page(f"cnnkit report: {run.run_dir.name}", "\n".join(body))
 
@@ -148,10 +96,10 @@ def _gather(
     data: str | Path | None,
     prepared: PreparedData | None,
     val_logits: torch.Tensor | None,
-) -> _Run:
+) -> Run:
     model, meta = load_model(run_dir)
     model.eval()
-    run = _Run(run_dir, model, meta)
+    run = Run(run_dir, model, meta)
     config_path = run_dir / "config.yaml"
     if config_path.is_file():
         run.config_text = config_path.read_text(encoding="utf-8", errors="replace")
@@ -198,255 +146,3 @@ def _read_metrics(path: Path) -> list[dict[str, float]]:
             except ValueError:
                 continue
     return [r for r in rows if {"epoch", "train_loss", "val_loss"} <= r.keys()]
-
-
-def _unavailable(reason: str) -> str:
-    return f"<p class='warn'>Unavailable: {esc(reason)}.</p>"
-
-
-def _need_data(run: _Run) -> PreparedData:
-    if run.data is None:
-        raise CnnkitError(run.missing.get("data", "no data"))
-    return run.data
-
-
-def _need_evaluation(run: _Run) -> EvalResult:
-    if run.evaluation is None:
-        raise CnnkitError(run.missing.get("data", "no evaluation"))
-    return run.evaluation
-
-
-def _img(image: np.ndarray, alt: str, css: str = "") -> str:
-    cls = f" class='{css}'" if css else ""
-    return f"<img{cls} src='{data_uri(image)}' alt='{esc(alt)}'>"
-
-
-def _pct(value: float) -> str:
-    return f"{100 * value:.1f}%"
-
-
-# ----------------------------------------------------------------------------- sections
-
-
-def _summary(run: _Run) -> str:
-    classes = run.meta.classes
-    params = sum(p.numel() for p in run.model.parameters())
-    facts = [
-        ("model", f"{run.meta.model_name or 'custom'}, {params:,} parameters"),
-        ("classes", f"{len(classes)}: {', '.join(classes)}"),
-        ("input", f"{run.meta.image_size}x{run.meta.image_size}, {run.meta.channels} channel(s)"),
-    ]
-    s = run.summary
-    if s:
-        facts.append(("epochs", f"{s.get('epochs_run')} (stopped: {s.get('stopped_because')})"))
-        facts.append(("time", f"{float(s.get('wall_seconds', 0)):.1f}s on {s.get('device')}"))
-    verdicts = _verdicts(run)
-    if "data" in run.missing:
-        needs = ", ".join(t for k, t in SECTIONS if k in DATA_SECTIONS)
-        verdicts.append(
-            f"<p class='warn'>Unavailable without the training images ({esc(needs)}): "
-            f"{esc(run.missing['data'])}.</p>"
-        )
-    return table(None, facts) + "".join(verdicts)
-
-
-def _verdicts(run: _Run) -> list[str]:
-    """At a glance: better than chance? overfitting? still improving?"""
-    chance = 1 / len(run.meta.classes)
-    best = run.summary.get("best_val_acc")
-    if run.evaluation is not None:
-        best = run.evaluation.accuracy
-    if best is None and run.metrics:
-        best = max(r.get("val_acc", 0.0) for r in run.metrics)
-    if best is None:
-        return [_unavailable("no validation accuracy recorded")]
-    out = []
-    line = f"validation accuracy {_pct(best)} against {_pct(chance)} by guessing"
-    if best < chance + 0.1:
-        out.append(f"<p class='warn'>Training did not work: {line}.</p>")
-    else:
-        out.append(f"<p class='good'>The model learned: {line}.</p>")
-    if run.metrics:
-        last = run.metrics[-1]
-        gap = last.get("train_acc", 0.0) - last.get("val_acc", 0.0)
-        if gap > 0.15:
-            out.append(
-                f"<p class='warn'>Training accuracy is {100 * gap:.0f} points above validation "
-                "accuracy in the last epoch: the model may be overfitting (more images, "
-                "augmentation or dropout help).</p>"
-            )
-        losses = [r["val_loss"] for r in run.metrics]
-        if len(losses) >= 3 and losses[-1] == min(losses) and losses[-1] < losses[-3]:
-            out.append(
-                "<p class='note'>Validation loss was still falling at the end: more epochs "
-                "may help.</p>"
-            )
-    return out
-
-
-def _config(run: _Run) -> str:
-    if not run.config_text:
-        raise CnnkitError(run.missing.get("config", "config.yaml is missing"))
-    note = f"<p class='warn'>{esc(run.missing['config'])}</p>" if "config" in run.missing else ""
-    return f"{note}<pre>{esc(run.config_text.strip())}</pre>"
-
-
-def _model(run: _Run) -> str:
-    rows = [
-        (
-            info.name,
-            info.spec.type,
-            " x ".join(map(str, info.out_shape)),
-            f"{info.params:,}",
-            f"{info.flops:,}",
-        )
-        for info in run.model.infos
-    ]
-    total_p = sum(i.params for i in run.model.infos)
-    total_f = sum(i.flops for i in run.model.infos)
-    rows.append(("total", "", "", f"{total_p:,}", f"{total_f:,}"))
-    shape = " x ".join(map(str, run.model.in_shape))
-    return (
-        f"<p>Input {shape}. FLOPs count one image's forward pass (a multiply-add is two).</p>"
-        + table(("layer", "type", "output shape", "parameters", "FLOPs"), rows)
-    )
-
-
-def _augmented(run: _Run) -> str:
-    data = _need_data(run)
-    assert run.config is not None
-    n = min(AUGMENTED, len(data.train))
-    idx = np.linspace(0, len(data.train) - 1, num=n).astype(np.int64)
-    images, _ = data.train.batch(idx)  # (n, S, S, C) uint8
-    x = to_model_input(images, data.mean, data.std)
-    augment = build_augmentation(run.config.augment)
-    if augment is not None:
-        with torch.random.fork_rng(devices=[]):  # the same pictures every time
-            torch.manual_seed(0)
-            x = augment(x)
-    mean = torch.tensor(data.mean).view(1, -1, 1, 1)
-    std = torch.tensor(data.std).view(1, -1, 1, 1)
-    pixels = ((x * std + mean) * 255).clamp(0, 255).round().to(torch.uint8)
-    pixels = pixels.permute(0, 2, 3, 1).numpy()  # (n, S, S, C)
-    scale = display_scale(pixels.shape[1], target=96, most=4)
-    figures = "".join(
-        f"<figure>{_img(upscale(pixels[i], scale), 'augmented training image', 'photo')}"
-        f"<figcaption>{esc(data.classes[int(data.train.labels[k])])}</figcaption></figure>"
-        for i, k in enumerate(idx)
-    )
-    what = (
-        "as the network saw them: drawn anew each epoch with the run's augmentation"
-        if augment is not None
-        else "augmentation was off, so the network saw them unchanged"
-    )
-    return f"<p>{n} training images, {what}.</p><div class='row'>{figures}</div>"
-
-
-def _curves(run: _Run) -> str:
-    if not run.metrics:
-        raise CnnkitError(f"{run.run_dir / 'metrics.csv'} is missing or empty")
-    drawn, metrics = run.run_dir / "curves.png", run.run_dir / "metrics.csv"
-    if drawn.is_file() and drawn.stat().st_mtime_ns >= metrics.stat().st_mtime_ns:
-        uri = data_uri(drawn.read_bytes())  # training drew it from these very metrics
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "curves.png"
-            plot_curves(run.metrics, path)
-            uri = data_uri(path.read_bytes())
-    best = max(run.metrics, key=lambda r: (r.get("val_acc", 0.0), -r["val_loss"]))
-    last = run.metrics[-1]
-    rows = [
-        (name, int(r["epoch"]), f"{r['train_loss']:.4f}", f"{r['val_loss']:.4f}",
-         _pct(r.get("train_acc", float("nan"))), _pct(r.get("val_acc", float("nan"))))
-        for name, r in (("best", best), ("last", last))
-    ]  # fmt: skip
-    return f"<img class='photo' src='{uri}' alt='loss and accuracy curves'>" + table(
-        ("epoch", "#", "train loss", "val loss", "train acc", "val acc"), rows
-    )
-
-
-def _confusion(run: _Run) -> str:
-    ev = _need_evaluation(run)
-    return (
-        f"<p>{ev.count} validation images, accuracy {_pct(ev.accuracy)}, loss {ev.loss:.4f}. "
-        "Rows: true class; columns: predicted class; shade: share of the row.</p>"
-        + confusion_table(ev.classes, ev.confusion)
-    )
-
-
-def _per_class(run: _Run) -> str:
-    ev = _need_evaluation(run)
-    rows = [
-        (r["class"], f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", r["support"])
-        for r in ev.per_class
-    ]
-    return (
-        "<p>Precision: of the images predicted as the class, the share that are. Recall: of "
-        "the class's images, the share found. F1: their harmonic mean.</p>"
-        + table(("class", "precision", "recall", "F1", "support"), rows)
-    )
-
-
-def _mistakes(run: _Run) -> str:
-    ev = _need_evaluation(run)
-    if not ev.most_wrong:
-        return "<p class='good'>No validation image was misclassified.</p>"
-    meta = run.meta
-    where = {p: i for i, p in enumerate(ev.paths)}
-    cards = []
-    for wrong in ev.most_wrong[:MISTAKES]:
-        path = str(wrong["path"])
-        try:
-            pixels = load_image(path, meta.image_size, meta.channels, meta.resize)
-            picture = _img(upscale(pixels, display_scale(meta.image_size, 96, 4)), path, "photo")
-        except CnnkitError:
-            picture = "<p class='note'>(image no longer readable)</p>"
-        probs = ev.probabilities[where[path]] if ev.probabilities is not None else None
-        lines = (
-            "".join(
-                f"<br>{esc(c)} {_pct(float(p))}" for c, p in zip(ev.classes, probs, strict=True)
-            )
-            if probs is not None
-            else ""
-        )
-        cards.append(
-            f"<figure class='card'>{picture}<figcaption><b>{esc(Path(path).name)}</b><br>"
-            f"true {esc(wrong['true'])}, predicted {esc(wrong['predicted'])}{lines}"
-            "</figcaption></figure>"
-        )
-    return (
-        "<p>The validation images the model got wrong with the most confidence.</p>"
-        f"<div class='row'>{''.join(cards)}</div>"
-    )
-
-
-def _kernels(run: _Run) -> str:
-    conv = next((i for i in run.model.infos if i.spec.type == "conv"), None)
-    if conv is None:
-        raise CnnkitError("the model has no convolution layer")
-    weight = run.model.layers[conv.name].weight.detach().float().cpu().numpy()  # (F, C, k, k)
-    rgb = weight.shape[1] == 3
-    layout = "one colour tile per kernel" if rgb else "one row per kernel, one tile per channel"
-    return (
-        f"<p>The {weight.shape[0]} kernels of {esc(conv.name)} ({weight.shape[2]}x"
-        f"{weight.shape[3]}), {layout}; each normalised on its own (dark = negative weights, "
-        "bright = positive).</p>" + _img(kernel_grid(weight, rgb=rgb), f"kernels of {conv.name}")
-    )
-
-
-def _feature_maps(run: _Run) -> str:
-    data = _need_data(run)
-    if len(data.val) == 0:
-        raise CnnkitError("the run has no validation images")
-    pixels = np.asarray(data.val.images[0])  # (S, S, C) uint8
-    x = to_model_input(torch.from_numpy(pixels[None].copy()), data.mean, data.std)
-    outputs = layer_outputs(run.model, x)
-    label = data.classes[int(data.val.labels[0])]
-    parts = [
-        f"<p>{esc(Path(data.val.paths[0]).name)} (class {esc(label)}); each map normalised on "
-        "its own (black = its minimum, white = its maximum).</p><div class='row'>"
-        f"<figure>{_img(upscale(pixels, display_scale(pixels.shape[0], 96, 4)), 'input', 'photo')}"
-        "<figcaption>input</figcaption></figure></div>"
-    ]
-    parts += [maps_html(out, MAPS_PER_LAYER) for out in outputs if out.is_map]
-    return "\n".join(parts)

@@ -17,9 +17,7 @@ import math
 import random
 import signal
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -27,7 +25,6 @@ from torch import nn
 
 from cnnkit.checkpoint import ModelMeta, atomic_write, save_model
 from cnnkit.config import RunConfig, TrainConfig, load_yaml
-from cnnkit.console import console
 from cnnkit.data.dataset import PreparedData, prepare_data
 from cnnkit.data.images import to_model_input
 from cnnkit.engine import autocast, batched_logits, resolve_device, resolve_precision, use_all_cores
@@ -39,6 +36,7 @@ from cnnkit.training import state as ckpt
 from cnnkit.training.augment import build_augmentation
 from cnnkit.training.optim import Optimizer, Schedule, constant, cosine, one_cycle
 from cnnkit.training.outputs import TrainResult, check_resumable, fingerprint, write_outputs
+from cnnkit.training.session import prepare_run_dir, progress_bar, stop_on_signals
 
 __all__ = ["TrainingInterrupted", "train"]
 
@@ -47,27 +45,6 @@ log = logging.getLogger("cnnkit")
 
 class TrainingInterrupted(CnnkitError):
     """SIGINT or SIGTERM arrived; a checkpoint was saved and the run can be resumed."""
-
-
-def _prepare_run_dir(out: Path, overwrite: bool, resume: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise RunDirError(f"--out {out} exists and is not a folder")
-    if resume:
-        if not (out / "config.yaml").is_file():
-            raise RunDirError(f"cannot resume: {out} is not a run directory (no config.yaml)")
-        return
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise RunDirError(
-            f"--out {out} already holds files; choose a new folder, pass "
-            "--overwrite, or --resume it"
-        )
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".cnnkit-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise RunDirError(f"cannot write to run directory {out}: {exc.strerror}") from None
 
 
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> Optimizer:
@@ -81,48 +58,6 @@ def _optimizer(model: nn.Module, cfg: TrainConfig) -> Optimizer:
 def _schedule(opt: Optimizer, cfg: TrainConfig, total_steps: int) -> Schedule:
     factor = {"onecycle": one_cycle, "cosine": cosine}.get(cfg.schedule)
     return Schedule(opt, factor(total_steps) if factor else constant)
-
-
-def _progress_bar(enabled: bool) -> Any:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("epoch {task.fields[epoch]}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}  {task.fields[speed]}"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-        disable=not enabled,
-    )
-
-
-@contextmanager
-def _stop_on_signals():
-    """SIGINT/SIGTERM set a flag the loop checks after each step (then saves and stops)."""
-    caught: list[int] = []
-    previous = {}
-
-    def handler(signum: int, _frame: object) -> None:
-        caught.append(signum)
-
-    try:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, handler)
-    except ValueError:  # not the main thread: signals stay with the caller
-        previous = {}
-    try:
-        yield caught
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 def _validate(
@@ -214,7 +149,7 @@ def _train(
     precision = resolve_precision(cfg.precision, device)
     if info.is_main:
         created = not out.exists()
-        _prepare_run_dir(out, overwrite, resume)
+        prepare_run_dir(out, overwrite, resume)
     dist.barrier(info)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -340,7 +275,7 @@ def _train(
         ckpt.save_checkpoint(out, model, state)
 
     # ---------------------------------------------------------------- Epochs
-    with _stop_on_signals() as signals, _progress_bar(progress and info.is_main) as bar:
+    with stop_on_signals() as signals, progress_bar(progress and info.is_main) as bar:
         task = bar.add_task("train", total=steps, epoch="", loss="-", acc="-", speed="")
         for epoch in range(p.epoch + 1, cfg.epochs + 1):
             if p.finished:
