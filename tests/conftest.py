@@ -13,8 +13,10 @@ import pytest
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+from cnnkit.checkpoint import ModelMeta
 from cnnkit.config import AugmentConfig, DataConfig, RunConfig, TrainConfig
 from cnnkit.data.shapes import generate_shapes
+from cnnkit.models.network import Network
 from cnnkit.training.loop import TrainResult, train
 
 
@@ -101,3 +103,24 @@ def fast_trained_run(request: pytest.FixtureRequest) -> tuple[Path, TrainResult]
             return request.getfixturevalue("trained_run")
         finally:
             torch.set_num_threads(before)
+
+
+def model_meta(
+    model: Network,
+    classes: tuple[str, ...] = ("a", "b", "c"),
+    size: int = 16,
+    channels: int = 3,
+    resize: str = "pad",
+    model_name: str = "fast",
+) -> ModelMeta:
+    """What ``save_model`` needs for an untrained ``model``: mean 0.5 and std 0.25 per channel."""
+    return ModelMeta(
+        classes=tuple(classes),
+        channels=channels,
+        image_size=size,
+        resize=resize,
+        mean=(0.5,) * channels,
+        std=(0.25,) * channels,
+        architecture=tuple(model.architecture()),
+        model_name=model_name,
+    )

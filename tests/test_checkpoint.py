@@ -15,19 +15,7 @@ from cnnkit.checkpoint import ModelMeta, atomic_write, load_model, save_model, w
 from cnnkit.errors import CheckpointError, RunDirError
 from cnnkit.models import build_network, load_model_spec
 from cnnkit.training.loop import TrainResult
-
-
-def _meta(model, classes=("a", "b", "c"), size=16, channels=3) -> ModelMeta:
-    return ModelMeta(
-        classes=tuple(classes),
-        channels=channels,
-        image_size=size,
-        resize="pad",
-        mean=(0.5,) * channels,
-        std=(0.25,) * channels,
-        architecture=tuple(model.architecture()),
-        model_name="fast",
-    )
+from conftest import model_meta
 
 
 @pytest.fixture
@@ -38,7 +26,7 @@ def saved(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
         model.train()
         model(torch.randn(8, 3, 16, 16))
     model.eval()
-    save_model(tmp_path / "run", model, _meta(model))
+    save_model(tmp_path / "run", model, model_meta(model))
     return tmp_path / "run", model
 
 
@@ -54,7 +42,7 @@ def test_save_then_load_gives_identical_outputs(saved: tuple[Path, torch.nn.Modu
         a, b, c = original(x), loaded(x), again(x)
     assert a.dtype == torch.float32
     assert torch.equal(a, b) and torch.equal(b, c)  # bit for bit
-    assert meta == _meta(original)
+    assert meta == model_meta(original)
     assert loaded.infos == original.infos
 
 
@@ -84,7 +72,7 @@ def test_meta_json_round_trip_and_preprocessing_block(saved) -> None:
         "std": [0.25, 0.25, 0.25],
         "layout": "NCHW float32, x = (pixel / 255 - mean) / std",
     }
-    assert ModelMeta.from_json((run / "model.json").read_text()) == _meta(model)
+    assert ModelMeta.from_json((run / "model.json").read_text()) == model_meta(model)
 
 
 def test_weights_equal_notices_a_change(saved) -> None:
@@ -216,7 +204,7 @@ def test_save_model_overwrites_atomically(saved) -> None:
     run, model = saved
     with torch.no_grad():
         model.layers["dense1"].bias.fill_(0.25)
-    save_model(run, model, _meta(model))
+    save_model(run, model, model_meta(model))
     loaded, _ = load_model(run)
     assert torch.equal(loaded.layers["dense1"].bias, torch.full((3,), 0.25))
     assert sorted(p.name for p in run.iterdir()) == ["model.json", "model.safetensors"]

@@ -24,11 +24,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cnnkit.checkpoint import ModelMeta, load_model, save_model
+from cnnkit.checkpoint import load_model, save_model
 from cnnkit.errors import CheckpointError, RunDirError
 from cnnkit.models.network import Network
 from cnnkit.models.registry import build_network, load_model_spec
 from cnnkit.training import state as ckpt
+from conftest import model_meta
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "cnnkit"
 
@@ -111,16 +112,7 @@ def run_dir(tmp_path: Path) -> Path:
     """A run directory with a model and two checkpoints (the newest and the previous one)."""
     out = tmp_path / "run"
     model = tiny_network()
-    meta = ModelMeta(
-        classes=("a", "b", "c"),
-        channels=3,
-        image_size=16,
-        resize="crop",
-        mean=(0.5, 0.5, 0.5),
-        std=(0.25, 0.25, 0.25),
-        architecture=tuple(model.architecture()),
-        model_name="fast",
-    )
+    meta = model_meta(model, resize="crop")
     save_model(out, model, meta)
     for _ in range(2):
         ckpt.save_checkpoint(out, model, training_state())

@@ -35,6 +35,7 @@ from cnnkit.data.shapes import generate_shapes
 from cnnkit.errors import DataError, ImageError, RunDirError
 from cnnkit.models.registry import build_network, load_model_spec
 from cnnkit.training import state as ckpt
+from conftest import model_meta
 
 # ------------------------------------------------------------------------------ bombs
 
@@ -171,16 +172,7 @@ def run_dir(tmp_path: Path) -> Path:
     spec = load_model_spec("fast")
     torch.manual_seed(0)
     model = build_network(spec.layers, 3, 3, 16)
-    meta = ModelMeta(
-        classes=("circle", "square", "triangle"),
-        channels=3,
-        image_size=16,
-        resize="crop",
-        mean=(0.5, 0.5, 0.5),
-        std=(0.25, 0.25, 0.25),
-        architecture=tuple(model.architecture()),
-        model_name="fast",
-    )
+    meta = model_meta(model, classes=("circle", "square", "triangle"), resize="crop")
     save_model(tmp_path / "run", model, meta)
     return tmp_path / "run"
 

@@ -24,11 +24,12 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from cnnkit.checkpoint import ModelMeta, save_model
+from cnnkit.checkpoint import save_model
 from cnnkit.data.images import load_image, to_model_input
 from cnnkit.errors import ImageError
 from cnnkit.inference import Classifier, load
 from cnnkit.models.registry import build_network, load_model_spec
+from conftest import model_meta
 
 FUZZ_EXAMPLES = int(os.environ.get("CNNKIT_FUZZ_EXAMPLES", "500"))
 MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "CMYK", "YCbCr", "I;16", "I", "F")
@@ -118,15 +119,7 @@ def classifier(tmp_path_factory: pytest.TempPathFactory) -> Classifier:
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(8.0)
-    meta = ModelMeta(
-        classes=("a", "b", "c", "d"),
-        channels=3,
-        image_size=32,
-        resize="crop",
-        mean=(0.5, 0.5, 0.5),
-        std=(0.25, 0.25, 0.25),
-        architecture=tuple(model.architecture()),
-    )
+    meta = model_meta(model, ("a", "b", "c", "d"), size=32, resize="crop", model_name="")
     run = tmp_path_factory.mktemp("props") / "run"
     save_model(run, model, meta)
     return load(run, device="cpu")
