@@ -19,7 +19,7 @@ Two ways to handle the edge:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -205,6 +205,18 @@ def _check_stride(stride: int, what: str = "--stride") -> None:
         raise ConfigError(f"{what}: expected a positive integer, got {stride!r}")
 
 
+def _windows(
+    source: np.ndarray, kh: int, kw: int, stride: int
+) -> Iterator[tuple[tuple[int, int], tuple[int, int], np.ndarray]]:
+    """Each window a kernel or pooling window of ``kh`` x ``kw`` visits, row by row:
+    (output cell, top-left input cell, a copy of the window). Convolution and pooling
+    slide the same way; only what they compute from a window differs."""
+    for i in range((source.shape[0] - kh) // stride + 1):
+        for j in range((source.shape[1] - kw) // stride + 1):
+            r, c = i * stride, j * stride
+            yield (i, j), (r, c), source[r : r + kh, c : c + kw].copy()
+
+
 def explain_conv(
     image: np.ndarray | Sequence[Sequence[float]] | None = None,
     kernel: np.ndarray | Sequence[Sequence[float]] | None = None,
@@ -236,13 +248,10 @@ def explain_conv(
     wo = (source.shape[1] - kw) // stride + 1
     result = np.zeros((ho, wo), dtype=np.float64)
     steps = []
-    for i in range(ho):
-        for j in range(wo):
-            r, c = i * stride, j * stride
-            window = source[r : r + kh, c : c + kw]
-            total = float((window * ker).sum())
-            result[i, j] = total
-            steps.append(ConvStep((i, j), (r, c), window.copy(), ker, total))
+    for out, at, window in _windows(source, kh, kw, stride):
+        total = float((window * ker).sum())
+        result[out] = total
+        steps.append(ConvStep(out, at, window, ker, total))
     if padding == "border":
         # The result belongs to the centre cells of its windows; the edge gets pad_value.
         top, left = (kh - 1) // 2, (kw - 1) // 2
@@ -340,10 +349,7 @@ def explain_pool(
     ho, wo = (h - size) // stride + 1, (w - size) // stride + 1
     result = np.zeros((ho, wo), dtype=np.float64)
     steps = []
-    for i in range(ho):
-        for j in range(wo):
-            r, c = i * stride, j * stride
-            window = fmap[r : r + size, c : c + size]
-            result[i, j] = window.max()
-            steps.append(PoolStep((i, j), (r, c), window.copy(), float(result[i, j])))
+    for out, at, window in _windows(fmap, size, size, stride):
+        result[out] = window.max()
+        steps.append(PoolStep(out, at, window, float(result[out])))
     return PoolExplanation(fmap, size, stride, tuple(steps), result)
