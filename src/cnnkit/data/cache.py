@@ -61,10 +61,8 @@ class DecodedImages:
         return len(self.labels)
 
 
-def _cache_key(files: ImageList, size: int, channels: str, resize: str) -> str:
-    """A digest of the settings and of every file's absolute path, label, size and mtime."""
-    digest = hashlib.sha256()
-    digest.update(f"v{CACHE_VERSION}|{size}|{channels}|{resize}\n".encode())
+def _file_stamps(files: ImageList) -> bytes:
+    """Every file's absolute path, label, size and mtime, one line each: what a cache holds."""
     lines = []
     for path, label in zip(files.paths, files.labels, strict=True):
         name = os.path.abspath(path)  # string arithmetic only: no per-file resolve()
@@ -74,7 +72,14 @@ def _cache_key(files: ImageList, size: int, channels: str, resize: str) -> str:
         except OSError:
             stamp = "missing"
         lines.append(f"{name}|{label}|{stamp}\n")
-    digest.update("".join(lines).encode())
+    return "".join(lines).encode()
+
+
+def _cache_key(stamps: bytes, size: int, channels: str, resize: str) -> str:
+    """A digest of the settings and of the files' stamps (``_file_stamps``)."""
+    digest = hashlib.sha256()
+    digest.update(f"v{CACHE_VERSION}|{size}|{channels}|{resize}\n".encode())
+    digest.update(stamps)
     return digest.hexdigest()[:32]
 
 
@@ -166,13 +171,14 @@ def decode_cached(
     are an error. ``channels="auto"`` keeps one channel when every usable image is greyscale.
     """
     root = Path(cache_root) if cache_root else default_cache_root()
-    key = _cache_key(files, size, str(channels), resize)
+    stamps = _file_stamps(files)  # stat each file once, whichever keys are looked up
+    key = _cache_key(stamps, size, str(channels), resize)
     folder = root / key
     # A cache decoded with channels "auto" serves an explicit request for the channel count
     # it resolved to (a resumed run, evaluation and reports ask for it by number).
     candidates = [folder]
     if str(channels) != "auto":
-        candidates.append(root / _cache_key(files, size, "auto", resize))
+        candidates.append(root / _cache_key(stamps, size, "auto", resize))
     for found in candidates:
         if not (found / "meta.json").is_file():
             continue
