@@ -49,12 +49,13 @@ from cnnkit.errors import ConfigError
         (lambda: TrainConfig(lr=math.inf), "train.lr: expected a number, got inf"),
         (
             lambda: TrainConfig(optimizer="rmsprop"),
-            "train.optimizer: expected one of adam, adamw, sgd, got 'rmsprop'",
+            "train.optimizer: expected one of adam, adamw, sgd, muon, got 'rmsprop'",
         ),
         (
             lambda: TrainConfig(schedule="step"),
-            "train.schedule: expected one of onecycle, cosine, constant, got 'step'",
+            "train.schedule: expected one of onecycle, cosine, linear, constant, got 'step'",
         ),
+        (lambda: TrainConfig(muon_lr=0), "train.muon_lr: expected a number from 1e-09 to 10"),
         (lambda: TrainConfig(weight_decay=2.0), "train.weight_decay: expected a number from 0"),
         (lambda: TrainConfig(momentum=1.0), "train.momentum: expected a number from 0 to 0.999"),
         (lambda: TrainConfig(label_smoothing=0.6), "train.label_smoothing: expected a number"),

@@ -286,3 +286,27 @@ def test_deterministic_mode_does_not_outlive_the_run(tiny_shapes: Path, tmp_path
     cfg = tiny_config(tiny_shapes, epochs=1, deterministic=True)
     train(cfg, tmp_path / "run", progress=False)
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_muon_trains_the_filters_and_adamw_the_rest(shapes_dir: Path, tmp_path: Path) -> None:
+    cfg = quick_config(
+        shapes_dir, optimizer="muon", muon_lr=0.05, momentum=0.6, schedule="linear", epochs=8
+    )
+    result = train(cfg, tmp_path / "run", progress=False)
+    assert result.best_val_acc >= 0.85
+    assert load_yaml(tmp_path / "run" / "config.yaml")["train"]["optimizer"] == "muon"
+
+
+def test_the_muon_group_holds_the_trainable_filters_only() -> None:
+    from cnnkit.models.registry import build_network, load_model_spec
+
+    model = build_network(load_model_spec("cifar").layers, 10, 3, 32)
+    opt = loop_mod._optimizer(model, dataclasses.replace(RunConfig().train, optimizer="muon"))
+    (muon,) = [g for g in opt.param_groups if g["muon"]]
+    convs = [m.weight for m in model.modules() if type(m).__name__ == "Conv2d"]
+    assert len(muon["params"]) == len(convs) == 6  # the frozen whitening filters are not in it
+    assert muon["lr"] == RunConfig().train.muon_lr
+    others = [p for g in opt.param_groups if not g["muon"] for p in g["params"]]
+    assert len(others) + len(muon["params"]) == len(list(model.parameters()))
+    plain = loop_mod._optimizer(model, RunConfig().train)
+    assert not any(g["muon"] for g in plain.param_groups)

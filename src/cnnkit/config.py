@@ -30,8 +30,8 @@ __all__ = [
 ]
 
 RESIZE_MODES = ("crop", "squash", "pad")
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("onecycle", "cosine", "constant")
+OPTIMIZERS = ("adam", "adamw", "sgd", "muon")
+SCHEDULES = ("onecycle", "cosine", "linear", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -135,8 +135,9 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 3e-3
     optimizer: str = "adamw"
+    muon_lr: float = 0.24  # optimizer muon: step size of the convolution filters' updates
     weight_decay: float = 5e-4
-    momentum: float = 0.9
+    momentum: float = 0.9  # SGD's Nesterov momentum; with muon, that of the filters
     schedule: str = "onecycle"
     label_smoothing: float = 0.0
     patience: int | None = None  # epochs without improvement before stopping
@@ -162,6 +163,7 @@ class TrainConfig:
         if not isinstance(self.lr, int | float) or isinstance(self.lr, bool) or not self.lr > 0:
             raise _fail("train", "lr", self.lr, "expected a positive number")
         _number("train", "lr", self.lr, 0.0, 10.0)
+        _number("train", "muon_lr", self.muon_lr, 1e-9, 10.0)
         _choice("train", "optimizer", self.optimizer, OPTIMIZERS)
         _number("train", "weight_decay", self.weight_decay, 0.0, 1.0)
         _number("train", "momentum", self.momentum, 0.0, 0.999)

@@ -31,8 +31,13 @@ def train_cmd(
     epochs: Annotated[int | None, typer.Option()] = None,
     batch_size: Annotated[int | None, typer.Option()] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
-    optimizer: Annotated[str | None, typer.Option(help="adam, adamw or sgd.")] = None,
-    schedule: Annotated[str | None, typer.Option(help="onecycle, cosine or constant.")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="adam, adamw, sgd or muon.")] = None,
+    muon_lr: Annotated[
+        float | None, typer.Option(help="Muon's step size for convolution filters.")
+    ] = None,
+    schedule: Annotated[
+        str | None, typer.Option(help="onecycle, cosine, linear or constant.")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for split, order and weights.")] = None,
     val_split: Annotated[float | None, typer.Option(help="Validation fraction.")] = None,
     target_accuracy: Annotated[float | None, typer.Option(help="Stop at this val acc.")] = None,
@@ -94,6 +99,7 @@ def train_cmd(
         "train.batch_size": batch_size,
         "train.lr": lr,
         "train.optimizer": optimizer,
+        "train.muon_lr": muon_lr,
         "train.schedule": schedule,
         "train.seed": seed,
         "train.target_accuracy": target_accuracy,

@@ -34,7 +34,7 @@ from cnnkit.models.registry import build_network, load_model_spec
 from cnnkit.training import distributed as dist
 from cnnkit.training import state as ckpt
 from cnnkit.training.augment import build_augmentation
-from cnnkit.training.optim import Optimizer, Schedule, constant, cosine, one_cycle
+from cnnkit.training.optim import Optimizer, Schedule, constant, cosine, linear, one_cycle
 from cnnkit.training.outputs import TrainResult, check_resumable, fingerprint, write_outputs
 from cnnkit.training.session import prepare_run_dir, progress_bar, stop_on_signals
 
@@ -49,14 +49,20 @@ class TrainingInterrupted(CnnkitError):
 
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> Optimizer:
     # No weight decay on biases and batchnorm parameters (1-D tensors), as is standard.
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    # Muon steps the convolution filters (4-D) at its own rate, the rest as AdamW.
+    params = list(model.parameters())
+    muon = cfg.optimizer == "muon"
+    filters = [p for p in params if muon and p.ndim == 4 and p.requires_grad]
+    decay = [p for p in params if p.ndim > 1 and not any(p is f for f in filters)]
+    no_decay = [p for p in params if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay}]
+    if filters:
+        groups.append({"params": filters, "lr": cfg.muon_lr, "muon": True})
     return Optimizer(groups, cfg.optimizer, cfg.lr, betas=(0.9, 0.99), momentum=cfg.momentum)
 
 
 def _schedule(opt: Optimizer, cfg: TrainConfig, total_steps: int) -> Schedule:
-    factor = {"onecycle": one_cycle, "cosine": cosine}.get(cfg.schedule)
+    factor = {"onecycle": one_cycle, "cosine": cosine, "linear": linear}.get(cfg.schedule)
     return Schedule(opt, factor(total_steps) if factor else constant)
 
 
