@@ -61,3 +61,32 @@ def test_translate_shifts_content() -> None:
     y = aug(x)
     centres = (y[:, 0].sum(1) * torch.arange(16)).sum(1) / y[:, 0].sum((1, 2))
     assert centres.std() > 0.5  # the square moved by different amounts
+
+
+def test_a_shift_alone_moves_each_image_by_whole_pixels_reflecting_the_edge() -> None:
+    torch.manual_seed(1)
+    x = torch.randn(48, 2, 8, 8)
+    y = build_augmentation(AugmentConfig(**{**OFF, "translate": 0.25}))(x)  # up to 2 pixels
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="reflect")
+    offsets = set()
+    for i in range(len(x)):
+        # exactly one window of the reflect-padded image, no resampling
+        found = [
+            (dy, dx)
+            for dy in range(5)
+            for dx in range(5)
+            if torch.equal(y[i], padded[i, :, dy : dy + 8, dx : dx + 8])
+        ]
+        assert len(found) == 1
+        offsets.add(found[0])
+    assert len(offsets) > 10  # drawn per image, over the whole range
+    assert {o[0] for o in offsets} == set(range(5)) == {o[1] for o in offsets}
+
+
+def test_a_shift_with_mirroring_keeps_both_and_tiny_shifts_change_nothing() -> None:
+    x = _batch(32)
+    y = build_augmentation(AugmentConfig(**{**OFF, "hflip": True, "translate": 0.1}))(x)
+    assert y.shape == x.shape and not torch.equal(y, x)
+    # 0.01 of 16 pixels rounds to no shift at all: only the mirroring remains
+    z = build_augmentation(AugmentConfig(**{**OFF, "hflip": True, "translate": 0.01}))(x)
+    assert all(torch.equal(z[i], x[i]) or torch.equal(z[i], x[i].flip(2)) for i in range(32))
