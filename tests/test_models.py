@@ -613,3 +613,16 @@ def test_summary_follows_image_size_and_channels() -> None:
     assert info["layers"][-1]["params"] == 24 * 16 * 16 * 5 + 5
     infos = infer_shapes(with_head(list(load_model_spec("seed").layers), 5), (1, 64, 64))
     assert info["total_flops"] == sum(i.flops for i in infos)
+
+
+def test_batchnorm_without_scale_learns_only_its_shift() -> None:
+    net = build_network(parse_layers([{"conv": {"filters": 4}}, {"bn": {"scale": False}}]), 3, 3, 8)
+    norm = net.layers["batchnorm1"]
+    assert not norm.weight.requires_grad and norm.bias.requires_grad
+    net(torch.randn(4, 3, 8, 8)).sum().backward()
+    assert norm.weight.grad is None and norm.bias.grad is not None
+    assert torch.equal(norm.weight, torch.ones(4))
+    plain = build_network(parse_layers([{"conv": {"filters": 4}}, "batchnorm"]), 3, 3, 8)
+    assert plain.layers["batchnorm1"].weight.requires_grad
+    with pytest.raises(ConfigError, match=r"layer 2 \(batchnorm\): scale: expected true or false"):
+        parse_layers([{"conv": {"filters": 4}}, {"batchnorm": {"scale": "no"}}])

@@ -30,7 +30,7 @@ LAYER_FIELDS: dict[str, dict[str, Any]] = {
     "gmp": {},  # global max pooling: (C, H, W) -> (C,), "is this feature anywhere?"
     "dropout2d": {"rate": 0.2},
     "dropout": {"rate": 0.5},
-    "batchnorm": {"momentum": 0.1, "eps": 1e-5},
+    "batchnorm": {"momentum": 0.1, "eps": 1e-5, "scale": True},  # scale: learn the gain
     "flatten": {},
     "dense": {"units": None},
     "scale": {"factor": 1.0},  # multiply by a constant: tempers the logits of a fast model
@@ -162,6 +162,10 @@ def _one(i: int, raw: Any) -> LayerSpec:
     elif kind == "dense" and params["units"] is not None:
         _int(i, kind, "units", params["units"])
     elif kind == "batchnorm":
+        if not isinstance(params["scale"], bool):
+            raise ConfigError(
+                f"{_where(i, kind)}: scale: expected true or false, got {params['scale']!r}"
+            )
         for name in ("momentum", "eps"):
             v = params[name]
             if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v < 1:

@@ -111,7 +111,9 @@ def build_layer(info: LayerInfo) -> nn.Module:
     if kind == "dropout":
         return nn.Dropout(p["rate"])
     if kind == "batchnorm":
-        return nn.BatchNorm2d(info.in_shape[0], eps=p["eps"], momentum=p["momentum"])
+        norm = nn.BatchNorm2d(info.in_shape[0], eps=p["eps"], momentum=p["momentum"])
+        norm.weight.requires_grad_(p.get("scale", True))  # scale false: the gain stays 1
+        return norm
     if kind == "flatten":
         return nn.Flatten()
     if kind == "scale":
