@@ -70,14 +70,22 @@ RECIPES = {
         lr=1e-2,
         flags=("--no-augment", "--label-smoothing", "0.1"),
     ),
-    # The cifar preset's recommended settings; 8 epochs fit the 10 minutes on two cores.
+    # The cifar preset's recommended settings; 7 epochs fit the 10 minutes on two cores.
     "cifar10": Recipe(
         0.94,
         "cifar",
-        epochs=8,
-        batch_size=128,
-        lr=6e-3,
+        epochs=7,
+        batch_size=1000,
+        lr=1e-2,
         flags=(
+            "--optimizer",
+            "muon",
+            "--muon-lr",
+            "0.24",
+            "--momentum",
+            "0.6",
+            "--schedule",
+            "linear",
             "--hflip",
             "--rotate",
             "0",
@@ -90,8 +98,6 @@ RECIPES = {
             "--label-smoothing",
             "0.2",
             "--tta",
-            "--ema",
-            "0.99",
         ),
     ),
 }

@@ -229,6 +229,15 @@ def test_train_config_file_and_flags(tiny_shapes: Path, tmp_path: Path) -> None:
     assert cfg.train.lr == 0.01 and cfg.augment.enabled is False  # the file wins over defaults
 
 
+def test_train_optimizer_flags(tiny_shapes: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    flags = ["--optimizer", "muon", "--muon-lr", 0.1, "--momentum", 0.5, "--schedule", "linear"]
+    result = invoke("train", tiny_shapes, "--out", out, *TINY_TRAIN, *flags)
+    assert result.exit_code == 0, result.output
+    cfg = RunConfig.from_dict(load_yaml(out / "config.yaml")).train
+    assert (cfg.optimizer, cfg.muon_lr, cfg.momentum, cfg.schedule) == ("muon", 0.1, 0.5, "linear")
+
+
 def test_train_shows_progress_without_quiet(tiny_shapes: Path, tmp_path: Path) -> None:
     args = [a for a in TINY_TRAIN if a != "--quiet"]
     result = invoke("train", tiny_shapes, "--out", tmp_path / "run", *args)

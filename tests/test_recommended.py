@@ -22,7 +22,8 @@ def test_a_preset_s_recommendations_replace_the_defaults() -> None:
     assert cfg.train.label_smoothing == 0.1 and not cfg.augment.enabled
     assert cfg.train.optimizer == TrainConfig().optimizer  # not recommended: the default
     cifar = resolve_run_config(None, {"model": "cifar"})
-    assert cifar.train.tta and cifar.train.ema == 0.99 and cifar.augment.translate == 0.0625
+    assert cifar.train.tta and cifar.train.optimizer == "muon" and cifar.train.ema is None
+    assert cifar.train.schedule == "linear" and cifar.augment.translate == 0.0625
     assert cifar.augment.rotate == 0 and cifar.augment.hflip
 
 

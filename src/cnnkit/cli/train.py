@@ -35,6 +35,9 @@ def train_cmd(
     muon_lr: Annotated[
         float | None, typer.Option(help="Muon's step size for convolution filters.")
     ] = None,
+    momentum: Annotated[
+        float | None, typer.Option(help="SGD's (or, with muon, the filters') momentum.")
+    ] = None,
     schedule: Annotated[
         str | None, typer.Option(help="onecycle, cosine, linear or constant.")
     ] = None,
@@ -100,6 +103,7 @@ def train_cmd(
         "train.lr": lr,
         "train.optimizer": optimizer,
         "train.muon_lr": muon_lr,
+        "train.momentum": momentum,
         "train.schedule": schedule,
         "train.seed": seed,
         "train.target_accuracy": target_accuracy,
