@@ -132,9 +132,10 @@ class Optimizer:
         torch._foreach_add_(denom, self.eps)
         torch._foreach_addcdiv_(params, exp_avgs, denom, step_sizes)
 
-    def _sgd(self, group: dict, keys: list[int], params: list, grads: list) -> None:
-        lr, decay, momentum = group["lr"], group["weight_decay"], self.momentum
-        grads = torch._foreach_add(grads, params, alpha=decay) if decay else list(grads)
+    def _nesterov(self, keys: list[int], grads: list) -> list[torch.Tensor]:
+        """Update each parameter's momentum buffer with its gradient (the first step starts
+        it at the gradient, as torch does) and return the Nesterov look-ahead directions."""
+        momentum = self.momentum
         fresh = [k not in self.state for k in keys]
         for k, g, new in zip(keys, grads, fresh, strict=True):
             if new:
@@ -146,19 +147,16 @@ class Optimizer:
             torch._foreach_mul_(bufs, momentum)
             torch._foreach_add_(bufs, [grads[i] for i in old])
         bufs = [self.state[k]["momentum"] for k in keys]
-        grads = torch._foreach_add(grads, bufs, alpha=momentum)  # Nesterov look-ahead
-        torch._foreach_add_(params, grads, alpha=-lr)
+        return torch._foreach_add(grads, bufs, alpha=momentum)
+
+    def _sgd(self, group: dict, keys: list[int], params: list, grads: list) -> None:
+        lr, decay = group["lr"], group["weight_decay"]
+        grads = torch._foreach_add(grads, params, alpha=decay) if decay else list(grads)
+        torch._foreach_add_(params, self._nesterov(keys, grads), alpha=-lr)
 
     def _muon(self, group: dict, keys: list[int], params: list, grads: list) -> None:
-        lr, momentum = group["lr"], self.momentum
-        for k, p, g in zip(keys, params, grads, strict=True):
-            if k not in self.state:
-                self.state[k] = {"step": 0, "momentum": torch.zeros_like(g)}
-            state = self.state[k]
-            state["step"] += 1
-            buf = state["momentum"]
-            buf.mul_(momentum).add_(g)
-            direction = g.add(buf, alpha=momentum)  # Nesterov look-ahead
+        lr = group["lr"]
+        for p, direction in zip(params, self._nesterov(keys, list(grads)), strict=True):
             p.mul_(math.sqrt(p.shape[0]) / p.norm().clamp_min(1e-12))
             update = orthogonalise(direction.reshape(p.shape[0], -1)).view_as(p)
             p.add_(update.to(p.dtype), alpha=-lr)
