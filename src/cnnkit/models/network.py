@@ -112,7 +112,7 @@ def build_layer(info: LayerInfo) -> nn.Module:
         return nn.Dropout(p["rate"])
     if kind == "batchnorm":
         norm = nn.BatchNorm2d(info.in_shape[0], eps=p["eps"], momentum=p["momentum"])
-        norm.weight.requires_grad_(p.get("scale", True))  # scale false: the gain stays 1
+        norm.weight.requires_grad_(p["scale"])  # scale false: the gain stays 1
         return norm
     if kind == "flatten":
         return nn.Flatten()

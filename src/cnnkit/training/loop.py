@@ -53,7 +53,8 @@ def _optimizer(model: nn.Module, cfg: TrainConfig) -> Optimizer:
     params = list(model.parameters())
     muon = cfg.optimizer == "muon"
     filters = [p for p in params if muon and p.ndim == 4 and p.requires_grad]
-    decay = [p for p in params if p.ndim > 1 and not any(p is f for f in filters)]
+    taken = {id(p) for p in filters}
+    decay = [p for p in params if p.ndim > 1 and id(p) not in taken]
     no_decay = [p for p in params if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay}]
     if filters:
