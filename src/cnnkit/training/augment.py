@@ -36,7 +36,6 @@ class BatchAugment(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.warps = bool(cfg.shear or cfg.rotate or cfg.scale)
-        self.shifts = bool(cfg.translate) and not self.warps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from kornia.geometry.transform import get_affine_matrix2d, warp_affine
@@ -52,7 +51,7 @@ class BatchAugment(nn.Module):
         if not self.warps:  # flips and whole-pixel shifts: index instead of resampling
             x = torch.where(flip_x.view(n, 1, 1, 1) < 0, x.flip(3), x)
             x = torch.where(flip_y.view(n, 1, 1, 1) < 0, x.flip(2), x)
-            return shift_pixels(x, cfg.translate) if self.shifts else x
+            return shift_pixels(x, cfg.translate)  # (no shift: x itself)
         zoom = 1.0 + _uniform(n, cfg.scale, dev)
         scale = torch.stack([zoom * flip_x, zoom * flip_y], dim=1)  # (n, 2), sign = flip
         shift = torch.stack(
