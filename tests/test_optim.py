@@ -192,7 +192,7 @@ def test_muon_steps_filters_along_orthogonalised_nesterov_momentum() -> None:
     conv = model[3].weight
     buf = torch.zeros_like(conv)
     for step in range(3):
-        _train_conv(model, opt, step, keep_grad=True)
+        _train_conv(model, opt, step, apply=False)  # gradients only
         before = conv.detach().clone()
         grad = conv.grad.clone()
         opt.step()
@@ -204,14 +204,14 @@ def test_muon_steps_filters_along_orthogonalised_nesterov_momentum() -> None:
         assert conv.detach().norm() == pytest.approx(math.sqrt(8), rel=0.2)
 
 
-def _train_conv(model: nn.Module, opt: Optimizer, step: int, keep_grad: bool = False) -> float:
+def _train_conv(model: nn.Module, opt: Optimizer, step: int, apply: bool = True) -> float:
     g = torch.Generator().manual_seed(step % 4)  # four fixed batches, cycled
     x = torch.randn(16, 3, 6, 6, generator=g)
     y = (x[:, 0].mean((1, 2)) > 0).long() + (x[:, 1].mean((1, 2)) > 0).long()
     opt.zero_grad(set_to_none=True)
     loss = nn.functional.cross_entropy(model(x), y)
     loss.backward()
-    if not keep_grad:
+    if apply:
         opt.step()
     return loss.item()
 
