@@ -292,13 +292,13 @@ def test_load_pt2_runs_nothing_from_a_crafted_archive(pt2_export, tmp_path) -> N
         },
         {},
     )
-    with pytest.raises(CheckpointError, match=r"not a loadable torch\.export program"):
+    with pytest.raises(CheckpointError, match=r"refused, it holds pickled Python objects"):
         load_pt2(pickled_weight)
     opaque = tmp_path / "opaque.pt2"
     _rewrite(
         pt2_export.path, opaque, {}, {f"{root}data/constants/opaque_obj_0": payload.read_bytes()}
     )
-    with pytest.raises(CheckpointError, match=r"refused, it holds pickled Python objects"):
+    with pytest.raises(CheckpointError, match=r"refused, it holds an entry"):
         load_pt2(opaque)
     junk = tmp_path / "junk.pt2"
     junk.write_bytes(b"not a zip")
@@ -306,3 +306,97 @@ def test_load_pt2_runs_nothing_from_a_crafted_archive(pt2_export, tmp_path) -> N
         load_pt2(junk)
     assert not marker.exists()
     assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ  # restored
+
+
+def _constant_payload_attack(src: Path, dst: Path, entry: str, path_name: str, payload: bytes):
+    """``src`` with one more constant: the constants table names ``path_name`` (which torch
+    looks up case-insensitively) and the archive stores the pickle as ``entry``."""
+    root = "archive/"
+    config_name = f"{root}data/constants/model_constants_config.json"
+    with zipfile.ZipFile(src) as archive:
+        config = json.loads(archive.read(config_name))
+    config["config"]["evil"] = {
+        "path_name": path_name,
+        "is_param": False,
+        "use_pickle": True,
+        "tensor_meta": None,
+    }
+    _rewrite(
+        src,
+        dst,
+        {config_name: json.dumps(config).encode()},
+        {f"{root}data/constants/{entry}": payload},
+    )
+
+
+@pytest.mark.parametrize(
+    ("entry", "path_name"),
+    [
+        ("OPAQUE_OBJ_0", "opaque_obj_0"),  # miniz finds the upper-case name for torch
+        ("Opaque_Obj_0", "opaque_obj_0"),
+        ("CUSTOM_OBJ_0", "custom_obj_0"),
+        ("opaque_obj_0", "opaque_obj_0"),
+        ("TENSOR_0", "tensor_0"),  # a pickled tensor constant: torch.load(weights_only=False)
+    ],
+)
+def test_load_pt2_refuses_pickled_constants_of_any_case(
+    pt2_export, tmp_path, entry: str, path_name: str
+) -> None:
+    import pickle
+
+    marker = tmp_path / "pwned"
+    crafted = tmp_path / "crafted.pt2"
+    _constant_payload_attack(
+        pt2_export.path,
+        crafted,
+        entry,
+        path_name,
+        pickle.dumps(_RunsCommand(f"touch {marker}")),
+    )
+    with pytest.raises(CheckpointError) as refused:
+        load_pt2(crafted)
+    assert not marker.exists(), "loading the .pt2 ran the command inside it"
+    assert "refused" in str(refused.value)
+
+
+def _graph_attack(src: Path, dst: Path, change) -> None:
+    name = "archive/models/model.json"
+    with zipfile.ZipFile(src) as archive:
+        graph = json.loads(archive.read(name))
+    change(graph)
+    _rewrite(src, dst, {name: json.dumps(graph).encode()}, {})
+
+
+def _first(tree, key: str) -> dict:
+    """The first mapping in ``tree`` that has ``key``."""
+    stack = [tree]
+    while stack:
+        node = stack.pop(0)
+        if isinstance(node, dict):
+            if key in node:
+                return node
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    raise AssertionError(f"no {key!r} in the graph")
+
+
+@pytest.mark.parametrize("attack", ["size expression", "guard code", "call target"])
+def test_load_pt2_refuses_a_graph_that_would_run_python(pt2_export, tmp_path, attack) -> None:
+    marker = tmp_path / "pwned"
+    code = f"__import__('os').system('touch {marker}')"
+
+    def change(graph: dict) -> None:
+        if attack == "size expression":  # sympy.sympify evaluates the string
+            _first(graph, "expr_str")["expr_str"] = code
+        elif attack == "guard code":  # torch compiles guards into a Python function
+            _first(graph, "guards_code")["guards_code"] = [f"{code} or True"]
+        else:
+            _first(graph, "target")["target"] = "torch.serialization.load"
+
+    crafted = tmp_path / "crafted.pt2"
+    _graph_attack(pt2_export.path, crafted, change)
+    with pytest.raises(CheckpointError) as refused:
+        load_pt2(crafted)
+    assert not marker.exists(), "loading the .pt2 ran the command inside it"
+    assert "refused, its graph" in str(refused.value)
