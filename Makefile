@@ -9,8 +9,9 @@ PIP    := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
 
+# Everything the README documents: ONNX export and prediction (export), the server (serve).
 $(VENV)/.installed: $(VENV)/bin/activate pyproject.toml constraints.txt
-	$(PIP) -e .
+	$(PIP) -e '.[export,serve]'
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/bin/activate pyproject.toml constraints.txt

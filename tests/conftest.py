@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -124,3 +125,27 @@ def model_meta(
         architecture=tuple(model.architecture()),
         model_name=model_name,
     )
+
+
+def training_state() -> dict[str, Any]:
+    """A checkpoint state as the training loop writes it: cnnkit's optimizer and schedule
+    after one step on a small model, a history row, the random states, a fingerprint."""
+    import torch
+
+    from cnnkit.training import state as ckpt
+    from cnnkit.training.optim import Optimizer, Schedule, constant
+
+    model = torch.nn.Linear(4, 2)
+    opt = Optimizer([{"params": model.parameters(), "weight_decay": 0.1}], "adamw", 0.1)
+    model(torch.ones(1, 4)).sum().backward()
+    opt.step()
+    row = {"epoch": 1, "train_loss": 0.7, "train_acc": 0.5, "val_loss": 0.6, "val_acc": 0.5}
+    progress = ckpt.Progress(epoch=1, step=3, history=[row], best_acc=0.5, best_epoch=1)
+    return {
+        "progress": ckpt.progress_to_state(progress),
+        "optimizer": opt.state_dict(),
+        "scheduler": Schedule(opt, constant).state_dict(),
+        "total_steps": 10,
+        "rng": ckpt.rng_state(),
+        "fingerprint": {"data": "0" * 64, "classes": ["a", "b"], "images": [4, 2]},
+    }

@@ -29,7 +29,7 @@ from cnnkit.errors import CheckpointError, RunDirError
 from cnnkit.models.network import Network
 from cnnkit.models.registry import build_network, load_model_spec
 from cnnkit.training import state as ckpt
-from conftest import model_meta
+from conftest import model_meta, training_state
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "cnnkit"
 
@@ -50,23 +50,6 @@ class RunsCommand:
 def tiny_network() -> Network:
     spec = load_model_spec("fast")
     return build_network(spec.layers, 3, 3, 16)
-
-
-def training_state() -> dict[str, Any]:
-    """A state shaped like the training loop's, with real optimizer and scheduler states."""
-    model = torch.nn.Linear(4, 2)
-    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
-    model(torch.ones(1, 4)).sum().backward()
-    opt.step()
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10)
-    return {
-        "progress": ckpt.progress_to_state(ckpt.Progress(epoch=1, step=3)),
-        "optimizer": opt.state_dict(),
-        "scheduler": sched.state_dict(),
-        "total_steps": 10,
-        "rng": ckpt.rng_state(),
-        "fingerprint": {"data": "0" * 64, "classes": ["a", "b"], "images": [4, 2]},
-    }
 
 
 def replace_file(folder: Path, name: str, data: bytes) -> None:

@@ -35,7 +35,7 @@ from cnnkit.data.shapes import generate_shapes
 from cnnkit.errors import DataError, ImageError, RunDirError
 from cnnkit.models.registry import build_network, load_model_spec
 from cnnkit.training import state as ckpt
-from conftest import model_meta
+from conftest import model_meta, training_state
 
 # ------------------------------------------------------------------------------ bombs
 
@@ -254,7 +254,7 @@ def test_checkpoint_on_a_full_disk_keeps_the_previous_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model = torch.nn.Linear(64, 64)  # 16 kB of weights
-    state = {key: {} for key in ckpt.STATE_KEYS}
+    state = training_state()
     ckpt.save_checkpoint(tmp_path, model, state)
     before = files_under(tmp_path)
     with FileSizeLimit(8192), pytest.raises(RunDirError) as info:

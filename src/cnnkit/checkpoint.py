@@ -12,6 +12,7 @@ leaves a half-written file under its final name.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -26,13 +27,16 @@ from safetensors.torch import save as safetensors_bytes
 
 from cnnkit import __version__
 from cnnkit.errors import CheckpointError, ConfigError, RunDirError
-from cnnkit.models.layers import parse_layers
+from cnnkit.models.layers import infer_shapes, parse_layers
+from cnnkit.models.limits import check_budget, check_layer_count
 from cnnkit.models.network import Network
 
-__all__ = ["ModelMeta", "atomic_write", "load_model", "save_model"]
+__all__ = ["ModelMeta", "atomic_write", "check_meta", "load_model", "save_model"]
 
 WEIGHTS = "model.safetensors"
 META = "model.json"
+MAX_META_BYTES = 16 << 20  # model.json: classes and layers; a real one is a few kilobytes
+MAX_CLASSES = 100_000
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,31 @@ class ModelMeta:
             tta=bool(data.get("tta", False)),
             cnnkit_version=str(data.get("cnnkit_version", "")),
         )
+
+
+def check_meta(meta: ModelMeta) -> None:
+    """Raise ``ValueError`` naming the first value of ``meta`` that cnnkit never writes.
+
+    Metadata comes from files a user may have been handed (``model.json``, an export's
+    metadata): a size of 30,000 pixels, 7 channels or a NaN mean would otherwise fail later,
+    deep inside a resize or a tensor allocation, or quietly give NaN predictions.
+    """
+    if meta.channels not in (1, 3):
+        raise ValueError(f"channels: expected 1 or 3, got {meta.channels}")
+    if not 4 <= meta.image_size <= 1024:
+        raise ValueError(f"image_size: expected 4 to 1024 pixels, got {meta.image_size}")
+    if not 2 <= len(meta.classes) <= MAX_CLASSES:
+        raise ValueError(f"classes: expected 2 to {MAX_CLASSES:,} names, got {len(meta.classes):,}")
+    if not all(isinstance(name, str) and name for name in meta.classes):
+        raise ValueError("classes: expected non-empty names")
+    for name, values in (("mean", meta.mean), ("std", meta.std)):
+        if len(values) != meta.channels or not all(math.isfinite(v) for v in values):
+            raise ValueError(
+                f"{name}: expected {meta.channels} finite numbers (one per channel), "
+                f"got {list(values)}"
+            )
+    if not all(v > 0 for v in meta.std):
+        raise ValueError(f"std: expected positive numbers, got {list(meta.std)}")
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -128,15 +157,29 @@ def load_model(run_dir: str | Path) -> tuple[Network, ModelMeta]:
             f"not a run directory: {root} has no {missing} (train one with "
             "'cnnkit train DATA --out RUN_DIR')"
         )
+    if meta_path.stat().st_size > MAX_META_BYTES:
+        raise RunDirError(f"{meta_path}: damaged (over {MAX_META_BYTES:,} bytes)")
     try:
         meta = ModelMeta.from_json(meta_path.read_text())
+        check_meta(meta)
+    except RecursionError:
+        raise RunDirError(f"{meta_path}: damaged (nested too deeply)") from None
     except (ValueError, KeyError, TypeError) as exc:
         raise RunDirError(f"{meta_path}: damaged ({exc})") from None
+    in_shape = (meta.channels, meta.image_size, meta.image_size)
     try:
+        check_layer_count(len(meta.architecture))
         layers = parse_layers(list(meta.architecture))
-        model = Network(layers, (meta.channels, meta.image_size, meta.image_size))
+        infos = infer_shapes(layers, in_shape)
+        check_budget(infos)  # before a single weight is allocated
     except ConfigError as exc:
         raise RunDirError(f"{meta_path}: architecture is invalid ({exc})") from None
+    if infos[-1].out_shape != (len(meta.classes),):
+        raise RunDirError(
+            f"{meta_path}: lists {len(meta.classes)} classes, but the network's last layer "
+            f"gives {infos[-1].out_shape} scores"
+        )
+    model = Network(layers, in_shape)
     try:
         state = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as exc:

@@ -9,7 +9,8 @@ CLI prints ``str(error)`` on one line and exits non-zero; library users catch ``
     │   └── ImageError    one image cannot be decoded (corrupt, hostile, wrong format)
     ├── RunDirError       a path is not a usable run directory (missing or damaged files)
     ├── CheckpointError   a checkpoint is truncated, corrupt or unsafe to load
-    └── ExportError       an exported model disagrees with the original or cannot be written
+    ├── ExportError       an exported model disagrees with the original or cannot be written
+    └── MissingDependencyError  an optional package (an extra) is not installed
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ __all__ = [
     "DataError",
     "ExportError",
     "ImageError",
+    "MissingDependencyError",
     "RunDirError",
     "first_line",
 ]
@@ -52,6 +54,14 @@ class CheckpointError(CnnkitError):
 
 class ExportError(CnnkitError):
     """An export failed or its result does not match the PyTorch model."""
+
+
+class MissingDependencyError(CnnkitError, ImportError):
+    """An optional module is missing; ``command`` is the ``pip install`` line that adds it."""
+
+    def __init__(self, message: str, module: str, command: str) -> None:
+        super().__init__(message)
+        self.module, self.command = module, command
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cnnkit.checkpoint import ModelMeta
+from cnnkit.checkpoint import ModelMeta, check_meta
 from cnnkit.config import RunConfig, load_yaml
 from cnnkit.data.dataset import load_split
 from cnnkit.data.images import to_model_input
@@ -86,9 +86,13 @@ def meta_from_metadata(props: dict[str, str], where: str) -> ModelMeta:
             "'cnnkit export RUN_DIR --format onnx')"
         )
     try:
-        return ModelMeta.from_json(props[META_KEY])
+        meta = ModelMeta.from_json(props[META_KEY])
+        check_meta(meta)  # a size of 30,000 pixels or a NaN mean is refused here
+    except RecursionError:
+        raise CheckpointError(f"{where}: cnnkit metadata is damaged (nested too deeply)") from None
     except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{where}: cnnkit metadata is damaged ({exc})") from None
+    return meta
 
 
 def sample_images(

@@ -27,6 +27,7 @@ from cnnkit.export.graph import (
     metadata_for,
 )
 from cnnkit.export.verify import DEFAULT_BATCH_SIZES, DEFAULT_TOLERANCE, Logits
+from cnnkit.extras import require, require_extra
 
 __all__ = ["export_onnx"]
 
@@ -47,9 +48,10 @@ def export_onnx(
     ``opset`` defaults to the exporter's own choice. Raises ``ExportError`` when the export
     fails or when onnxruntime and PyTorch differ by more than ``tolerance`` on any logit.
     """
-    import onnx
-
     from cnnkit.export.runtime import OnnxClassifier
+
+    require_extra("export", "exporting to ONNX")  # onnxscript exports, onnxruntime verifies
+    onnx = require("onnx", "export", "exporting to ONNX")
 
     if opset is not None and opset < MIN_OPSET:
         raise ExportError(f"--opset: expected {MIN_OPSET} or newer, got {opset}")

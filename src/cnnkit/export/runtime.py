@@ -15,7 +15,9 @@ import torch
 
 from cnnkit.checkpoint import ModelMeta
 from cnnkit.errors import CheckpointError, first_line
-from cnnkit.export.graph import INPUT_NAME, meta_from_metadata
+from cnnkit.export.graph import INPUT_NAME
+from cnnkit.export.onnx_check import MAX_ONNX_BYTES, check_onnx
+from cnnkit.extras import require
 from cnnkit.inference import Classifier, load
 
 __all__ = ["OnnxClassifier", "is_onnx_file", "load_predictor"]
@@ -33,11 +35,17 @@ class OnnxClassifier(Classifier):
     model = None  # type: ignore[assignment]
 
     def __init__(self, path: str | Path, threads: int = 0) -> None:
-        import onnxruntime as ort
-
+        ort = require("onnxruntime", "export", "predicting with an ONNX model")
         self.path = Path(path)
         if not self.path.is_file():
             raise CheckpointError(f"{self.path}: no such ONNX file")
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read(MAX_ONNX_BYTES + 1)
+        except OSError as exc:
+            raise CheckpointError(f"{self.path}: cannot be read ({exc.strerror or exc})") from None
+        # Checked before onnxruntime sees it, and the checked bytes are what it loads.
+        self.meta: ModelMeta = check_onnx(data, str(self.path), max_batch=CHUNK)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads  # 0: onnxruntime's default (all cores)
         options.log_severity_level = 3  # errors only
@@ -46,15 +54,11 @@ class OnnxClassifier(Classifier):
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         try:
-            self.session = ort.InferenceSession(
-                str(self.path), options, providers=["CPUExecutionProvider"]
-            )
+            self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise CheckpointError(
                 f"{self.path}: not a valid ONNX model ({first_line(exc, 200)})"
             ) from None
-        props = dict(self.session.get_modelmeta().custom_metadata_map)
-        self.meta: ModelMeta = meta_from_metadata(props, str(self.path))
         self.device = torch.device("cpu")
         self.precision = "fp32"
 

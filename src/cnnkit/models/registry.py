@@ -9,11 +9,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from cnnkit.config import RunConfig, load_yaml, merge_overrides
+from cnnkit.config import RunConfig, load_yaml, merge_overrides, parse_yaml
 from cnnkit.errors import ConfigError
-from cnnkit.models.layers import LayerSpec, parse_layers, with_head
+from cnnkit.models.layers import LayerSpec, infer_shapes, parse_layers, with_head
+from cnnkit.models.limits import check_budget
 from cnnkit.models.network import Network
 
 __all__ = [
@@ -132,8 +131,8 @@ def load_model_spec(name_or_path: str) -> ModelSpec:
     """A preset by name (``seed``, ``fast``, ...) or a YAML file of layers."""
     presets = _preset_files()
     if name_or_path in presets:
-        raw = yaml.safe_load(presets[name_or_path].read_text())
-        return _from_mapping(raw, f"preset {name_or_path!r}")
+        origin = f"preset {name_or_path!r}"
+        return _from_mapping(parse_yaml(presets[name_or_path].read_bytes(), origin), origin)
     path = Path(name_or_path)
     if path.suffix.lower() in (".yaml", ".yml", ".json") or path.exists():
         if not path.is_file():
@@ -151,4 +150,6 @@ def build_network(
     """The network for ``classes`` outputs on ``channels`` x ``size`` x ``size`` images."""
     if isinstance(classes, bool) or not isinstance(classes, int) or classes < 2:
         raise ConfigError(f"classes: expected at least 2, got {classes!r}")
-    return Network(with_head(list(layers), classes), (channels, size, size))
+    full, in_shape = with_head(list(layers), classes), (channels, size, size)
+    check_budget(infer_shapes(full, in_shape))  # before a single weight is allocated
+    return Network(full, in_shape)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from cnnkit.models.layers import infer_shapes, with_head
+from cnnkit.models.limits import check_budget
 from cnnkit.models.registry import load_model_spec
 
 __all__ = ["summarize"]
@@ -25,6 +26,7 @@ def summarize(
     if not 4 <= size <= 1024:
         raise ConfigError(f"--image-size: expected 4 to 1024 pixels, got {size}")
     infos = infer_shapes(with_head(list(spec.layers), classes), (channels, size, size))
+    check_budget(infos)  # what cnnkit would refuse to build is not summarised as fine
     rows = [
         {
             "name": i.name,

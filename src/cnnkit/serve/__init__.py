@@ -3,9 +3,13 @@
 See ``app`` for the endpoints and the safety rules; ``runner`` runs it with uvicorn.
 """
 
-from cnnkit.serve.app import SECURITY_HEADERS, ServeSettings, create_app
-from cnnkit.serve.model import ServedModel
-from cnnkit.serve.runner import background_server, serve
+from cnnkit.extras import require_extra
+
+require_extra("serve", "serving a model")  # one error line instead of a traceback
+
+from cnnkit.serve.app import SECURITY_HEADERS, ServeSettings, create_app  # noqa: E402
+from cnnkit.serve.model import ServedModel  # noqa: E402
+from cnnkit.serve.runner import background_server, serve  # noqa: E402
 
 __all__ = [
     "SECURITY_HEADERS",

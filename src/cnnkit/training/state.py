@@ -36,6 +36,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from cnnkit.errors import CheckpointError, RunDirError, first_line
+from cnnkit.training.state_checks import state_problem
 
 __all__ = [
     "Progress",
@@ -52,6 +53,8 @@ FOLDER = "checkpoints"
 KEEP = 2  # the newest and the one before it
 FILES = ("model.safetensors", "state.pt")
 STATE_KEYS = ("progress", "optimizer", "scheduler", "total_steps", "rng", "fingerprint")
+OPTIONAL_KEYS = ("ema",)
+MAX_MANIFEST_BYTES = 64 << 10  # two entries of a size and a checksum: about 200 bytes
 
 
 @dataclass
@@ -219,8 +222,10 @@ def _verify(folder: Path) -> None:
     if not manifest_path.is_file():
         raise CheckpointError(f"{folder}: incomplete (no manifest.json)")
     try:
+        if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise CheckpointError(f"{manifest_path}: damaged (over {MAX_MANIFEST_BYTES:,} bytes)")
         manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: nested too deeply
         raise CheckpointError(f"{manifest_path}: damaged (not valid JSON)") from None
     if not isinstance(manifest, dict):
         raise CheckpointError(f"{manifest_path}: damaged (not a JSON object)")
@@ -253,9 +258,9 @@ def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
         raise CheckpointError(
             f"{folder / 'state.pt'}: refused or unreadable ({first_line(exc, 200)})"
         ) from None
-    missing = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else STATE_KEYS
-    if missing:
-        raise CheckpointError(f"{folder / 'state.pt'}: not a training state (no {missing[0]!r})")
+    why = state_problem(state, Progress, STATE_KEYS, OPTIONAL_KEYS)
+    if why:
+        raise CheckpointError(f"{folder / 'state.pt'}: not a training state ({why})")
     return weights, state
 
 
