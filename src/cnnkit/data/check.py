@@ -1,4 +1,9 @@
-"""``cnnkit data check``: what is in a folder data set, and what is wrong with it."""
+"""``cnnkit data check``: what is in a folder data set, and what is wrong with it.
+
+Its duplicate finding is shared with training: ``group_identical`` groups the files it hashes,
+and ``identical_rows`` finds images decoded to the same pixels, which a drawn split keeps on
+one side and a given split names.
+"""
 
 from __future__ import annotations
 
