@@ -96,12 +96,13 @@ def test_load_and_predict(api_run: tuple[Path, TrainResult], tiny_shapes: Path) 
 
 def test_evaluate(api_run: tuple[Path, TrainResult], tiny_shapes: Path) -> None:
     out, result = api_run
-    everything = cnnkit.evaluate(out, tiny_shapes)
+    everything = cnnkit.evaluate(out, tiny_shapes, "all")
     assert isinstance(everything, EvalResult) and everything.count == 24
-    val = cnnkit.evaluate(out, tiny_shapes, "val")
-    assert val.count == 6  # round(8 * 0.2) = 2 of each class, redrawn from the run's seed
+    val = cnnkit.evaluate(out, tiny_shapes)  # the run's own folder: its validation part
+    assert val.count == 6 and val.split == "val"  # round(8 * 0.2) = 2 of each class
     assert val.accuracy == pytest.approx(result.best_val_acc, abs=0.2)
-    assert (out / "evaluation.json").is_file() and (out / "confusion_matrix.png").is_file()
+    saved = out / "evaluations" / f"{tiny_shapes.name}-val"
+    assert (saved / "evaluation.json").is_file() and (saved / "confusion_matrix.png").is_file()
     probs = cnnkit.load(out, precision="fp32").predict_proba(list(val.paths))
     assert (probs.argmax(1) == val.probabilities.argmax(1)).mean() >= 5 / 6
 

@@ -348,12 +348,14 @@ def test_evaluate_text(run_copy: Path, shapes_dir: Path) -> None:
     result = invoke("evaluate", run_copy, shapes_dir, "--split", "val")
     assert result.exit_code == 0, result.output
     out = result.stdout
-    first = out.splitlines()[0]
+    scored, first = out.splitlines()[:2]
+    assert scored == f"validation part of {shapes_dir}: 120 images"
     assert first.startswith("accuracy ") and first.split()[2:5] == ["on", "120", "images"]
     assert float(first.split()[1].rstrip("%")) >= 85
     assert "per class" in out and "confusion matrix (rows: true, columns: predicted)" in out
-    assert f"confusion matrix image: {run_copy / 'confusion_matrix.png'}" in out
-    assert (run_copy / "confusion_matrix.png").is_file()
+    saved = run_copy / "evaluations" / f"{shapes_dir.name}-val"
+    assert f"results: {saved}/ (evaluation.json, confusion_matrix.png)" in out
+    assert (saved / "confusion_matrix.png").is_file()
 
 
 def test_evaluate_json(run_copy: Path, shapes_dir: Path) -> None:
@@ -363,7 +365,9 @@ def test_evaluate_json(run_copy: Path, shapes_dir: Path) -> None:
     assert data["count"] == 120 and data["accuracy"] >= 0.85
     assert data["classes"] == ["circle", "square", "triangle"]
     assert sum(map(sum, data["confusion_matrix"])) == 120
-    assert data == json.loads((run_copy / "evaluation.json").read_text())
+    assert data["data"] == str(shapes_dir) and data["split"] == "val"
+    saved = run_copy / "evaluations" / f"{shapes_dir.name}-val" / "evaluation.json"
+    assert data == json.loads(saved.read_text())
 
 
 def test_evaluate_errors(run_copy: Path, shapes_dir: Path, tmp_path: Path) -> None:

@@ -213,7 +213,11 @@ def test_load_split_redraws_the_training_split(small_set: Path) -> None:
     val = load_split(small_set, "val", classes, cfg, SIZE, 3)
     assert val.paths == data.val.paths
     assert [classes[i] for i in val.labels] == [data.classes[i] for i in data.val.labels]
-    assert len(load_split(small_set, "auto", classes, cfg, SIZE, 3)) == 18
+    # auto: the validation part of the run's own folder, all of any other one
+    assert load_split(small_set, "auto", classes, cfg, SIZE, 3).paths == data.val.paths
+    assert len(load_split(small_set, "all", classes, cfg, SIZE, 3)) == 18
+    elsewhere = DataConfig(path=str(small_set / "circle"), val_split=0.5, seed=4)
+    assert len(load_split(small_set, "auto", classes, elsewhere, SIZE, 3)) == 18
     with pytest.raises(DataError, match="unknown split 'dev'"):
         load_split(small_set, "dev", classes, cfg, SIZE, 3)
     with pytest.raises(DataError, match="class 'circle' is not one the model knows"):

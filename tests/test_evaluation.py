@@ -81,22 +81,26 @@ def test_per_class_scores_and_mistakes(val_result: EvalResult) -> None:
 def test_splits(run: Path, shapes_dir: Path) -> None:
     counts = {
         split: evaluate(run, shapes_dir, split=split, plot=False).count
-        for split in ("all", "train", "val", "auto", "test")
+        for split in ("all", "train", "val", "auto")
     }
-    assert counts == {"all": 600, "train": 480, "val": 120, "auto": 600, "test": 600}
+    # auto on the folder the run trained on: its validation part, never a training image
+    assert counts == {"all": 600, "train": 480, "val": 120, "auto": 120}
     with pytest.raises(DataError, match="unknown split 'dev'"):
         evaluate(run, shapes_dir, split="dev", plot=False)
+    with pytest.raises(DataError, match=f"^{shapes_dir}: has no 'test' split"):
+        evaluate(run, shapes_dir, split="test", plot=False)
 
 
 def test_split_layouts(run: Path, tmp_path: Path) -> None:
     generate_shapes(tmp_path / "train", count=2, size=32, seed=5)
     generate_shapes(tmp_path / "val", count=3, size=32, seed=6)
     generate_shapes(tmp_path / "test", count=4, size=32, seed=7)
-    assert evaluate(run, tmp_path, plot=False).count == 12  # auto: test/
+    assert evaluate(run, tmp_path, plot=False).count == 6 + 9 + 12  # auto: other data, all
+    assert evaluate(run, tmp_path, split="test", plot=False).count == 12
     assert evaluate(run, tmp_path, split="val", plot=False).count == 9
     assert evaluate(run, tmp_path, split="all", plot=False).count == 6 + 9 + 12
     shutil.rmtree(tmp_path / "test")
-    assert evaluate(run, tmp_path, plot=False).count == 9  # auto: val/
+    assert evaluate(run, tmp_path, plot=False).count == 6 + 9
     with pytest.raises(DataError, match="has no 'test' split"):
         evaluate(run, tmp_path, split="test", plot=False)
     shutil.rmtree(tmp_path / "val")
@@ -132,14 +136,22 @@ def test_unknown_class_and_unusable_folders(run: Path, tmp_path: Path) -> None:
         evaluate(tmp_path, tmp_path / "d", plot=False)
 
 
-def test_writes_its_report_into_the_run_directory(run: Path, shapes_dir: Path, tmp_path) -> None:
+def test_writes_its_results_beside_what_training_wrote(
+    run: Path, shapes_dir: Path, tmp_path: Path
+) -> None:
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
+    (copy / "evaluation.json").write_text("training's")  # what training or the demo wrote
+    (copy / "confusion_matrix.png").write_text("training's")
     result = evaluate(copy, shapes_dir, split="val")
-    assert (copy / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    written = json.loads((copy / "evaluation.json").read_text())
+    assert result.saved_to == copy / "evaluations" / f"{shapes_dir.name}-val"
+    assert (result.saved_to / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    written = json.loads((result.saved_to / "evaluation.json").read_text())
     assert written == json.loads(json.dumps(result.to_dict()))
     assert set(written) == {
+        "data",
+        "split",
+        "scored",
         "count",
         "accuracy",
         "loss",
@@ -148,6 +160,10 @@ def test_writes_its_report_into_the_run_directory(run: Path, shapes_dir: Path, t
         "confusion_matrix",
         "most_wrong",
     }
+    assert written["data"] == str(shapes_dir) and written["split"] == "val"
+    assert written["count"] == 120 and written["scored"] == f"validation part of {shapes_dir}"
+    assert (copy / "evaluation.json").read_text() == "training's"
+    assert (copy / "confusion_matrix.png").read_text() == "training's"
 
 
 def test_preprocessing_comes_from_the_model_without_config_yaml(run: Path, tmp_path: Path) -> None:

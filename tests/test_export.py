@@ -231,7 +231,9 @@ def test_sample_images_fall_back_to_random_ones(trained_run, tmp_path) -> None:
     ]
     (copy / "config.yaml").write_text("\n".join(lines) + "\n")
     images, source = sample_images(copy, meta, count=5)
-    assert source == "5 generated random images"
+    assert (
+        source == f"5 random images, because the data folder {tmp_path / 'gone'} no longer exists"
+    )
     assert images.shape == (5, meta.image_size, meta.image_size, meta.channels)
     assert images.dtype == np.uint8
     again, _ = sample_images(copy, meta, count=5)

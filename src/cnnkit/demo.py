@@ -65,7 +65,11 @@ def run_demo(out: Path, progress: bool = True, data_root: Path | None = None) ->
     trained = train(cfg, out, overwrite=True, progress=progress)
     if trained.data is not None:  # the validation images are still in memory
         evaluation = evaluate_images(
-            load(out), trained.data.val, run_dir=out, logits=trained.val_logits
+            load(out),
+            trained.data.val,
+            run_dir=out,
+            logits=trained.val_logits,
+            data=trained.data.root,
         )
     else:
         evaluation = evaluate(out, data, split="val")

@@ -1,22 +1,34 @@
-"""Evaluate a trained model on a labelled folder: accuracy, per-class scores, confusions."""
+"""Evaluate a trained model on a labelled folder: accuracy, per-class scores, confusions.
+
+An evaluation says what it scored: by default the run's validation part of the folder it
+trained on (never a training image) or all of any other folder; its results go to
+``RUN_DIR/evaluations/<data>-<split>/`` with the data folder, split and image count, beside
+(never over) what training wrote.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from cnnkit.checkpoint import atomic_write
 from cnnkit.config import DataConfig, RunConfig, load_yaml
-from cnnkit.data.dataset import ImageArray, load_split
+from cnnkit.data.dataset import ImageArray, select_images
+from cnnkit.data.folder import SPLIT_FILE
 from cnnkit.errors import DataError
 from cnnkit.inference import Classifier, load
 from cnnkit.plots import plot_confusion
 
-__all__ = ["EvalResult", "classification_report", "evaluate", "evaluate_images"]
+__all__ = ["EVALUATIONS", "EvalResult", "classification_report", "evaluate", "evaluate_images"]
+
+EVALUATIONS = "evaluations"  # RUN_DIR/evaluations/<name>/: one folder per data set and split
 
 
 @dataclass
@@ -33,9 +45,24 @@ class EvalResult:
     probabilities: np.ndarray | None = None  # (N, classes)
     paths: tuple[str, ...] = ()
     labels: np.ndarray | None = None
+    # What was scored. ``evaluate_images`` is handed training's validation images; ``evaluate``
+    # sets these from the folder and split it chose.
+    data: str = ""  # the data folder, absolute
+    split: str = "val"  # all, train, val or test
+    own: bool = True  # the folder the run trained on
+    scored: str = ""  # in words, e.g. "validation part of /data/shapes"
+    saved_to: Path | None = None  # the folder the results were written to
+
+    @property
+    def is_validation(self) -> bool:
+        """Whether these are the run's own validation images (what training measured)."""
+        return self.own and self.split == "val"
 
     def to_dict(self) -> dict[str, object]:
         return {
+            "data": self.data,
+            "split": self.split,
+            "scored": self.scored,
             "count": self.count,
             "accuracy": round(self.accuracy, 6),
             "loss": round(self.loss, 6),
@@ -85,19 +112,57 @@ def evaluate(
 ) -> EvalResult:
     """Score the model in ``run_dir`` on the images of ``data``.
 
-    Writes ``confusion_matrix.png`` and ``evaluation.json`` into the run directory.
+    ``split`` as ``select_images`` reads it (``auto``: the validation part of the run's own
+    folder, all of any other). With ``plot``, ``evaluation.json`` and
+    ``confusion_matrix.png`` are written to ``RUN_DIR/evaluations/<name>/``.
     """
     classifier = load(run_dir, device, precision)
     meta = classifier.meta
     run = Path(run_dir)
     data_cfg = DataConfig()
-    if (run / "config.yaml").is_file():  # the run's own split settings, for split=val
+    if (run / "config.yaml").is_file():  # the folder the run trained on, and its split
         data_cfg = RunConfig.from_dict(load_yaml(run / "config.yaml")).data
     data_cfg = dataclasses.replace(data_cfg, resize=meta.resize)  # as the model was fed
-    images = load_split(data, split, meta.classes, data_cfg, meta.image_size, meta.channels)
-    if len(images) == 0:
-        raise DataError(f"{data}: no usable images to evaluate")
-    return evaluate_images(classifier, images, run_dir=run if plot else None, worst=worst)
+    chosen = select_images(
+        data,
+        split,
+        meta.classes,
+        data_cfg,
+        meta.image_size,
+        meta.channels,
+        split_file=run / SPLIT_FILE,
+    )
+    if len(chosen.images) == 0:
+        raise DataError(f"{chosen.root}: no usable images to evaluate")
+    result = evaluate_images(classifier, chosen.images, worst=worst)
+    result.data, result.split, result.own = str(chosen.root), chosen.split, chosen.own
+    result.scored = chosen.describe()
+    if plot:
+        result.saved_to = _save(run, result)
+    return result
+
+
+def _save(run: Path, result: EvalResult) -> Path:
+    """Write ``evaluation.json`` and ``confusion_matrix.png`` into a folder of
+    ``RUN_DIR/evaluations/`` named after the data folder and split (``shapes-val``); a
+    different folder of the same name gets ``shapes-val-2``. Returns the folder."""
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{Path(result.data).name}-{result.split}")
+    for n in itertools.count(1):
+        folder = run / EVALUATIONS / (base if n == 1 else f"{base}-{n}")
+        previous = folder / "evaluation.json"
+        try:
+            recorded = json.loads(previous.read_text()).get("data") if previous.is_file() else None
+        except (OSError, ValueError, AttributeError):
+            recorded = None  # unreadable: the same name is replaced
+        if recorded in (None, result.data):
+            break
+    atomic_write(
+        folder / "confusion_matrix.png",
+        lambda p: plot_confusion(result.confusion, result.classes, p),
+    )
+    text = json.dumps(result.to_dict(), indent=2)
+    atomic_write(folder / "evaluation.json", lambda p: p.write_text(text))
+    return folder
 
 
 def evaluate_images(
@@ -107,13 +172,14 @@ def evaluate_images(
     run_dir: str | Path | None = None,
     worst: int = 8,
     logits: torch.Tensor | None = None,
+    data: str = "",
 ) -> EvalResult:
     """Score ``classifier`` on decoded, labelled images (already in the model's classes).
 
-    Training and its report call this with the validation arrays still in memory, so nothing
-    is scanned or decoded twice, and with the logits training's validation computed for the
-    saved weights (``logits``), so nothing is run twice either. With ``run_dir``,
-    ``confusion_matrix.png`` and ``evaluation.json`` are written there.
+    Training and its report call this with the validation arrays still in memory (of the
+    folder ``data``), so nothing is scanned or decoded twice, and with the logits training's
+    validation computed for the saved weights (``logits``), so nothing is run twice either.
+    With ``run_dir``, ``confusion_matrix.png`` and ``evaluation.json`` are written there.
     """
     if len(images) == 0:
         raise DataError("no images to evaluate")
@@ -147,6 +213,8 @@ def evaluate_images(
         probabilities=probs,
         paths=images.paths,
         labels=images.labels,
+        data=data,
+        scored=f"validation part of {data}" if data else "validation images",
     )
     if run_dir is not None:
         run = Path(run_dir)

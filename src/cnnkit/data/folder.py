@@ -12,7 +12,9 @@ are not images by their suffix are ignored.
 
 from __future__ import annotations
 
+import csv
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,9 +23,21 @@ import numpy as np
 from cnnkit.data.images import IMAGE_SUFFIXES
 from cnnkit.errors import DataError
 
-__all__ = ["FolderLayout", "ImageList", "scan_folder", "stratified_split"]
+__all__ = [
+    "SPLIT_FILE",
+    "FolderLayout",
+    "ImageList",
+    "absolute",
+    "folder_problem",
+    "read_split_file",
+    "same_folder",
+    "scan_folder",
+    "stratified_split",
+]
 
 SPLIT_NAMES = ("train", "val", "test")
+SPLIT_FILE = "split.csv"  # RUN_DIR/split.csv: path,label,split of every image a run used
+SPLIT_COLUMNS = ("path", "label", "split")
 
 
 @dataclass(frozen=True)
@@ -122,9 +136,45 @@ def _collect(root: Path, classes: list[str] | None, where: str) -> tuple[list[st
     return classes, ImageList(tuple(paths), tuple(labels))
 
 
+def absolute(path: str | Path) -> Path:
+    """``path`` made absolute against the working directory, ``~`` expanded, ``..`` folded;
+    symbolic links are kept as written (a run directory records the path the user gave)."""
+    return Path(os.path.abspath(Path(path).expanduser()))
+
+
+def same_folder(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name the same existing folder (symbolic links followed)."""
+    try:
+        return os.path.samefile(absolute(a), absolute(b))
+    except OSError:
+        return False
+
+
+def folder_problem(path: str | Path | None) -> str | None:
+    """Why a run's recorded data folder cannot be used from here, in words, or None.
+
+    Runs record their folder as an absolute path; older ones kept it as typed, and a
+    relative path only means something from the folder training ran in.
+    """
+    if not path:
+        return "the run does not record its data folder"
+    if Path(path).expanduser().is_dir():
+        return None
+    if not Path(path).expanduser().is_absolute():
+        return (
+            f"the run records its data folder as the relative path {path}, which is not a "
+            f"folder from {os.getcwd()} (give the data folder explicitly)"
+        )
+    return f"the data folder {path} no longer exists"
+
+
 def scan_folder(path: str | Path) -> FolderLayout:
-    """List a data set's classes and images; raises ``DataError`` for an unusable folder."""
-    root = Path(path).expanduser()
+    """List a data set's classes and images; raises ``DataError`` for an unusable folder.
+
+    Every path found is absolute, so what a run records (split.csv, evaluations, the
+    checkpoint's fingerprint) means the same from any working directory.
+    """
+    root = absolute(path)
     if not root.exists():
         raise DataError(f"data folder not found: {root}")
     if not root.is_dir():
@@ -147,22 +197,69 @@ def scan_folder(path: str | Path) -> FolderLayout:
 
 
 def stratified_split(
-    labels: np.ndarray, val_fraction: float, seed: int
+    labels: np.ndarray,
+    val_fraction: float,
+    seed: int,
+    groups: Sequence[Sequence[int]] = (),
 ) -> tuple[np.ndarray, np.ndarray]:
     """Indices (train, val): ``val_fraction`` of every class, the same for the same seed.
 
-    Each class with at least two images gives at least one to validation when the fraction
-    is positive, so every class is measured.
+    ``groups`` lists images that must stay together (exact duplicates): each group goes
+    whole to one side, counted in the class of its first image, so a copy of a validation
+    image is never trained on. Without groups the split is the plain per-class draw. Each
+    class with at least two images (or groups) gives at least one to validation when the
+    fraction is positive, so every class is measured.
     """
     rng = np.random.default_rng(seed)
-    train: list[np.ndarray] = []
-    val: list[np.ndarray] = []
-    for cls in np.unique(labels):
-        idx = np.flatnonzero(labels == cls)
+    leader = np.arange(len(labels))  # each image's group, named by its first image
+    for group in groups:
+        leader[np.asarray(group)] = min(group)
+    size = np.bincount(leader, minlength=len(labels))
+    units = np.flatnonzero(leader == np.arange(len(labels)))  # one per group or lone image
+    chosen: list[np.ndarray] = []
+    for cls in np.unique(labels[units]):
+        idx = units[labels[units] == cls]
         idx = idx[rng.permutation(len(idx))]
-        n_val = round(len(idx) * val_fraction)
+        rows = int(size[idx].sum())
+        n_val = round(rows * val_fraction)
         if val_fraction > 0 and len(idx) >= 2:
-            n_val = min(max(n_val, 1), len(idx) - 1)
-        val.append(idx[:n_val])
-        train.append(idx[n_val:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+            n_val = min(max(n_val, 1), rows - 1)
+        chosen.append(_fill(idx, size, n_val))
+    val_units = np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
+    in_val = np.isin(leader, val_units)
+    return np.flatnonzero(~in_val), np.flatnonzero(in_val)
+
+
+def _fill(units: np.ndarray, size: np.ndarray, n_val: int) -> np.ndarray:
+    """The units, in their drawn order, that fill ``n_val`` validation images without
+    going over (at least one when ``n_val`` asks for any and another is left to train)."""
+    if n_val <= 0:
+        return units[:0]
+    if (size[units] == 1).all():
+        return units[:n_val]
+    taken, total = [], 0
+    for unit in units:
+        if total + size[unit] <= n_val:
+            taken.append(unit)
+            total += int(size[unit])
+            if total == n_val:
+                break
+    if not taken and len(units) >= 2:  # every group is larger than the share: the smallest
+        taken.append(units[int(np.argmin(size[units]))])
+    return np.asarray(taken, dtype=np.int64)
+
+
+def read_split_file(path: str | Path) -> dict[str, frozenset[str]]:
+    """The paths of each split (``train``, ``val``, ``test``) a run's ``split.csv`` lists;
+    empty when the run has none (runs from before cnnkit wrote it)."""
+    parts: dict[str, set[str]] = {}
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                if row.get("path") and row.get("split"):
+                    parts.setdefault(row["split"], set()).add(row["path"])
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{path}: cannot be read ({exc})") from None
+    return {name: frozenset(paths) for name, paths in parts.items()}

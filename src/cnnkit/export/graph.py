@@ -20,7 +20,8 @@ from torch import nn
 
 from cnnkit.checkpoint import ModelMeta, check_meta
 from cnnkit.config import RunConfig, load_yaml
-from cnnkit.data.dataset import load_split
+from cnnkit.data.dataset import select_images
+from cnnkit.data.folder import SPLIT_FILE, folder_problem
 from cnnkit.data.images import to_model_input
 from cnnkit.errors import CheckpointError, CnnkitError
 from cnnkit.models.network import Network
@@ -100,22 +101,36 @@ def sample_images(
 ) -> tuple[np.ndarray, str]:
     """Up to ``count`` uint8 images ``(N, S, S, C)`` to compare an export with its original.
 
-    The run's own validation images when its data folder (``config.yaml`` data.path) is still
-    there, else seeded random images. Returns the images and where they came from.
+    The run's own validation images (as its ``split.csv`` lists them) when its data folder
+    is still there, else seeded random images. Returns the images and, in words, which
+    they are and why (a check on random images says so, and for what reason).
     """
     size, channels = meta.image_size, meta.channels
     config = Path(run_dir) / "config.yaml"
+    why = f"{config} is missing"
     if config.is_file():
         try:
             data = RunConfig.from_dict(load_yaml(config)).data
-            if data.path and Path(data.path).is_dir():
-                val = load_split(data.path, "val", meta.classes, data, size, channels)
+            why = folder_problem(data.path) or ""
+            if not why:
+                chosen = select_images(
+                    data.path,
+                    "val",
+                    meta.classes,
+                    data,
+                    size,
+                    channels,
+                    split_file=Path(run_dir) / SPLIT_FILE,
+                )
+                val = chosen.images
                 if len(val):
                     rows = np.linspace(0, len(val) - 1, num=min(count, len(val))).astype(np.int64)
                     images = np.ascontiguousarray(val.images[np.unique(rows)])
-                    return images, f"{len(images)} validation images from {data.path}"
+                    return images, f"{len(images)} validation images of the run from {chosen.root}"
+                why = f"{chosen.root} has no usable validation images"
         except CnnkitError as exc:
-            log.info("export check: validation images unavailable (%s); using random ones", exc)
+            why = f"its validation images cannot be read: {exc}"
+    log.info("export check: validation images unavailable (%s); using random ones", why)
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, size=(count, size, size, channels), dtype=np.uint8)
-    return images, f"{count} generated random images"
+    return images, f"{count} random images, because {why}"

@@ -35,7 +35,13 @@ from cnnkit.training import distributed as dist
 from cnnkit.training import state as ckpt
 from cnnkit.training.augment import build_augmentation
 from cnnkit.training.optim import Optimizer, Schedule, constant, cosine, linear, one_cycle
-from cnnkit.training.outputs import TrainResult, check_resumable, fingerprint, write_outputs
+from cnnkit.training.outputs import (
+    TrainResult,
+    check_resumable,
+    fingerprint,
+    write_outputs,
+    write_split_csv,
+)
 from cnnkit.training.session import prepare_run_dir, progress_bar, stop_on_signals
 
 __all__ = ["TrainingInterrupted", "train"]
@@ -180,10 +186,16 @@ def _train(
     if not info.is_main:
         logging.getLogger("cnnkit").setLevel(logging.ERROR)
         data = prepare_data(config.data, image_size)
-    # What config.yaml records is the resolved run: the input size and channels really used.
+    # What config.yaml records is the resolved run: the input size and channels really used,
+    # and the data folder as an absolute path (the run directory works from anywhere).
     config = dataclasses.replace(
         config,
-        data=dataclasses.replace(config.data, image_size=image_size, channels=str(data.channels)),
+        data=dataclasses.replace(
+            config.data,
+            path=data.root or config.data.path,
+            image_size=image_size,
+            channels=str(data.channels),
+        ),
     )
     in_ram = isinstance(data.train.images, np.ndarray)
     train_images = torch.from_numpy(data.train.images).to(device) if in_ram else None
@@ -255,6 +267,7 @@ def _train(
         log.info("resumed from %s: epoch %d, step %d of %d", folder, p.epoch + 1, p.step, steps)
     if info.is_main:  # the settings now in force (a resume may extend the epochs)
         atomic_write(out / "config.yaml", lambda path: config.save(path))
+        write_split_csv(out, data)
     log.info(
         "training %s (%s parameters) on %s%s, %s, batch %d, %d steps per epoch",
         spec.name,

@@ -4,20 +4,30 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from cnnkit.checkpoint import atomic_write
 from cnnkit.config import RunConfig
 from cnnkit.data.dataset import PreparedData
+from cnnkit.data.folder import SPLIT_COLUMNS, SPLIT_FILE
 from cnnkit.errors import ConfigError
 from cnnkit.plots import plot_curves
 
-__all__ = ["METRIC_FIELDS", "TrainResult", "describe_changes", "fingerprint", "write_outputs"]
+__all__ = [
+    "METRIC_FIELDS",
+    "TrainResult",
+    "describe_changes",
+    "fingerprint",
+    "write_outputs",
+    "write_split_csv",
+]
 
 METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
 # Settings that may change between a run and its resume without changing what it computes.
@@ -135,3 +145,26 @@ def write_outputs(out: Path, result: TrainResult) -> None:
     )
     if result.history:
         atomic_write(out / "curves.png", lambda p: plot_curves(result.history, p))
+
+
+def write_split_csv(out: Path, data: PreparedData) -> Path:
+    """``RUN_DIR/split.csv``: ``path,label,split`` of every image the run trained on
+    (``train``), validated on (``val``) and, for a given test/ it did not validate on, held
+    back (``test``); absolute paths, so anyone can check that no image is on two sides."""
+    parts = [
+        ("train", data.train.paths, data.train.labels),
+        ("val", data.val.paths, data.val.labels),
+    ]
+    if data.held_back is not None:
+        parts.append(("test", data.held_back.paths, data.held_back.labels))
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(SPLIT_COLUMNS)
+            for split, paths, labels in parts:  # one C-level call per part: 80,000 rows ~0.1 s
+                names = [data.classes[i] for i in np.asarray(labels).tolist()]
+                writer.writerows(zip(paths, names, itertools.repeat(split), strict=False))
+
+    atomic_write(out / SPLIT_FILE, write)
+    return out / SPLIT_FILE
