@@ -49,9 +49,14 @@ NETWORKS = {
         "dropout",
         "dense",
     ],
-    "whiten": [{"whiten": {"kernel": 2}}, "relu", {"conv": {"filters": 5, "kernel": 3}}, "gmp", "dense"],
-    "gap": [{"conv": {"filters": 3, "kernel": 5, "padding": 2}}, "gap", "dense", {"scale": {"factor": 0.25}}],
-}  # fmt: skip
+    "whiten": [{"whiten": {"kernel": 2}}, "relu", {"conv": {"filters": 5, "kernel": 3}}, "gmp"],
+    "gap": [
+        {"conv": {"filters": 3, "kernel": 5, "padding": 2}},
+        "gap",
+        "dense",
+        {"scale": {"factor": 0.25}},
+    ],
+}
 
 
 def build(name: str, seed: int = 0) -> tuple[Network, torch.Tensor]:
@@ -111,7 +116,9 @@ def test_every_value_equals_the_forward_pass(name: str) -> None:
 
 def test_the_materials_worked_example() -> None:
     """The material's 6x6 image and kernel as a one-filter conv with zero padding 1."""
-    net = Network(parse_layers([{"conv": {"filters": 1, "kernel": 3, "bias": False}}, "relu"]), (1, 6, 6))
+    net = Network(
+        parse_layers([{"conv": {"filters": 1, "kernel": 3, "bias": False}}, "relu"]), (1, 6, 6)
+    )
     with torch.no_grad():
         net.layers["conv1"].weight.copy_(torch.tensor(MATERIAL_KERNEL).view(1, 1, 3, 3))
     x = torch.tensor(MATERIAL_IMAGE, dtype=torch.float32).view(1, 1, 6, 6)
@@ -172,14 +179,21 @@ def test_unknown_layer_types_are_refused_not_guessed() -> None:
     net, x = build("gap")
     info = net.infos[1]
     net.infos[1] = dataclasses.replace(info, spec=LayerSpec("residual", {}))
-    with pytest.raises(NoPixelRule, match="layer gap1: no pixel explanation for layer type 'residual' yet"):
+    with pytest.raises(
+        NoPixelRule, match="layer gap1: no pixel explanation for layer type 'residual' yet"
+    ):
         explain_value(net, x, "gap1", 0)
 
 
 @pytest.mark.parametrize(
     ("layer", "k", "at", "message"),
     [
-        ("conv9", 0, (0, 0), "layer: unknown layer 'conv9', expected one of: conv1, gap1, dense1, scale1"),
+        (
+            "conv9",
+            0,
+            (0, 0),
+            "layer: unknown layer 'conv9', expected one of: conv1, gap1, dense1, scale1",
+        ),
         ("conv1", 3, (0, 0), r"map: conv1 has 3 maps \(0 to 2\), got 3"),
         ("conv1", 0, None, r"at: conv1 outputs maps; give the \(row, column\)"),
         ("conv1", 0, (9, 0), r"at: \(9, 0\) is outside conv1's 9x9 maps \(rows 0 to 8"),
@@ -232,7 +246,18 @@ runner = CliRunner()
 
 def test_cli_explain_pixel(saved_run) -> None:
     run, image = saved_run
-    args = ["explain", "pixel", str(run), str(image), "--layer", "conv1", "--map", "1", "--at", "3,4"]
+    args = [
+        "explain",
+        "pixel",
+        str(run),
+        str(image),
+        "--layer",
+        "conv1",
+        "--map",
+        "1",
+        "--at",
+        "3,4",
+    ]
     text = runner.invoke(app, args)
     assert text.exit_code == 0, text.output
     assert text.stdout.startswith("conv1 (conv), map 1, row 3, column 4:")
@@ -245,7 +270,10 @@ def test_cli_explain_pixel(saved_run) -> None:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--layer", "conv1", "--at", "3;4"], "error: --at: expected ROW,COLUMN such as 5,7, got '3;4'"),
+        (
+            ["--layer", "conv1", "--at", "3;4"],
+            "error: --at: expected ROW,COLUMN such as 5,7, got '3;4'",
+        ),
         (["--layer", "conv7", "--at", "3,4"], "error: --layer: unknown layer 'conv7'"),
         (["--layer", "conv1", "--map", "9", "--at", "3,4"], "error: --map: conv1 has 4 maps"),
         (["--layer", "conv1"], "error: --at: conv1 outputs maps"),

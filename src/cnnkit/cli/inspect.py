@@ -162,7 +162,9 @@ def _at(text: str | None) -> tuple[int, int] | None:
 def explain_pixel_cmd(
     run_dir: Annotated[Path, typer.Argument(help="A run directory from 'cnnkit train'.")],
     image: Annotated[Path, typer.Argument(help="The image the model looks at.")],
-    layer: Annotated[str, typer.Option(help="The layer, e.g. conv1 ('cnnkit inspect' names them).")],
+    layer: Annotated[
+        str, typer.Option(help="The layer, e.g. conv1 ('cnnkit inspect' names them).")
+    ],
     map_index: Annotated[
         int, typer.Option("--map", help="The feature map (for a vector layer: the value).")
     ] = 0,

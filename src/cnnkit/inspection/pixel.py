@@ -149,7 +149,9 @@ def explain_pixel(
     ``Classifier.preprocess`` takes. For layers that output a vector (flatten, global
     pooling, dense), ``map`` is the value's index and ``at`` stays None.
     """
-    classifier = load(model, device="cpu", precision="fp32") if isinstance(model, str | Path) else model
+    classifier = (
+        load(model, device="cpu", precision="fp32") if isinstance(model, str | Path) else model
+    )
     classifier = cpu_classifier(classifier)
     meta = classifier.meta
     pixels = classifier.preprocess(image)  # (S, S, C) uint8, exactly as in training
@@ -269,7 +271,9 @@ def _check_position(
         return None
     if at is None:
         raise ConfigError(f"at: {name} outputs maps; give the (row, column) of the value")
-    if len(at) != 2 or not all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in at):
+    if len(at) != 2 or not all(
+        isinstance(v, int | np.integer) and not isinstance(v, bool) for v in at
+    ):
         raise ConfigError(f"at: expected two whole numbers (row, column), got {at!r}")
     row, col = int(at[0]), int(at[1])
     h, w = shape[1], shape[2]

@@ -46,7 +46,9 @@ NO_STORE = {"cache-control": "no-store"}
 # ----------------------------------------------------------------------------- computing
 
 
-def _forward(classifier: Classifier, image: Any) -> tuple[np.ndarray, torch.Tensor, list[LayerOutput]]:
+def _forward(
+    classifier: Classifier, image: Any
+) -> tuple[np.ndarray, torch.Tensor, list[LayerOutput]]:
     """(pixels (S, S, C) uint8, model input (1, C, S, S), every layer's output)."""
     meta = classifier.meta
     pixels = classifier.preprocess(image)
@@ -73,7 +75,11 @@ def overview(classifier: Classifier, image: Any) -> dict[str, Any]:
         }
         if out.is_map:
             entry["maps"] = [
-                {"image": png_data_url(normalize_map(v)), "min": float(v.min()), "max": float(v.max())}
+                {
+                    "image": png_data_url(normalize_map(v)),
+                    "min": float(v.min()),
+                    "max": float(v.max()),
+                }
                 for v in out.values[:MAX_MAPS]
             ]
         elif out.values.size <= MAX_VECTOR:
@@ -112,7 +118,7 @@ def map_detail(classifier: Classifier, image: Any, layer: str, map: int) -> dict
         group = map // (weight.shape[0] // module.groups)
         channels = list(range(group * per_group, (group + 1) * per_group))
         kernels = weight[map]
-        bias = float(module.bias[map]) if module.bias is not None else None
+        bias = float(module.bias.detach()[map]) if module.bias is not None else None
     elif len(info.in_shape) == 3 and info.in_shape[0] == info.out_shape[0]:
         channels = [map]  # pooling and position-wise layers: the same map before
     per_map = int(np.prod(source.shape[1:])) if source.ndim == 3 else 0
@@ -128,15 +134,17 @@ def map_detail(classifier: Classifier, image: Any, layer: str, map: int) -> dict
         "input_layer": "the image" if index == 0 else outputs[index - 1].name,
         "input_channels": len(channels),
         "inputs": [{"channel": c, "values": source[c].tolist()} for c in shown],
-        "kernels": None if kernels is None else [
-            {"channel": c, "values": kernels[i].tolist()} for i, c in enumerate(shown)
-        ],
+        "kernels": None
+        if kernels is None
+        else [{"channel": c, "values": kernels[i].tolist()} for i, c in enumerate(shown)],
         "bias": bias,
         "explain": info.spec.type in PIXEL_RULES,
     }
 
 
-def pixel_detail(classifier: Classifier, image: Any, layer: str, map: int, at: tuple | None) -> dict:
+def pixel_detail(
+    classifier: Classifier, image: Any, layer: str, map: int, at: tuple | None
+) -> dict:
     """``explain_pixel``'s answer as JSON, from the same forward pass the page drew."""
     pixels, x, outputs = _forward(classifier, image)
     meta = classifier.meta
@@ -242,9 +250,7 @@ def add_explore_routes(app: FastAPI, run_dir: Path | None) -> None:
             raise ApiError(400, "give both y and x (a map position) or neither (a vector value)")
         at = None if y is None else (y, x)
         image = await one_image(request)
-        return await on_model_thread(
-            lambda: pixel_detail(classifier(), image, layer, index, at)
-        )
+        return await on_model_thread(lambda: pixel_detail(classifier(), image, layer, index, at))
 
     @app.get("/explore/samples")
     async def explore_samples() -> JSONResponse:
