@@ -23,7 +23,14 @@ from cnnkit.cli import app
 from cnnkit.errors import ConfigError
 from cnnkit.inspection.explain import MATERIAL_IMAGE, MATERIAL_KERNEL
 from cnnkit.inspection.maps import layer_outputs
-from cnnkit.inspection.pixel import NoPixelRule, explain_pixel, explain_value, render_pixel
+from cnnkit.inference import load
+from cnnkit.inspection.pixel import (
+    NoPixelRule,
+    cpu_classifier,
+    explain_pixel,
+    explain_value,
+    render_pixel,
+)
 from cnnkit.inspection.pixel_rules import PIXEL_RULES
 from cnnkit.models.layers import LayerSpec, parse_layers, with_head
 from cnnkit.models.network import Network
@@ -239,6 +246,20 @@ def test_explain_pixel_on_a_run_shows_the_images_own_pixels(saved_run) -> None:
     head = explain_pixel(run, image, "dense1", 1)
     assert head.label == "b" and head.activation == "softmax"
     assert head.parts["contributions"][0]["source"][0] in range(4)  # (map, row, column)
+
+
+def test_a_gpu_classifier_is_explained_on_a_cpu_copy(saved_run, monkeypatch) -> None:
+    """A GPU's convolutions may use TF32: explanations run a float32 copy on the CPU."""
+    run, image = saved_run
+    classifier = load(run, device="cpu", precision="fp32")
+    assert cpu_classifier(classifier) is classifier
+    monkeypatch.setattr(classifier, "device", torch.device("cuda"))  # as if loaded on a GPU
+    copy = cpu_classifier(classifier)
+    assert copy is not classifier and copy.device.type == "cpu" and copy.precision == "fp32"
+    assert copy.model is not classifier.model
+    for a, b in zip(copy.model.parameters(), classifier.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert explain_pixel(classifier, image, "conv1", 0, (1, 1)).matches
 
 
 runner = CliRunner()

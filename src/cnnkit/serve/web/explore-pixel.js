@@ -32,7 +32,8 @@ async function selectValue(layer, k) {
   }
 }
 
-function table(grid, className, highlight = null, caption = null) {
+// A small matrix of numbers; with `range`, each cell tinted on the zero-centred scale.
+function table(grid, className, highlight = null, caption = null, range = 0) {
   const t = el("table", `grid ${className}`);
   if (caption) t.append(el("caption", "", caption));
   grid.forEach((row, r) => {
@@ -43,7 +44,13 @@ function table(grid, className, highlight = null, caption = null) {
         td.textContent = "0";
         td.className = "padding";
         td.title = "padding: outside the map";
-      } else td.append(num(v));
+      } else {
+        td.append(num(v));
+        if (range > 0) {
+          td.style.backgroundColor = colour(v, range);
+          if (Math.abs(v) > 0.6 * range) td.classList.add("strong");
+        }
+      }
       if (highlight && highlight[0] === r && highlight[1] === c) td.classList.add("hit");
       tr.append(td);
     });
@@ -55,6 +62,7 @@ function table(grid, className, highlight = null, caption = null) {
 function convBlocks(p, root, showAll) {
   const n = p.input_channels.length;
   const shown = showAll ? n : Math.min(n, SHOWN_CHANNELS);
+  const ranges = { patch: rangeOf(p.patch), kernel: rangeOf(p.kernel), products: rangeOf(p.products) };
   for (let i = 0; i < shown; i++) {
     const block = el("div", "term");
     block.dataset.channel = String(i);
@@ -64,8 +72,9 @@ function convBlocks(p, root, showAll) {
     const row = el("div", "equation");
     if (p.pixels) row.append(table(p.pixels[i], "pixels", null, "pixels"), el("span", "op", "→"));
     const patch = p.patch[i].map((r, y) => r.map((v, x) => (p.inside[y][x] ? v : null)));
-    row.append(table(patch, "patch", null, "patch"), el("span", "op", "×"), table(p.kernel[i], "kernel", null, "kernel"));
-    row.append(el("span", "op", "="), table(p.products[i], "products", null, "products"));
+    row.append(table(patch, "patch", null, "patch", ranges.patch), el("span", "op", "×"));
+    row.append(table(p.kernel[i], "kernel", null, "kernel", ranges.kernel), el("span", "op", "="));
+    row.append(table(p.products[i], "products", null, "products", ranges.products));
     const sum = el("span", "op");
     sum.append("sum ", num(p.channel_sums[i], `channel-sum-${i}`));
     row.append(sum);
@@ -160,7 +169,9 @@ function renderPixel(showAll = false) {
   $("slide").disabled = !p.at;
   state.steps = buildSteps(p);
   state.step = -1;
-  $("step-status").textContent = `${state.steps.length} steps: press “Animate step by step” to follow them.`;
+  $("step-back").disabled = true;
+  $("step-next").disabled = state.steps.length === 0;
+  $("step-status").textContent = `${state.steps.length} steps: press “Animate step by step” or “Next step” to follow them.`;
 }
 
 // ----------------------------------------------------------------------------- animation

@@ -177,8 +177,9 @@ function renderMap() {
   let summary;
   if (d.kernels) {
     const [kh, kw] = [d.kernels[0].values.length, d.kernels[0].values[0].length];
-    const bias = d.bias === null ? "no bias" : `bias ${fmt(d.bias)}`;
-    summary = `${d.type}: each value is the sum over ${n} map${n > 1 ? "s" : ""} of ${d.input_layer} of a ${kh}×${kw} patch times its kernel, plus the bias (${bias}).`;
+    const bias = d.bias === null ? "this layer has none" : fmt(d.bias);
+    const over = d.input_layer === "the image" ? `the image's ${n} channel${n > 1 ? "s" : ""} (each normalised)` : `${n} map${n > 1 ? "s" : ""} of ${d.input_layer}`;
+    summary = `${d.type}: each value is the sum over ${over} of a ${kh}×${kw} patch times its kernel, plus the bias (${bias}).`;
   } else if (n) {
     summary = `${d.type}: computed from map ${d.map} of ${d.input_layer}, one window or one value at a time.`;
   } else summary = `${d.type}: computed from ${d.input_layer}.`;
