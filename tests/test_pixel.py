@@ -21,9 +21,9 @@ from typer.testing import CliRunner
 from cnnkit.checkpoint import save_model
 from cnnkit.cli import app
 from cnnkit.errors import ConfigError
+from cnnkit.inference import load
 from cnnkit.inspection.explain import MATERIAL_IMAGE, MATERIAL_KERNEL
 from cnnkit.inspection.maps import layer_outputs
-from cnnkit.inference import load
 from cnnkit.inspection.pixel import (
     NoPixelRule,
     cpu_classifier,
