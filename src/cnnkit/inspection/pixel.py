@@ -354,9 +354,10 @@ def render_pixel(ex: PixelExplanation) -> str:
     if hi > lo:
         scaled = (ex.model_value - lo) * 255.0 / (hi - lo)
         out.append(
-            f"On the 0-255 display scale of {drawn} (min {_signed(lo)} -> 0, max "
-            f"{_signed(hi)} -> 255): ({format_number(ex.model_value)} - {_signed(lo)}) x 255 / "
-            f"{format_number(hi - lo)} = {format_number(round(scaled, 2))} -> {ex.display_value}"
+            f"On the 0-255 display scale of {drawn} (min {format_number(lo)} -> 0, max "
+            f"{format_number(hi)} -> 255): ({format_number(ex.model_value)} - {_signed(lo)}) x "
+            f"255 / {format_number(hi - lo)} = {format_number(round(scaled, 2))} -> "
+            f"{ex.display_value}"
         )
     else:
         out.append(f"All of {drawn} are equal, so it is drawn black (display value 0).")

@@ -105,6 +105,11 @@ def _num(v: float) -> str:
     return format_number(float(v))
 
 
+def _minus(v: float) -> str:
+    """A number to subtract: negative ones in brackets, ``x - (-2)``."""
+    return f"({_num(v)})" if v < 0 else _num(v)
+
+
 def _span(start: int, length: int, step: int = 1) -> str:
     end = start + (length - 1) * step
     return f"{start}" if length == 1 else f"{start} to {end}"
@@ -189,7 +194,7 @@ def _batchnorm(module: nn.Module, channel: int, x: float) -> tuple[float, float,
     a = abs(n["gamma"]) / std
     scale = abs(x) * a + abs(n["running_mean"]) * a + abs(n["beta"])
     formula = (
-        f"({_num(x)} - {_num(n['running_mean'])}) / sqrt({_num(n['running_var'])} + "
+        f"({_num(x)} - {_minus(n['running_mean'])}) / sqrt({_num(n['running_var'])} + "
         f"{_num(n['eps'])}) x {_num(n['gamma'])} + {_num(n['beta'])} = {_num(normalised)} x "
         f"{_num(n['gamma'])} + {_num(n['beta'])} = {_num(y)}"
     )

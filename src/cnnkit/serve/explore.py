@@ -38,7 +38,7 @@ __all__ = ["add_explore_routes", "map_detail", "overview", "validation_samples"]
 
 MAX_MAPS = 256  # maps per layer drawn in the overview
 MAX_VECTOR = 256  # a longer vector (a big flatten) is sent as a picture, not as numbers
-MAX_SOURCE_VALUES = 1 << 18  # input-map values sent with one map's detail
+MAX_SOURCE_VALUES = 1 << 16  # input-map values sent with a map (always at least one map)
 SAMPLES_PER_CLASS = 6
 NO_STORE = {"cache-control": "no-store"}
 
@@ -57,7 +57,8 @@ def _forward(
 
 
 def overview(classifier: Classifier, image: Any) -> dict[str, Any]:
-    """Every layer's output for one image, as the overview draws it, and the probabilities."""
+    """Every layer's output for one image, as the overview draws it, and the probabilities:
+    the softmax of this forward pass's logits (without a model's test-time mirror average)."""
     pixels, _, outputs = _forward(classifier, image)
     logits = outputs[-1].values.astype(np.float64)
     probs = np.exp(logits - logits.max())
@@ -212,14 +213,21 @@ def add_explore_routes(app: FastAPI, run_dir: Path | None) -> None:
             cached["cpu"] = cpu_classifier(state.served.classifier)
         return cached["cpu"]
 
-    async def on_model_thread(work: Callable[[], Any]) -> JSONResponse:
+    async def on_model_thread(work: Callable[[], Any]) -> Any:
+        """``work()``'s result, run on the model thread; cnnkit's errors become HTTP errors."""
         if not state.served.can_explain:
             raise ApiError(501, "the explorer needs a run directory; this server runs an ONNX file")
         try:
-            body = await state.run_model(state.worker.submit(work))
+            return await state.run_model(state.worker.submit(work))
         except CnnkitError as exc:
             raise ApiError(_status(exc), str(exc)) from None
+
+    def answer(body: Any) -> JSONResponse:
         return JSONResponse(body, headers=NO_STORE)
+
+    async def with_model(fn: Callable[..., Any], *args: Any) -> JSONResponse:
+        """``fn(the CPU classifier, *args)`` on the model thread, as JSON."""
+        return answer(await on_model_thread(lambda: fn(classifier(), *args)))
 
     async def one_image(request: Request) -> Any:
         uploads = await read_images(request, state.limits)
@@ -234,13 +242,13 @@ def add_explore_routes(app: FastAPI, run_dir: Path | None) -> None:
     @app.post("/explore/maps")
     async def explore_maps(request: Request) -> JSONResponse:
         image = await one_image(request)
-        return await on_model_thread(lambda: overview(classifier(), image))
+        return await with_model(overview, image)
 
     @app.post("/explore/map")
     async def explore_map(request: Request) -> JSONResponse:
         layer, index = request.query_params.get("layer", ""), _int(request, "map")
         image = await one_image(request)
-        return await on_model_thread(lambda: map_detail(classifier(), image, layer, index))
+        return await with_model(map_detail, image, layer, index)
 
     @app.post("/explore/pixel")
     async def explore_pixel(request: Request) -> JSONResponse:
@@ -250,14 +258,14 @@ def add_explore_routes(app: FastAPI, run_dir: Path | None) -> None:
             raise ApiError(400, "give both y and x (a map position) or neither (a vector value)")
         at = None if y is None else (y, x)
         image = await one_image(request)
-        return await on_model_thread(lambda: pixel_detail(classifier(), image, layer, index, at))
+        return await with_model(pixel_detail, image, layer, index, at)
 
     @app.get("/explore/samples")
     async def explore_samples() -> JSONResponse:
         if run_dir is None:
             raise ApiError(404, "this server was not started from a run directory")
-        if "samples" not in cached:
+        if "samples" not in cached:  # decoded once (the data set's cache makes it quick)
             cached["samples"] = await on_model_thread(
                 lambda: validation_samples(run_dir, classifier(), SAMPLES_PER_CLASS)
             )
-        return cached["samples"]
+        return answer(cached["samples"])
