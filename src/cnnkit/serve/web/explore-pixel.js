@@ -171,7 +171,8 @@ function renderPixel(showAll = false) {
   state.step = -1;
   $("step-back").disabled = true;
   $("step-next").disabled = state.steps.length === 0;
-  $("step-status").textContent = `${state.steps.length} steps: press “Animate step by step” or “Next step” to follow them.`;
+  $("step-status").textContent =
+    `${p.layer} ${where}: ${fmt(p.value)}. ${state.steps.length} steps: press “Animate step by step” or “Next step” to follow them.`;
 }
 
 // ----------------------------------------------------------------------------- animation
