@@ -22,6 +22,7 @@ from cnnkit.inspection.pixel import explain_pixel
 from cnnkit.inspection.pixel_rules import PIXEL_RULES
 from cnnkit.models.layers import parse_layers, with_head
 from cnnkit.models.network import Network
+from cnnkit.models.registry import build_network, list_presets, load_model_spec
 from cnnkit.serve import ServedModel, create_app
 from cnnkit.serve.app import web_dir
 from conftest import model_meta
@@ -202,6 +203,28 @@ def test_a_layer_type_without_a_rule_is_501(client, image, monkeypatch) -> None:
     response = post(client, "/explore/pixel?layer=relu1&map=0&y=1&x=1", image)
     assert response.status_code == 501
     assert response.json()["error"] == "layer relu1: no pixel explanation for layer type 'relu' yet"
+
+
+@pytest.mark.parametrize("preset", list_presets())
+def test_every_preset_can_be_explored(preset: str, tmp_path: Path) -> None:
+    """Any network cnnkit builds: every layer in the overview, every layer's first value
+    explained and equal to the forward pass (whitening, dropout, flatten, tempered logits)."""
+    spec = load_model_spec(preset)
+    channels = 1 if preset == "mnist" else 3
+    net = build_network(spec.layers, 3, channels, spec.input_size)
+    save_model(tmp_path / "run", net, model_meta(net, channels=channels, size=spec.input_size))
+    pixels = np.random.default_rng(2).integers(0, 256, (spec.input_size,) * 2, dtype=np.uint8)
+    image = png(pixels if channels == 1 else np.stack([pixels] * 3, axis=2))
+    c = client_for(tmp_path / "run")
+    try:
+        body = post(c, "/explore/maps", image).json()
+        assert [layer["name"] for layer in body["layers"]] == [i.name for i in net.infos]
+        for info in net.infos:
+            at = "&y=0&x=0" if len(info.out_shape) == 3 else ""
+            answer = post(c, f"/explore/pixel?layer={info.name}&map=0{at}", image).json()
+            assert answer["matches"], (info.name, answer)
+    finally:
+        c.__exit__(None, None, None)
 
 
 def test_validation_samples_carry_true_labels(fast_trained_run) -> None:
