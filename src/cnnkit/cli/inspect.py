@@ -140,3 +140,72 @@ def report_cmd(
 
     path = write_report(run_dir, data, out_file)
     out.print(f"report: {path}", markup=False)
+
+
+# ----------------------------------------------------------------------------- pixel, explore
+
+
+def _at(text: str | None) -> tuple[int, int] | None:
+    """``--at Y,X`` (row, column) as two integers."""
+    if text is None:
+        return None
+    parts = text.replace(" ", "").split(",")
+    try:
+        row, col = (int(p) for p in parts)
+    except ValueError:
+        raise ConfigError(f"--at: expected ROW,COLUMN such as 5,7, got {text!r}") from None
+    return row, col
+
+
+@explain_app.command("pixel")
+@one_line_errors
+def explain_pixel_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory from 'cnnkit train'.")],
+    image: Annotated[Path, typer.Argument(help="The image the model looks at.")],
+    layer: Annotated[
+        str, typer.Option(help="The layer, e.g. conv1 ('cnnkit inspect' names them).")
+    ],
+    map_index: Annotated[
+        int, typer.Option("--map", help="The feature map (for a vector layer: the value).")
+    ] = 0,
+    at: Annotated[
+        str | None, typer.Option(help="ROW,COLUMN of the value in the map, from 0 (maps only).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print every number as JSON.")] = False,
+) -> None:
+    """Why one value of a feature map is what it is: the patch, kernel, products, sum, bias,
+    activation and display value, with your model's numbers."""
+    from cnnkit.inspection.pixel import explain_pixel, render_pixel
+
+    try:
+        result = explain_pixel(run_dir, image, layer, map_index, _at(at))
+    except ConfigError as exc:  # the library names its parameters; here they are flags
+        text = str(exc)
+        for name in ("layer", "map", "at"):
+            if text.startswith(f"{name}: "):
+                raise ConfigError(f"--{text}") from None
+        raise
+    if as_json:
+        out.print(json.dumps(result.to_dict()), markup=False)
+    else:
+        out.print(render_pixel(result), markup=False)
+
+
+@app.command("explore")
+@one_line_errors
+def explore_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory from 'cnnkit train'.")],
+    host: Annotated[
+        str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    quiet: Annotated[bool, typer.Option(help="Only warnings and errors.")] = False,
+) -> None:
+    """Click through your network in the browser: every layer's maps, the kernels, and the
+    arithmetic behind any value (the same server as 'cnnkit serve', page /explore)."""
+    from cnnkit.checkpoint import load_model
+    from cnnkit.serve import serve
+
+    load_model(run_dir)  # a run directory (an ONNX file has no network to look inside)
+    out.print(f"explorer: http://{host or '0.0.0.0'}:{port}/explore", markup=False)
+    serve(run_dir, host, port, log_level="warning" if quiet else "info")

@@ -12,12 +12,12 @@ from cnnkit.inspection.explain import (
     format_number,
 )
 
-__all__ = ["DEFAULT_STEPS", "render_conv", "render_pool"]
+__all__ = ["DEFAULT_STEPS", "render_conv", "render_pool", "side_by_side"]
 
 DEFAULT_STEPS = 2  # the material writes out the first two positions
 
 
-def _side_by_side(left: np.ndarray, right: np.ndarray, sign: str, indent: str = "  ") -> list[str]:
+def side_by_side(left: np.ndarray, right: np.ndarray, sign: str, indent: str = "  ") -> list[str]:
     """Two matrices next to each other with ``sign`` between them on the middle row."""
     a, b = format_matrix(left).splitlines(), format_matrix(right).splitlines()
     rows = max(len(a), len(b))
@@ -42,7 +42,7 @@ def _conv_step(number: int, step: ConvStep, source: str) -> list[str]:
     lines = [
         f"Step {number}: the kernel over rows {_span(r, kh)}, columns {_span(c, kw)} of "
         f"{source} -> result row {i + 1}, column {j + 1}",
-        *_side_by_side(step.window, step.kernel, "x"),
+        *side_by_side(step.window, step.kernel, "x"),
     ]
     terms = [f"({format_number(p)} x {format_number(w)})" for p, w in step.terms]
     rows = [" + ".join(terms[k : k + kw]) for k in range(0, len(terms), kw)]

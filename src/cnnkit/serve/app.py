@@ -6,6 +6,7 @@
     GET  /model     classes, input size, preprocessing, architecture
     POST /predict   one or more images (multipart or a raw image body) -> classes, latency
     POST /explain   one image -> feature maps and Grad-CAM (run directories only)
+    GET  /explore   the explorer page and its JSON under /explore/... (see ``explore``)
 
 Safe by default: the model is fixed when the app is made (no request names a file or URL);
 request bodies, image sizes and the work queue are bounded; every model call runs on one
@@ -35,6 +36,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cnnkit.errors import ConfigError, ImageError
+from cnnkit.serve.explore import add_explore_routes
 from cnnkit.serve.model import ServedModel
 from cnnkit.serve.uploads import ApiError, UploadLimits, error_status, read_images
 from cnnkit.serve.worker import ModelWorker
@@ -277,6 +279,11 @@ def create_app(
         body = await run_model(worker.submit(lambda: served.explain(image, settings.max_maps)))
         body["latency_ms"] = {"total": round(1000 * (time.perf_counter() - start), 3)}
         return JSONResponse(body, headers={"cache-control": "no-store"})
+
+    app.state.run_model = run_model  # the explorer's routes wait for the model the same way
+    app.state.limits = limits
+    source = None if isinstance(model_source, ServedModel) else Path(model_source)
+    add_explore_routes(app, source)
 
     app.mount("/static", StaticFiles(directory=web_dir()), name="static")
     return app
