@@ -12,9 +12,6 @@ leaves a half-written file under its final name.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +23,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from cnnkit import __version__
 from cnnkit.errors import CheckpointError, ConfigError, RunDirError
+from cnnkit.files import atomic_write
 from cnnkit.models.layers import parse_layers
 from cnnkit.models.network import Network
 
@@ -79,34 +77,6 @@ class ModelMeta:
             tta=bool(data.get("tta", False)),
             cnnkit_version=str(data.get("cnnkit_version", "")),
         )
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` for a temporary file beside ``path``, fsync it, rename it to ``path``.
-
-    A full disk or an unwritable folder raises ``RunDirError``; ``path`` keeps its old contents.
-    """
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        tmp = Path(name)
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException as exc:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise RunDirError(f"cannot write {path}: {exc.strerror or exc}") from None
-        raise
 
 
 def save_model(run_dir: Path, model: Network, meta: ModelMeta) -> None:
