@@ -132,12 +132,15 @@ def test_write_file_refuses_a_users_file_and_replaces_its_own(tmp_path: Path) ->
 
 def test_a_failed_write_keeps_cnnkits_old_file(tmp_path: Path) -> None:
     path = tmp_path / "model.onnx"
-    write_file(path, lambda p: p.write_text("old"), overwrite=False)
 
     def fail(p: Path) -> None:
         p.write_text("half")
         raise RuntimeError("verification failed")
 
+    with pytest.raises(RuntimeError):
+        write_file(path, fail, overwrite=False)
+    assert list(tmp_path.iterdir()) == []  # nothing at all, not even a manifest
+    write_file(path, lambda p: p.write_text("old"), overwrite=False)
     with pytest.raises(RuntimeError):
         write_file(path, fail, overwrite=False)
     assert path.read_text() == "old"

@@ -323,12 +323,17 @@ def write_file(path: str | Path, write: Callable[[Path], None], *, overwrite: bo
     is refused unless ``overwrite``. A write that fails leaves the old file as it was.
     """
     path = check_output(path, overwrite=overwrite)
-    try:
+    manifest = path.parent / MANIFEST
+    had_manifest = manifest.is_file()
+    with contextlib.suppress(OSError):  # if the folder is unwritable, atomic_write says so
         path.parent.mkdir(parents=True, exist_ok=True)
         record(path.parent, [], [temporary_names(path.name)])  # what a kill may leave
-    except OSError:
-        pass  # atomic_write says why the folder cannot be written
-    atomic_write(path, write)
+    try:
+        atomic_write(path, write)
+    except BaseException:
+        if not had_manifest:  # a failed write leaves nothing behind, not even a record
+            manifest.unlink(missing_ok=True)
+        raise
     try:
         record(path.parent, [path.name])
     except OSError as exc:  # the file is written; only the record of it is missing
