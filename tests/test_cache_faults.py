@@ -120,6 +120,25 @@ def test_builds_whose_owner_died_are_removed_and_live_ones_kept(
         holder.release()
 
 
+def test_a_worker_that_dies_is_one_clear_error_and_leaves_nothing(
+    small_set: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker killed by the kernel (the out-of-memory killer, say) breaks the pool."""
+    monkeypatch.setattr(cache_mod, "PARALLEL_FROM", 4)
+    monkeypatch.setattr(cache_mod, "_cores", lambda: 2)
+    monkeypatch.setattr(
+        cache_mod, "decode_image", lambda *args: os.kill(os.getpid(), signal.SIGKILL)
+    )  # runs in the forked workers only
+    root = tmp_path / "cache"
+    with pytest.raises(DataError) as info:
+        decode_cached(scan_folder(small_set).splits["all"], SIZE, cache_root=root)
+    assert str(info.value) == (
+        "a decoding worker process died (out of memory, or killed) while filling the decode "
+        f"cache in {root}; nothing was kept, run again"
+    )
+    assert list(root.iterdir()) == []
+
+
 # ------------------------------------------------------------------- a decode killed midway
 
 _SLOW_PARALLEL_DECODE = """

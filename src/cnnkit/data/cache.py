@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -370,6 +371,11 @@ def decode_cached(
         raise DataError(
             f"cannot write the decode cache in {root}: {why}; {hint}set CNNKIT_CACHE_DIR "
             "(or data.cache_dir) to another folder"
+        ) from None
+    except BrokenProcessPool:
+        raise DataError(
+            f"a decoding worker process died (out of memory, or killed) while filling the "
+            f"decode cache in {root}; nothing was kept, run again"
         ) from None
     decoded = _open(folder)
     decoded = DecodedImages(
