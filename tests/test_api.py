@@ -130,6 +130,7 @@ def test_public_names_and_errors() -> None:
         cnnkit.RunDirError,
         cnnkit.CheckpointError,
         cnnkit.ExportError,
+        cnnkit.OutputError,
     ):
         assert issubclass(error, cnnkit.CnnkitError)
     assert issubclass(cnnkit.ConfigError, ValueError)

@@ -28,7 +28,8 @@ def test_same_seed_same_bytes_different_seed_different(tmp_path: Path) -> None:
 def test_classes_counts_names_and_sizes(tmp_path: Path) -> None:
     root = generate_shapes(tmp_path / "s", count=5, size=24, seed=0)
     assert root == tmp_path / "s"
-    assert sorted(p.name for p in root.iterdir()) == sorted(SHAPE_CLASSES)
+    listed = sorted(p.name for p in root.iterdir())
+    assert listed == sorted([*SHAPE_CLASSES, ".cnnkit-manifest"])  # the record of what it wrote
     for kind in SHAPE_CLASSES:
         names = sorted(p.name for p in (root / kind).iterdir())
         assert names == [f"{kind}_{i:05d}.png" for i in range(5)]

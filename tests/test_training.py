@@ -200,7 +200,12 @@ def test_train_val_folders_are_used_as_given(tiny_shapes: Path, tmp_path: Path) 
 
     data = tmp_path / "split"
     shutil.copytree(tiny_shapes, data / "train")
-    shutil.copytree(tiny_shapes, data / "val", ignore=lambda d, names: names[3:])
+    # three images per class (the generated folder also holds its .cnnkit-manifest)
+    shutil.copytree(
+        tiny_shapes,
+        data / "val",
+        ignore=lambda d, names: sorted(n for n in names if n.endswith(".png"))[3:],
+    )
     result = train(tiny_config(data), tmp_path / "run", progress=False)
     assert result.epochs_run == 2
     assert evaluate(tmp_path / "run", data, split="val", plot=False).count == 9
@@ -213,8 +218,14 @@ def test_an_occupied_run_directory_is_refused(tiny_shapes: Path, tmp_path: Path)
     with pytest.raises(RunDirError) as info:
         train(tiny_config(tiny_shapes), out, progress=False)
     assert str(info.value).startswith(f"--out {out} already holds files; choose a new folder")
-    train(tiny_config(tiny_shapes, epochs=1, batch_size=2), out, overwrite=True, progress=False)
-    assert (out / "model.safetensors").is_file() and (out / "notes.txt").is_file()
+    with pytest.raises(RunDirError) as info:  # --overwrite deletes only what cnnkit wrote
+        train(tiny_config(tiny_shapes), out, overwrite=True, progress=False)
+    assert str(info.value) == (
+        f"--out {out} holds files cnnkit did not write: notes.txt (no .cnnkit-manifest: "
+        "cnnkit wrote nothing there); move them away or choose another --out"
+    )
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 def test_bad_settings_fail_before_anything_is_written(tiny_shapes: Path, tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from cnnkit.errors import (
     DataError,
     ExportError,
     ImageError,
+    OutputError,
     RunDirError,
 )
 
@@ -39,6 +40,7 @@ __all__ = [
     "DataError",
     "ExportError",
     "ImageError",
+    "OutputError",
     "RunDirError",
     "__version__",
     "evaluate",
@@ -118,8 +120,11 @@ def evaluate(run_dir: str | Path, data: str | Path, split: str = "auto") -> Eval
     return _evaluate(run_dir, data, split)
 
 
-def generate_shapes(out: str | Path, count: int = 400, size: int = 128, seed: int = 0) -> Path:
-    """Write the circles, squares and triangles data set to ``out``."""
+def generate_shapes(
+    out: str | Path, count: int = 400, size: int = 128, seed: int = 0, overwrite: bool = False
+) -> Path:
+    """Write the circles, squares and triangles data set to ``out`` (a folder holding files
+    cnnkit did not write is refused unless ``overwrite``)."""
     from cnnkit.data.shapes import generate_shapes as _generate
 
-    return _generate(out, count=count, size=size, seed=seed)
+    return _generate(out, count=count, size=size, seed=seed, overwrite=overwrite)

@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +24,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from cnnkit import __version__
 from cnnkit.errors import CheckpointError, ConfigError, RunDirError
+from cnnkit.files import atomic_write
 from cnnkit.models.layers import infer_shapes, parse_layers
 from cnnkit.models.limits import check_budget, check_layer_count
 from cnnkit.models.network import Network
@@ -108,34 +106,6 @@ def check_meta(meta: ModelMeta) -> None:
             )
     if not all(v > 0 for v in meta.std):
         raise ValueError(f"std: expected positive numbers, got {list(meta.std)}")
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` for a temporary file beside ``path``, fsync it, rename it to ``path``.
-
-    A full disk or an unwritable folder raises ``RunDirError``; ``path`` keeps its old contents.
-    """
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        tmp = Path(name)
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException as exc:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise RunDirError(f"cannot write {path}: {exc.strerror or exc}") from None
-        raise
 
 
 def save_model(run_dir: Path, model: Network, meta: ModelMeta) -> None:

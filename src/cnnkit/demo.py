@@ -16,6 +16,7 @@ from cnnkit.config import AugmentConfig, DataConfig, RunConfig, TrainConfig
 from cnnkit.data.cache import default_cache_root
 from cnnkit.data.shapes import SHAPE_CLASSES, SHAPES_VERSION, draw_shape, generate_shapes
 from cnnkit.evaluation import EvalResult, evaluate, evaluate_images
+from cnnkit.files import write_file
 from cnnkit.inference import Prediction, load
 from cnnkit.report import try_write_report
 from cnnkit.training.loop import TrainResult, train
@@ -47,13 +48,18 @@ def demo_data(root: Path | None = None) -> Path:
     )
     done = folder / ".complete"
     if not done.is_file():
-        generate_shapes(folder, count=DEMO_COUNT, size=DEMO_SIZE, seed=DEMO_SEED)
+        # cnnkit's own cache folder: whatever an interrupted earlier generation left is replaced
+        generate_shapes(folder, count=DEMO_COUNT, size=DEMO_SIZE, seed=DEMO_SEED, overwrite=True)
         done.write_text("ok\n")
     return folder
 
 
 def run_demo(out: Path, progress: bool = True, data_root: Path | None = None) -> DemoReport:
-    """Run the demo into ``out`` (replaced if it exists) and return what happened."""
+    """Run the demo into ``out`` and return what happened.
+
+    A run directory cnnkit wrote there before (a previous demo) is replaced; a folder
+    holding anything else is refused, naming those files, and nothing is deleted.
+    """
     started = time.perf_counter()
     data = demo_data(data_root)
     cfg = RunConfig(
@@ -76,7 +82,7 @@ def run_demo(out: Path, progress: bool = True, data_root: Path | None = None) ->
     rng = np.random.default_rng(int(time.time_ns() % 2**32))
     kind = SHAPE_CLASSES[int(rng.integers(len(SHAPE_CLASSES)))]
     image = draw_shape(kind, DEMO_SIZE, rng)
-    image.save(out / "new_shape.png")
+    write_file(out / "new_shape.png", lambda p: image.save(p, format="PNG"), overwrite=True)
     (prediction,) = load(out).predict([out / "new_shape.png"])
     try_write_report(out, trained.data, trained.val_logits)
     return DemoReport(trained, evaluation, kind, prediction, time.perf_counter() - started)

@@ -9,6 +9,7 @@ CLI prints ``str(error)`` on one line and exits non-zero; library users catch ``
     │   └── ImageError    one image cannot be decoded (corrupt, hostile, wrong format)
     ├── RunDirError       a path is not a usable run directory (missing or damaged files)
     ├── CheckpointError   a checkpoint is truncated, corrupt or unsafe to load
+    ├── OutputError       an output path holds files cnnkit did not write, or cannot be written
     ├── ExportError       an exported model disagrees with the original or cannot be written
     └── MissingDependencyError  an optional package (an extra) is not installed
 """
@@ -23,6 +24,7 @@ __all__ = [
     "ExportError",
     "ImageError",
     "MissingDependencyError",
+    "OutputError",
     "RunDirError",
     "first_line",
 ]
@@ -50,6 +52,10 @@ class RunDirError(CnnkitError):
 
 class CheckpointError(CnnkitError):
     """A checkpoint or weights file is damaged or unsafe."""
+
+
+class OutputError(CnnkitError):
+    """An output path is taken by files cnnkit did not write, or cannot be written."""
 
 
 class ExportError(CnnkitError):

@@ -23,6 +23,7 @@ from cnnkit.config import DataConfig, RunConfig, load_yaml
 from cnnkit.data.dataset import ImageArray, select_images
 from cnnkit.data.folder import SPLIT_FILE
 from cnnkit.errors import DataError
+from cnnkit.files import write_file
 from cnnkit.inference import Classifier, load
 from cnnkit.plots import plot_confusion
 
@@ -217,7 +218,12 @@ def evaluate_images(
         scored=f"validation part of {data}" if data else "validation images",
     )
     if run_dir is not None:
-        run = Path(run_dir)
-        plot_confusion(confusion, meta.classes, run / "confusion_matrix.png")
-        (run / "evaluation.json").write_text(json.dumps(result.to_dict(), indent=2))
+        run = Path(run_dir)  # a run directory's own files: replaced whole, by a rename
+        write_file(
+            run / "confusion_matrix.png",
+            lambda p: plot_confusion(confusion, meta.classes, p),
+            overwrite=True,
+        )
+        text = json.dumps(result.to_dict(), indent=2)
+        write_file(run / "evaluation.json", lambda p: p.write_text(text), overwrite=True)
     return result

@@ -20,12 +20,13 @@ from pathlib import Path
 
 import torch
 
-from cnnkit.checkpoint import atomic_write, load_model
+from cnnkit.checkpoint import load_model
 from cnnkit.config import RunConfig, load_yaml
 from cnnkit.data.dataset import PreparedData, prepare_data
 from cnnkit.data.folder import folder_problem, same_folder
 from cnnkit.errors import CnnkitError
 from cnnkit.evaluation import evaluate, evaluate_images
+from cnnkit.files import check_output, write_file
 from cnnkit.inference import load
 from cnnkit.inspection.html import esc, page
 from cnnkit.report_sections import BUILDERS, DATA_SECTIONS, SECTIONS, Run, unavailable
@@ -42,17 +43,23 @@ def write_report(
     *,
     prepared: PreparedData | None = None,
     val_logits: torch.Tensor | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``report.html`` (into ``run_dir`` unless ``out`` is given) and return its path.
 
     ``data`` overrides the data folder recorded in the run's ``config.yaml``; ``prepared``
     is the data training just used, still in memory (nothing is scanned or decoded again),
     and ``val_logits`` its validation logits of the saved weights (nothing is run again).
+    An ``out`` file that cnnkit did not write is refused unless ``overwrite``; the run's own
+    ``report.html`` is always replaced. Either is replaced whole, by a rename.
     """
-    html = build_report(run_dir, data, prepared=prepared, val_logits=val_logits)
     path = Path(out) if out is not None else Path(run_dir) / "report.html"
-    atomic_write(path, lambda p: p.write_text(html, encoding="utf-8"))
-    return path
+    if out is not None:  # refused before the work, not after
+        check_output(path, overwrite=overwrite)
+    html = build_report(run_dir, data, prepared=prepared, val_logits=val_logits)
+    return write_file(
+        path, lambda p: p.write_text(html, encoding="utf-8"), overwrite=overwrite or out is None
+    )
 
 
 def try_write_report(

@@ -21,11 +21,14 @@ def data_shapes(
     count: Annotated[int, typer.Option(help="Images per class.")] = 400,
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 128,
     seed: Annotated[int, typer.Option(help="Same seed, same images.")] = 0,
+    overwrite: Annotated[
+        bool, typer.Option(help="Write into a folder that holds files cnnkit did not write.")
+    ] = False,
 ) -> None:
     """Generate the running example: circles, squares and triangles."""
     from cnnkit.data.shapes import SHAPE_CLASSES, generate_shapes
 
-    generate_shapes(out_dir, count=count, size=size, seed=seed)
+    generate_shapes(out_dir, count=count, size=size, seed=seed, overwrite=overwrite)
     out.print(
         f"wrote {count * len(SHAPE_CLASSES)} images ({', '.join(SHAPE_CLASSES)}) to {out_dir}"
     )

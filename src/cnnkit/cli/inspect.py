@@ -107,11 +107,16 @@ def inspect_cmd(
     class_name: Annotated[
         str | None, typer.Option("--class", help="Grad-CAM for this class (default: predicted).")
     ] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Write into a folder that holds files cnnkit did not write.")
+    ] = False,
 ) -> None:
     """Kernels, every layer's feature maps, Grad-CAM and probabilities for one image."""
     from cnnkit.inspection.walkthrough import inspect_image
 
-    result = inspect_image(run_dir, image, out_dir, layers=layers, class_name=class_name)
+    result = inspect_image(
+        run_dir, image, out_dir, layers=layers, class_name=class_name, overwrite=overwrite
+    )
     top = sorted(result.probabilities.items(), key=lambda kv: -kv[1])
     out.print(
         f"{image}: {result.predicted} (" + ", ".join(f"{c} {100 * p:.1f}%" for c, p in top) + ")",
@@ -134,11 +139,14 @@ def report_cmd(
     out_file: Annotated[
         Path | None, typer.Option("--out", help="Where to write (default: RUN_DIR/report.html).")
     ] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace files at --out that cnnkit did not write.")
+    ] = False,
 ) -> None:
     """One self-contained report.html: config, model, curves, scores, mistakes, feature maps."""
     from cnnkit.report import write_report
 
-    path = write_report(run_dir, data, out_file)
+    path = write_report(run_dir, data, out_file, overwrite=overwrite)
     out.print(f"report: {path}", markup=False)
 
 

@@ -29,6 +29,9 @@ def export_cmd(
     ] = 1e-3,
     check_images: Annotated[int, typer.Option(help="Images to verify the export on.")] = 64,
     quiet: Annotated[bool, typer.Option(help="Only warnings and the result.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace files at --out that cnnkit did not write.")
+    ] = False,
 ) -> None:
     """Export a model (uint8 NHWC images in, normalisation inside) and verify it against PyTorch."""
     from cnnkit.export import export_onnx, export_pt2
@@ -41,12 +44,19 @@ def export_cmd(
         raise ConfigError(f"--tolerance: expected a positive number, got {tolerance}")
     if fmt == "onnx":
         report = export_onnx(
-            run_dir, out_file, opset=opset, tolerance=tolerance, check_images=check_images
+            run_dir,
+            out_file,
+            opset=opset,
+            tolerance=tolerance,
+            check_images=check_images,
+            overwrite=overwrite,
         )
     else:
         if opset is not None:
             raise ConfigError("--opset applies to --format onnx only")
-        report = export_pt2(run_dir, out_file, tolerance=tolerance, check_images=check_images)
+        report = export_pt2(
+            run_dir, out_file, tolerance=tolerance, check_images=check_images, overwrite=overwrite
+        )
     what = f"{report.format}, opset {report.opset}" if report.opset else report.format
     out.print(
         f"exported {report.path} ({what}, {report.size_bytes / 1e6:.2f} MB) in "

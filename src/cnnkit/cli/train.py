@@ -62,7 +62,9 @@ def train_cmd(
     config: Annotated[
         Path | None, typer.Option(help="YAML with model/data/train sections.")
     ] = None,
-    overwrite: Annotated[bool, typer.Option(help="Reuse a non-empty --out folder.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace the run cnnkit wrote in --out (nothing else).")
+    ] = False,
     resume: Annotated[
         Path | None, typer.Option(help="Continue the run in this directory from its checkpoint.")
     ] = None,

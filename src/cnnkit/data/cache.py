@@ -11,15 +11,22 @@ renamed into place, so a killed run never leaves a half-written cache under the 
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import logging
 import multiprocessing as mp
 import os
+import re
 import shutil
+import signal
 import tempfile
+import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +35,7 @@ import numpy as np
 from cnnkit.data.folder import ImageList
 from cnnkit.data.images import GREY_MODES, decode_image
 from cnnkit.errors import DataError, ImageError
+from cnnkit.files import OwnerLock
 
 __all__ = ["DecodedImages", "decode_cached", "default_cache_root"]
 
@@ -36,6 +44,10 @@ CACHE_VERSION = 1
 PARALLEL_FROM = 4096  # images: below this, starting worker processes costs more than it saves
 CHUNK = 1024  # images per task handed to a worker
 MAX_WORKERS = 8
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+BUILD_LOCK = "owner.lock"  # held by the process building a cache folder
+BUILD_NAME = re.compile(r"\.[0-9a-f]{32}\..+")  # a cache folder being built: .<key>.<random>
+LOCKLESS_BUILD_SECONDS = 3600
 
 
 def default_cache_root() -> Path:
@@ -130,6 +142,30 @@ def _decode_rows(
     return results
 
 
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: end this worker when the process that forked it ends.
+
+    A parent killed during a parallel decode (SIGKILL, or SIGTERM, which Python does not
+    catch) would otherwise leave its workers waiting on their task queue forever. On Linux
+    the kernel sends SIGKILL (``PR_SET_PDEATHSIG``); elsewhere a thread watches the parent.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        armed = libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        armed = False
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+    if not armed:
+
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True).start()
+
+
 def _cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -149,12 +185,145 @@ def _decode_all(
     n, workers = len(paths), min(_cores(), MAX_WORKERS)
     if n < PARALLEL_FROM or workers < 2 or "fork" not in mp.get_all_start_methods():
         return _decode_rows(npy, 0, paths, size, channels, resize)
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+    with ProcessPoolExecutor(
+        workers,
+        mp_context=mp.get_context("fork"),
+        initializer=_die_with_parent,
+        initargs=(os.getpid(),),
+    ) as pool:
         parts = [
             pool.submit(_decode_rows, npy, s, paths[s : s + CHUNK], size, channels, resize)
             for s in range(0, n, CHUNK)
         ]
         return [r for part in parts for r in part.result()]
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _allocate(path: Path, shape: tuple[int, ...], root: Path) -> np.memmap:
+    """A zeroed ``.npy`` map of ``shape`` whose disk blocks are reserved before any write.
+
+    Writing into a sparse map on a disk that fills up kills the process with SIGBUS, no
+    message; checking the free space first and reserving the blocks (``posix_fallocate``)
+    turns a full disk into an ``OSError`` here instead.
+    """
+    needed = int(np.prod(shape)) + (1 << 20)  # the pixels, the header and a little room
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        free = None
+    if free is not None and needed > free:
+        raise DataError(
+            f"the decode cache needs {_size(needed)} in {root} but only {_size(free)} is "
+            "free; free some space there, or set CNNKIT_CACHE_DIR (or data.cache_dir) to a "
+            "folder on a larger disk"
+        )
+    images = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+    if hasattr(os, "posix_fallocate"):
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise  # ENOSPC, EDQUOT, EIO; a filesystem without fallocate just goes on
+        finally:
+            os.close(fd)
+    return images
+
+
+def _remove_dead_builds(root: Path) -> None:
+    """Delete temporary folders of decodes whose process died (killed mid-decode).
+
+    A build holds ``BUILD_LOCK`` in its folder until it is renamed into place (forked workers
+    share the lock, and die with their parent); a folder whose lock is free is dead. One
+    without a lock file (made by an older cnnkit) counts as dead after an hour untouched.
+    """
+    try:
+        entries = [e for e in os.scandir(root) if BUILD_NAME.fullmatch(e.name)]
+    except OSError:
+        return
+    for entry in entries:
+        folder = Path(entry.path)
+        lock = OwnerLock(folder / BUILD_LOCK)
+        try:
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            if (folder / BUILD_LOCK).is_file():
+                dead = lock.acquire()
+            else:
+                dead = time.time() - entry.stat().st_mtime > LOCKLESS_BUILD_SECONDS
+        except OSError:
+            continue
+        if dead:
+            shutil.rmtree(folder, ignore_errors=True)
+            log.info("removed %s, left by a decode that was killed", folder)
+        lock.release()
+
+
+def _build(files: ImageList, size: int, channels: str, resize: str, root: Path, key: str) -> int:
+    """Decode ``files`` into ``root/key`` (built in a temporary folder, renamed into place)
+    and return the channel count stored."""
+    # One pass: every file is opened once, decoded, and its stored mode noted. For "auto",
+    # images are decoded with three channels and the set is cut to one at the end when every
+    # image was stored greyscale (for those, R = G = B = the grey decode, exactly).
+    wanted = None if str(channels) == "auto" else int(channels)
+    decode_channels = wanted or 3
+    n = len(files)
+    folder = root / key
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
+    lock = OwnerLock(tmp / BUILD_LOCK)
+    try:
+        try:
+            lock.acquire()
+        except OSError:  # a filesystem without locks: the folder is then judged by its age
+            (tmp / BUILD_LOCK).unlink(missing_ok=True)
+        images = _allocate(tmp / "images.npy", (n, size, size, decode_channels), root)
+        images.flush()  # the header is on disk: worker processes open the file by name
+        results = _decode_all(str(tmp / "images.npy"), files.paths, size, decode_channels, resize)
+        good_rows = [i for i, (why, _) in enumerate(results) if why is None]
+        skipped = [(str(files.paths[i]), why) for i, (why, _) in enumerate(results) if why]
+        n_ch = wanted or (1 if good_rows and all(results[i][1] for i in good_rows) else 3)
+        if len(good_rows) != n or n_ch != decode_channels:  # drop failures / extra channels
+            compact = _allocate(tmp / "compact.npy", (len(good_rows), size, size, n_ch), root)
+            for start in range(0, len(good_rows), 1024):
+                chunk = good_rows[start : start + 1024]
+                compact[start : start + len(chunk)] = images[chunk][..., :n_ch]
+            compact.flush()
+            del compact
+            os.replace(tmp / "compact.npy", tmp / "images.npy")
+        images.flush()
+        del images
+        kept = good_rows
+        meta = {
+            "version": CACHE_VERSION,
+            "size": size,
+            "channels": n_ch,
+            "resize": resize,
+            "paths": [str(files.paths[i]) for i in kept],
+            "labels": [int(files.labels[i]) for i in kept],
+            "skipped": sorted(skipped),
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if (folder / "meta.json").is_file():  # another process finished it first
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:  # a damaged leftover (only complete caches are renamed into place)
+                shutil.rmtree(folder, ignore_errors=True)
+                os.replace(tmp, folder)
+        (folder / BUILD_LOCK).unlink(missing_ok=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        lock.release()
+    return n_ch
 
 
 def decode_cached(
@@ -192,61 +361,22 @@ def decode_cached(
         _report(list(decoded.skipped), len(decoded), strict)
         return decoded
 
-    # One pass: every file is opened once, decoded, and its stored mode noted. For "auto",
-    # images are decoded with three channels and the set is cut to one at the end when every
-    # image was stored greyscale (for those, R = G = B = the grey decode, exactly).
-    wanted = None if str(channels) == "auto" else int(channels)
-    decode_channels = wanted or 3
-    n = len(files)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
     try:
-        images = np.lib.format.open_memmap(
-            tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(n, size, size, decode_channels)
-        )
-
-        images.flush()  # the header is on disk: worker processes open the file by name
-        results = _decode_all(str(tmp / "images.npy"), files.paths, size, decode_channels, resize)
-        good_rows = [i for i, (why, _) in enumerate(results) if why is None]
-        skipped = [(str(files.paths[i]), why) for i, (why, _) in enumerate(results) if why]
-        n_ch = wanted or (1 if good_rows and all(results[i][1] for i in good_rows) else 3)
-        if len(good_rows) != n or n_ch != decode_channels:  # drop failures / extra channels
-            compact = np.lib.format.open_memmap(
-                tmp / "compact.npy",
-                mode="w+",
-                dtype=np.uint8,
-                shape=(len(good_rows), size, size, n_ch),
-            )
-            for start in range(0, len(good_rows), 1024):
-                chunk = good_rows[start : start + 1024]
-                compact[start : start + len(chunk)] = images[chunk][..., :n_ch]
-            compact.flush()
-            del compact
-            os.replace(tmp / "compact.npy", tmp / "images.npy")
-        images.flush()
-        del images
-        kept = good_rows
-        meta = {
-            "version": CACHE_VERSION,
-            "size": size,
-            "channels": n_ch,
-            "resize": resize,
-            "paths": [str(files.paths[i]) for i in kept],
-            "labels": [int(files.labels[i]) for i in kept],
-            "skipped": sorted(skipped),
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            if (folder / "meta.json").is_file():  # another process finished it first
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:  # a damaged leftover (only complete caches are renamed into place)
-                shutil.rmtree(folder, ignore_errors=True)
-                os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_dead_builds(root)
+        n_ch = _build(files, size, channels, resize, root, key)
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        hint = "free some space there, or " if exc.errno == errno.ENOSPC else ""
+        raise DataError(
+            f"cannot write the decode cache in {root}: {why}; {hint}set CNNKIT_CACHE_DIR "
+            "(or data.cache_dir) to another folder"
+        ) from None
+    except BrokenProcessPool:
+        raise DataError(
+            f"a decoding worker process died (out of memory, or killed) while filling the "
+            f"decode cache in {root}; nothing was kept, run again"
+        ) from None
     decoded = _open(folder)
     decoded = DecodedImages(
         decoded.images, decoded.labels, decoded.paths, decoded.skipped, n_ch, from_cache=False

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from cnnkit.errors import ConfigError
+from cnnkit.files import write_folder
 
 __all__ = ["SHAPES_VERSION", "SHAPE_CLASSES", "draw_shape", "generate_shapes"]
 
@@ -71,20 +72,27 @@ def draw_shape(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
     return image.resize((size, size), Image.Resampling.LANCZOS)
 
 
-def generate_shapes(out: str | Path, count: int = 400, size: int = 128, seed: int = 0) -> Path:
+def generate_shapes(
+    out: str | Path, count: int = 400, size: int = 128, seed: int = 0, overwrite: bool = False
+) -> Path:
     """Write ``count`` PNGs per class to ``out/<class>/`` and return ``out``.
 
-    Files are named ``<class>_<index>.png``; existing files of the same name are replaced.
+    Files are named ``<class>_<index>.png``. They are drawn into a temporary folder first,
+    then take their names: shapes cnnkit generated there before are replaced (a kill leaves
+    the old set or the new, never half of each); a folder holding anything else is refused
+    unless ``overwrite`` (then only same-named files are replaced, nothing is deleted).
     """
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ConfigError(f"count: expected a positive integer, got {count!r}")
     if isinstance(size, bool) or not isinstance(size, int) or not 8 <= size <= 1024:
         raise ConfigError(f"size: expected 8 to 1024 pixels, got {size!r}")
-    root = Path(out)
-    for label, kind in enumerate(SHAPE_CLASSES):
-        folder = root / kind
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(count):
-            rng = np.random.default_rng([seed, label, i])
-            draw_shape(kind, size, rng).save(folder / f"{kind}_{i:05d}.png", optimize=False)
-    return root
+
+    def draw_all(root: Path) -> None:
+        for label, kind in enumerate(SHAPE_CLASSES):
+            folder = root / kind
+            folder.mkdir()
+            for i in range(count):
+                rng = np.random.default_rng([seed, label, i])
+                draw_shape(kind, size, rng).save(folder / f"{kind}_{i:05d}.png", optimize=False)
+
+    return write_folder(out, draw_all, overwrite=overwrite)

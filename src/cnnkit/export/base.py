@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnnkit.checkpoint import ModelMeta, atomic_write, load_model
+from cnnkit.checkpoint import ModelMeta, load_model
 from cnnkit.engine import batched_logits
 from cnnkit.errors import ExportError
 from cnnkit.export.graph import MAX_BATCH, ExportModule, sample_images
 from cnnkit.export.verify import Logits, Parity, check_parity
+from cnnkit.files import check_output, write_file
 from cnnkit.models.network import Network
 
 __all__ = ["ExportReport", "output_path", "quiet_exporter", "reference_logits"]
@@ -53,13 +54,21 @@ def reference_logits(model: Network, meta: ModelMeta) -> Logits:
     return run
 
 
-def output_path(run_dir: str | Path, out: str | Path | None, suffix: str) -> Path:
-    """``out`` or ``RUN_DIR/model<suffix>``; the suffix is checked so files say what they are."""
+def output_path(
+    run_dir: str | Path, out: str | Path | None, suffix: str, overwrite: bool = False
+) -> Path:
+    """``out`` or ``RUN_DIR/model<suffix>``; the suffix is checked so files say what they are.
+
+    An ``out`` that exists and was not written by cnnkit is refused unless ``overwrite``
+    (before any work); the run directory's own ``model<suffix>`` is cnnkit's to replace.
+    """
     path = Path(out) if out is not None else Path(run_dir) / f"model{suffix}"
     if path.suffix != suffix:
         raise ExportError(f"--out {path}: expected a file name ending in {suffix}")
     if path.is_dir():
         raise ExportError(f"--out {path}: is a folder, expected a file name ending in {suffix}")
+    if out is not None:
+        check_output(path, overwrite=overwrite)
     return path
 
 
@@ -118,7 +127,7 @@ def write_verified(
             what=f"{label} export of {run_dir}",
         )
 
-    atomic_write(path, write_and_verify)
+    write_file(path, write_and_verify, overwrite=True)  # output_path checked it was ours
     return ExportReport(
         path=path,
         format=fmt,

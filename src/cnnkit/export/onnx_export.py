@@ -42,6 +42,7 @@ def export_onnx(
     tolerance: float = DEFAULT_TOLERANCE,
     check_images: int = 64,
     batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
+    overwrite: bool = False,
 ) -> ExportReport:
     """Export ``run_dir``'s model to ``out`` (default ``RUN_DIR/model.onnx``) and verify it.
 
@@ -56,7 +57,7 @@ def export_onnx(
     if opset is not None and opset < MIN_OPSET:
         raise ExportError(f"--opset: expected {MIN_OPSET} or newer, got {opset}")
     start = time.perf_counter()
-    path = output_path(run_dir, out, ".onnx")
+    path = output_path(run_dir, out, ".onnx", overwrite)
     model, meta, module, example, batch = export_inputs(run_dir)
     try:
         with quiet_exporter(), torch.no_grad():

@@ -53,10 +53,11 @@ def export_pt2(
     tolerance: float = DEFAULT_TOLERANCE,
     check_images: int = 64,
     batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
+    overwrite: bool = False,
 ) -> ExportReport:
     """Export ``run_dir``'s model to ``out`` (default ``RUN_DIR/model.pt2``) and verify it."""
     start = time.perf_counter()
-    path = output_path(run_dir, out, ".pt2")
+    path = output_path(run_dir, out, ".pt2", overwrite)
     model, meta, module, example, batch = export_inputs(run_dir)
     try:
         with quiet_exporter(), torch.no_grad():

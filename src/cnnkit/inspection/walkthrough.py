@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from cnnkit.data.images import to_model_input
-from cnnkit.errors import ConfigError, RunDirError
+from cnnkit.errors import ConfigError
+from cnnkit.files import write_folder
 from cnnkit.inference import Classifier, load
 from cnnkit.inspection.gradcam import default_cam_layer, grad_cam
 from cnnkit.inspection.html import esc, layer_help, page, table
@@ -83,8 +84,12 @@ def inspect_image(
     *,
     layers: Sequence[str] | None = None,
     class_name: str | None = None,
+    overwrite: bool = False,
 ) -> InspectResult:
-    """Run ``image`` through the model of ``run_dir`` and write the walk-through to ``out``."""
+    """Run ``image`` through the model of ``run_dir`` and write the walk-through to ``out``.
+
+    An ``out`` folder holding files cnnkit did not write is refused unless ``overwrite``.
+    """
     classifier = load(run_dir, device="cpu", precision="fp32")
     model = classifier.model
     names = [info.name for info in model.infos]
@@ -92,42 +97,12 @@ def inspect_image(
     cam_index = _class_index(classifier.classes, class_name)
     pixels = classifier.preprocess(image)  # (S, S, C) uint8, exactly as in training
     folder = Path(out)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise RunDirError(f"--out {folder}: cannot create ({exc.strerror})") from None
 
     x = _model_input(classifier, pixels)  # (1, C, S, S)
     outputs = layer_outputs(model, x)
     probs = torch.softmax(torch.from_numpy(outputs[-1].values), dim=0).numpy()
     heat, used = grad_cam(model, x, cam_index)
     cam_layer = default_cam_layer(model)
-
-    files: list[Path] = []
-    scale = display_scale(pixels.shape[0], target=192, most=8)
-    files.append(save_png(upscale(pixels, scale), folder / "input.png"))
-    files.append(save_png(upscale(overlay(pixels, heat), scale), folder / "gradcam.png"))
-    files.append(save_png(upscale(heat_colours(heat), scale), folder / "gradcam_heat.png"))
-
-    records = []
-    for index, output in enumerate(outputs):
-        if output.name not in chosen:
-            continue
-        info = model.infos[index]
-        record = _layer_record(output, info.in_shape, info.out_shape)
-        record["last"] = index == len(outputs) - 1
-        record["maps_png"], note = _write_maps(output, folder)
-        record["maps_note"] = note
-        files.append(folder / record["maps_png"])
-        if info.spec.type == "conv":
-            weight = model.layers[info.name].weight  # (F, C, k, k)
-            record["kernels_rgb"] = index == 0 and weight.shape[1] == 3
-            record["kernels_png"], record["kernels_note"] = _write_kernels(
-                weight, info.name, record["kernels_rgb"], folder
-            )
-            files.append(folder / record["kernels_png"])
-        records.append(record)
-
     classes = classifier.classes
     result = InspectResult(
         out=folder,
@@ -135,12 +110,37 @@ def inspect_image(
         probabilities={c: float(p) for c, p in zip(classes, probs, strict=True)},
         cam_class=classes[used],
         cam_layer=cam_layer,
-        layers=records,
-        files=files,
     )
-    (folder / "inspect.json").write_text(json.dumps(_summary(result, image), indent=2))
-    (folder / "index.html").write_text(_html(result, image, classifier))
-    files += [folder / "inspect.json", folder / "index.html"]
+
+    def write_all(work: Path) -> None:
+        """Every file of the walk-through, into ``work`` (a fresh folder)."""
+        scale = display_scale(pixels.shape[0], target=192, most=8)
+        save_png(upscale(pixels, scale), work / "input.png")
+        save_png(upscale(overlay(pixels, heat), scale), work / "gradcam.png")
+        save_png(upscale(heat_colours(heat), scale), work / "gradcam_heat.png")
+        names = ["input.png", "gradcam.png", "gradcam_heat.png"]
+        for index, output in enumerate(outputs):
+            if output.name not in chosen:
+                continue
+            info = model.infos[index]
+            record = _layer_record(output, info.in_shape, info.out_shape)
+            record["last"] = index == len(outputs) - 1
+            record["maps_png"], record["maps_note"] = _write_maps(output, work)
+            names.append(record["maps_png"])
+            if info.spec.type == "conv":
+                weight = model.layers[info.name].weight  # (F, C, k, k)
+                record["kernels_rgb"] = index == 0 and weight.shape[1] == 3
+                record["kernels_png"], record["kernels_note"] = _write_kernels(
+                    weight, info.name, record["kernels_rgb"], work
+                )
+                names.append(record["kernels_png"])
+            result.layers.append(record)
+        (work / "inspect.json").write_text(json.dumps(_summary(result, image), indent=2))
+        (work / "index.html").write_text(_html(result, image, classifier))
+        result.files = [folder / name for name in [*names, "inspect.json", "index.html"]]
+
+    # A folder of cnnkit's own earlier output is replaced; anyone else's is refused.
+    write_folder(folder, write_all, overwrite=overwrite)
     return result
 
 

@@ -11,6 +11,7 @@ rank 0 prints and writes files.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -42,7 +43,7 @@ from cnnkit.training.outputs import (
     write_outputs,
     write_split_csv,
 )
-from cnnkit.training.session import prepare_run_dir, progress_bar, stop_on_signals
+from cnnkit.training.session import claim_run_dir, progress_bar, stop_on_signals
 
 __all__ = ["TrainingInterrupted", "train"]
 
@@ -128,9 +129,16 @@ def train(
     """Train ``config`` into the run directory ``out`` (or continue it with ``resume``)."""
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
-        return _train(
-            config, out, overwrite=overwrite, progress=progress, resume=resume, force=force
-        )
+        with contextlib.ExitStack() as run_dir:  # locked until the run ends, however it ends
+            return _train(
+                config,
+                out,
+                overwrite=overwrite,
+                progress=progress,
+                resume=resume,
+                force=force,
+                run_dir=run_dir,
+            )
     finally:  # --deterministic applies to this run only, not to the rest of the process
         if torch.are_deterministic_algorithms_enabled() != deterministic:
             # (only when changed: the call imports torch._inductor, over a second)
@@ -145,6 +153,7 @@ def _train(
     progress: bool,
     resume: bool,
     force: bool,
+    run_dir: contextlib.ExitStack,
 ) -> TrainResult:
     # ---------------------------------------------------------------- Setup
     session_start = time.perf_counter()
@@ -161,8 +170,7 @@ def _train(
         device = torch.device("cuda", info.local_rank)
     precision = resolve_precision(cfg.precision, device)
     if info.is_main:
-        created = not out.exists()
-        prepare_run_dir(out, overwrite, resume)
+        run_dir.enter_context(claim_run_dir(out, overwrite, resume))
     dist.barrier(info)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -176,12 +184,7 @@ def _train(
     # ---------------------------------------------------------------- Data
     image_size = config.data.image_size or spec.input_size
     if info.is_main:  # rank 0 decodes into the cache while the others wait, then they map it
-        try:
-            data = prepare_data(config.data, image_size)
-        except CnnkitError:
-            if created and out.is_dir() and not any(out.iterdir()):
-                out.rmdir()  # a data error leaves no empty run directory behind
-            raise
+        data = prepare_data(config.data, image_size)
     dist.barrier(info)
     if not info.is_main:
         logging.getLogger("cnnkit").setLevel(logging.ERROR)
@@ -252,7 +255,7 @@ def _train(
         log.warning("%s has no checkpoint yet; starting the run from the beginning", out)
     elif resume:
         folder, weights, saved = ckpt.find_checkpoint(out)
-        check_resumable(saved["fingerprint"], run_fingerprint, force)
+        check_resumable(saved["fingerprint"], run_fingerprint, force, data)
         ckpt.load_weights(model, weights, folder)
         opt.load_state_dict(saved["optimizer"])
         if saved["total_steps"] == cfg.epochs * steps:

@@ -6,6 +6,9 @@ import csv
 import hashlib
 import itertools
 import json
+import os
+import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,7 @@ from cnnkit.config import RunConfig
 from cnnkit.data.dataset import PreparedData
 from cnnkit.data.folder import SPLIT_COLUMNS, SPLIT_FILE
 from cnnkit.errors import ConfigError
+from cnnkit.files import list_names
 from cnnkit.plots import plot_curves
 
 __all__ = [
@@ -83,8 +87,23 @@ def _flat(prefix: str, value: Any, out: dict[str, Any]) -> None:
         out[prefix] = value
 
 
+def _stamps(paths: Sequence[str]) -> torch.Tensor:
+    """A 32-bit checksum of each file's size and modification time, the stamps the decode
+    cache is keyed on: (N,) int32, 4 bytes a file, so a checkpoint can name changed files."""
+    sums = np.empty(len(paths), dtype=np.uint32)
+    for i, path in enumerate(paths):
+        try:
+            st = os.stat(path)
+            stamp = f"{st.st_size}|{st.st_mtime_ns}"
+        except OSError:
+            stamp = "missing"
+        sums[i] = zlib.crc32(stamp.encode())
+    return torch.from_numpy(sums.view(np.int32))
+
+
 def fingerprint(config: RunConfig, data: PreparedData) -> dict[str, Any]:
-    """What a resume must find unchanged: the settings and the exact images and labels."""
+    """What a resume must find unchanged: the settings, the exact images and labels, and
+    each image file's size and modification time."""
     digest = hashlib.sha256()
     for part in (data.train, data.val):
         for path, label in zip(part.paths, part.labels.tolist(), strict=True):
@@ -96,11 +115,29 @@ def fingerprint(config: RunConfig, data: PreparedData) -> dict[str, Any]:
         "classes": list(data.classes),
         "images": [len(data.train), len(data.val)],
         "settings": settings,
+        "stamps": _stamps([*data.train.paths, *data.val.paths]),
     }
 
 
-def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Human-readable differences between two fingerprints that forbid an exact resume."""
+def _changed_files(old: Any, new: Any) -> list[int] | None:
+    """Positions whose stamps differ (None when there are none, or nothing to compare)."""
+    if not (isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor)):
+        return None
+    if old.shape != new.shape:
+        return None
+    changed = (old != new).nonzero().flatten().tolist()
+    return changed or None
+
+
+def describe_changes(
+    old: dict[str, Any], new: dict[str, Any], paths: Sequence[str] = ()
+) -> list[str]:
+    """Human-readable differences between two fingerprints that forbid an exact resume.
+
+    ``paths`` are the images of ``new`` in order (training, then validation), to name the
+    files whose contents changed. A fingerprint from before cnnkit kept file stamps (no
+    ``stamps``) is compared on paths and labels only.
+    """
     changes = []
     if old.get("classes") != new.get("classes"):
         changes.append(f"classes changed from {old.get('classes')} to {new.get('classes')}")
@@ -110,6 +147,12 @@ def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             f"data changed (training/validation images {before[0]}/{before[1]} "
             f"-> {after[0]}/{after[1]}, or files were replaced)"
         )
+    elif (changed := _changed_files(old.get("stamps"), new.get("stamps"))) is not None:
+        names = [str(paths[i]) for i in changed if i < len(paths)]
+        changes.append(
+            f"{len(changed)} image file(s) changed since the run started (size or "
+            f"modification time): {list_names(names, 3)}"
+        )
     a, b = old.get("settings", {}), new.get("settings", {})
     for key in sorted(set(a) | set(b)):
         if key not in RESUMABLE and a.get(key) != b.get(key):
@@ -117,8 +160,12 @@ def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return changes
 
 
-def check_resumable(old: dict[str, Any], new: dict[str, Any], force: bool) -> None:
-    changes = describe_changes(old, new)
+def check_resumable(
+    old: dict[str, Any], new: dict[str, Any], force: bool, data: PreparedData | None = None
+) -> None:
+    """Refuse to resume a run whose data or settings changed, unless ``force``."""
+    paths = [*data.train.paths, *data.val.paths] if data is not None else []
+    changes = describe_changes(old, new, paths)
     if changes and not force:
         raise ConfigError(f"cannot resume: {'; '.join(changes)} (pass --force to resume anyway)")
 

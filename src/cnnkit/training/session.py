@@ -1,8 +1,11 @@
-"""What a training session needs around the loop: its run directory, its progress bar and
-its stop signals (SIGINT/SIGTERM end it at the next step, with a checkpoint)."""
+"""What a training session needs around the loop: its run directory (locked, with a record of
+what it writes), its progress bar and its stop signals (SIGINT/SIGTERM end it at the next
+step, with a checkpoint)."""
 
 from __future__ import annotations
 
+import errno
+import logging
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,29 +14,126 @@ from typing import Any
 
 from cnnkit.console import console
 from cnnkit.errors import RunDirError
+from cnnkit.files import (
+    LOCK,
+    MANIFEST,
+    OwnerLock,
+    list_names,
+    record,
+    remove_owned,
+    survey,
+    temporary_names,
+)
 
-__all__ = ["prepare_run_dir", "progress_bar", "stop_on_signals"]
+__all__ = ["RUN_OUTPUTS", "claim_run_dir", "progress_bar", "stop_on_signals"]
+
+log = logging.getLogger("cnnkit")
 
 
-def prepare_run_dir(out: Path, overwrite: bool, resume: bool) -> None:
+# What a training run writes into its run directory, recorded before it writes them (so a
+# run killed at any moment leaves only recorded files): its files, the checkpoint folders
+# that training/state.py names as it goes (complete, moved aside, half-written) and the
+# temporary files of atomic writes.
+RUN_OUTPUTS = (
+    "config.yaml",
+    "model.safetensors",
+    "model.json",
+    "metrics.csv",
+    "summary.json",
+    "curves.png",
+    "split.csv",
+)
+RUN_FAMILIES = (
+    "checkpoints/ckpt-*/",
+    "checkpoints/damaged-ckpt-*/",
+    "checkpoints/.tmp-*/",
+    "evaluations/",  # cnnkit evaluate's results, one folder per data set and split
+    *(temporary_names(name) for name in RUN_OUTPUTS),  # left by a kill during a write
+)
+
+
+@contextmanager
+def claim_run_dir(out: Path, overwrite: bool, resume: bool) -> Iterator[None]:
+    """Hold the run directory ``out`` for one training run, from its checks to its end.
+
+    The run locks ``RUN_DIR/.cnnkit-lock`` (a second run into the same folder is refused,
+    naming the owner; the lock dies with its process, so a killed run never blocks a resume)
+    and records what it writes in ``RUN_DIR/.cnnkit-manifest``. ``overwrite`` removes exactly
+    what an earlier run recorded, checkpoints included, and refuses a folder holding anything
+    else. A run that fails before writing anything leaves no folder it created behind.
+    """
     if out.exists() and not out.is_dir():
         raise RunDirError(f"--out {out} exists and is not a folder")
-    if resume:
-        if not (out / "config.yaml").is_file():
-            raise RunDirError(f"cannot resume: {out} is not a run directory (no config.yaml)")
+    if resume and not (out / "config.yaml").is_file():
+        raise RunDirError(f"cannot resume: {out} is not a run directory (no config.yaml)")
+    created = not out.exists()
+    lock = OwnerLock(out / LOCK)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        locked = lock.acquire()
+    except OSError as exc:
+        if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise RunDirError(f"cannot write to run directory {out}: {exc.strerror}") from None
+        log.warning("cannot lock %s (%s): a second run into it would not be stopped", out, exc)
+        locked = True
+    if not locked:
+        raise RunDirError(
+            f"{out} is in use by another training run ({lock.owner()}); wait for it to "
+            "finish or choose another --out"
+        )
+    try:
+        if not resume:
+            _clear(out, overwrite)
+        try:
+            record(out, RUN_OUTPUTS, RUN_FAMILIES)
+        except OSError as exc:
+            raise RunDirError(f"cannot write to run directory {out}: {exc.strerror}") from None
+        yield
+    except BaseException:
+        if created:
+            _remove_if_unused(out, lock)
+        raise
+    finally:
+        lock.release()
+
+
+def _remove_if_unused(out: Path, lock: OwnerLock) -> None:
+    """Remove the run directory a failed run created, if it wrote nothing into it."""
+    try:
+        contents = survey(out)
+        if not contents.owned and not contents.foreign:
+            (out / MANIFEST).unlink(missing_ok=True)
+            lock.release()
+            out.rmdir()
+    except OSError:  # something is there after all: leave it
         return
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+
+
+def _clear(out: Path, overwrite: bool) -> None:
+    """Empty ``out`` for a new run: only of what cnnkit recorded writing, only with
+    ``overwrite``."""
+    try:
+        contents = survey(out)
+    except OSError as exc:
+        raise RunDirError(f"cannot read run directory {out}: {exc.strerror}") from None
+    if not contents.owned and not contents.foreign:
+        return
+    if not overwrite:
         raise RunDirError(
             f"--out {out} already holds files; choose a new folder, pass "
             "--overwrite, or --resume it"
         )
+    if contents.foreign:
+        why = "" if contents.has_manifest else f" (no {MANIFEST}: cnnkit wrote nothing there)"
+        raise RunDirError(
+            f"--out {out} holds files cnnkit did not write: "
+            f"{list_names(contents.foreign)}{why}; move them away or choose another --out"
+        )
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".cnnkit-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        remove_owned(contents)
+        (out / MANIFEST).unlink(missing_ok=True)
     except OSError as exc:
-        raise RunDirError(f"cannot write to run directory {out}: {exc.strerror}") from None
+        raise RunDirError(f"--overwrite: cannot empty {out}: {exc.strerror}") from None
 
 
 def progress_bar(enabled: bool) -> Any:
