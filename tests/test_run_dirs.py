@@ -138,6 +138,7 @@ def test_overwrite_removes_exactly_what_the_earlier_run_wrote(
         "metrics.csv",
         "model.json",
         "model.safetensors",
+        "split.csv",
         "summary.json",
     ]
 

@@ -115,7 +115,9 @@ def fingerprint(config: RunConfig, data: PreparedData) -> dict[str, Any]:
         "classes": list(data.classes),
         "images": [len(data.train), len(data.val)],
         "settings": settings,
-        "stamps": _stamps([*data.train.paths, *data.val.paths]),
+        # by path, not by split: a replaced file can change a duplicate-aware split, and it
+        # is the file, not the split, that a resume must name
+        "stamps": _stamps(sorted([*data.train.paths, *data.val.paths])),
     }
 
 
@@ -134,24 +136,25 @@ def describe_changes(
 ) -> list[str]:
     """Human-readable differences between two fingerprints that forbid an exact resume.
 
-    ``paths`` are the images of ``new`` in order (training, then validation), to name the
-    files whose contents changed. A fingerprint from before cnnkit kept file stamps (no
+    ``paths`` are the images of ``new`` sorted by path (as ``fingerprint`` stamps them), to
+    name the files whose contents changed; changed files are named before a changed split,
+    which they may have caused. A fingerprint from before cnnkit kept file stamps (no
     ``stamps``) is compared on paths and labels only.
     """
     changes = []
     if old.get("classes") != new.get("classes"):
         changes.append(f"classes changed from {old.get('classes')} to {new.get('classes')}")
-    if old.get("data") != new.get("data"):
-        before, after = old.get("images", ["?", "?"]), new.get("images", ["?", "?"])
-        changes.append(
-            f"data changed (training/validation images {before[0]}/{before[1]} "
-            f"-> {after[0]}/{after[1]}, or files were replaced)"
-        )
-    elif (changed := _changed_files(old.get("stamps"), new.get("stamps"))) is not None:
+    if (changed := _changed_files(old.get("stamps"), new.get("stamps"))) is not None:
         names = [str(paths[i]) for i in changed if i < len(paths)]
         changes.append(
             f"{len(changed)} image file(s) changed since the run started (size or "
             f"modification time): {list_names(names, 3)}"
+        )
+    elif old.get("data") != new.get("data"):
+        before, after = old.get("images", ["?", "?"]), new.get("images", ["?", "?"])
+        changes.append(
+            f"data changed (training/validation images {before[0]}/{before[1]} "
+            f"-> {after[0]}/{after[1]}, or files were replaced)"
         )
     a, b = old.get("settings", {}), new.get("settings", {})
     for key in sorted(set(a) | set(b)):
@@ -164,7 +167,7 @@ def check_resumable(
     old: dict[str, Any], new: dict[str, Any], force: bool, data: PreparedData | None = None
 ) -> None:
     """Refuse to resume a run whose data or settings changed, unless ``force``."""
-    paths = [*data.train.paths, *data.val.paths] if data is not None else []
+    paths = sorted([*data.train.paths, *data.val.paths]) if data is not None else []
     changes = describe_changes(old, new, paths)
     if changes and not force:
         raise ConfigError(f"cannot resume: {'; '.join(changes)} (pass --force to resume anyway)")
