@@ -12,6 +12,7 @@ leaves a half-written file under its final name.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -33,6 +34,7 @@ __all__ = ["ModelMeta", "atomic_write", "load_model", "save_model"]
 
 WEIGHTS = "model.safetensors"
 META = "model.json"
+MIN_STD = 1e-6  # a smaller normalisation std makes inputs overflow; training clamps at 1e-3
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,27 @@ class ModelMeta:
     model_name: str = ""
     tta: bool = False  # average each image's prediction with its mirror image's
     cnnkit_version: str = __version__
+
+    def __post_init__(self) -> None:
+        self._check_normalisation()
+
+    def _check_normalisation(self) -> None:
+        """Refuse a mean or std that would turn every input into NaN or infinity: a model
+        that answers "nan%" is refused when it is loaded, not at its first prediction."""
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if len(values) != self.channels:
+                raise ConfigError(
+                    f"normalisation {name} has {len(values)} values for {self.channels} channels"
+                )
+            for i, value in enumerate(values):
+                if not math.isfinite(value):
+                    raise ConfigError(f"normalisation {name}[{i}] is {value}: not a finite number")
+                if name == "std" and value < MIN_STD:
+                    raise ConfigError(
+                        f"normalisation std[{i}] is {value}: every input would be divided by it "
+                        f"(at least {MIN_STD:g} is needed; training writes at least 0.001)"
+                    )
 
     def to_json(self) -> str:
         data = asdict(self)
