@@ -210,6 +210,8 @@ def test_the_page_uses_a_token_given_in_the_url_fragment(browser, trained_run, t
         page.wait_for_selector("#model-info:has-text('not available')")
         assert "missing bearer token" in page.locator("#model-info").text_content()
         assert "/#token=TOKEN" in page.locator("#model-info").text_content()
+        page.close()
+        page = browser.new_page(viewport={"width": 800, "height": 700})  # a new tab
         page.goto(url + f"/#token={token}")
         page.wait_for_selector("#model-info:has-text('classes')")
         assert page.url == url + "/"  # taken out of the address bar (and its history)
