@@ -231,7 +231,7 @@ def _to_rgb_or_grey(image: Image.Image) -> Image.Image:
     elif mode == "La":  # premultiplied alpha: Pillow converts it to LA and nothing else
         image = image.convert("LA")
     if mode in ("RGBA", "RGBa", "LA", "La"):
-        rgba = image.convert("RGBA")
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")  # no 4-byte copy
         background = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
         flat = Image.alpha_composite(background, rgba)
         return flat.convert("L" if mode in ("LA", "La") else "RGB")
