@@ -12,6 +12,8 @@ before its headers are complete, so this is done in the protocol:
 - **Body timeout** (a backstop): the body must be complete ``body_timeout`` seconds after the
   headers. The app's own ``BodyDeadline`` answers 408 first while it reads a body; this closes
   connections whose body nobody reads (an early 413 or 401 followed by a trickle).
+- **Header size**: at most ``max_header_bytes`` of request line and headers (h11 enforces it
+  only while they are incomplete; headers that arrive whole in one read get a 431 here).
 - **Waiting connections**: at most ``max_waiting`` connections may wait for a complete
   request; a new one closes the one that has waited longest. Slow clients cannot take every
   connection slot, so requests that arrive whole (``/healthz``, real clients) keep being
@@ -21,6 +23,7 @@ before its headers are complete, so this is done in the protocol:
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from typing import Any, ClassVar
@@ -33,10 +36,9 @@ __all__ = ["GuardedH11Protocol", "guarded_protocol"]
 log = logging.getLogger("cnnkit")
 
 LOG_EVERY_S = 10.0  # under attack: one warning per this many seconds, with a count
-TIMEOUT_408 = (
-    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-    b"connection: close\r\ncontent-length: %d\r\n\r\n%s"
-)
+MAX_HEADER_BYTES = 16 * 1024  # request line and headers (h11's own default)
+ANSWER = b"HTTP/1.1 %s\r\ncontent-type: application/json\r\nconnection: close\r\n"
+ANSWER += b"content-length: %d\r\n\r\n%s"
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -45,6 +47,7 @@ class GuardedH11Protocol(H11Protocol):
     header_timeout: ClassVar[float] = 10.0
     body_timeout: ClassVar[float] = 30.0
     max_waiting: ClassVar[int] = 256
+    max_header_bytes: ClassVar[int] = MAX_HEADER_BYTES
     waiting: ClassVar[dict[GuardedH11Protocol, None]]  # oldest first
     closed_count: ClassVar[list[float]]  # [closed since the last warning, when it was]
 
@@ -62,8 +65,24 @@ class GuardedH11Protocol(H11Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._received = True
+        if self.conn.their_state is h11.IDLE and self._head_too_long(data):
+            why = f"request headers over {self.max_header_bytes:,} bytes"
+            self._answer(b"431 Request Header Fields Too Large", why)
+            self._set_phase(None)
+            self.transport.close()
+            return
         super().data_received(data)
         self._track()
+
+    def _head_too_long(self, data: bytes) -> bool:
+        """No end of the headers within ``max_header_bytes`` of what has arrived."""
+        pending = self.conn.trailing_data[0] + data
+        end = pending.find(b"\r\n\r\n", 0, self.max_header_bytes + 4)
+        return end < 0 and len(pending) > self.max_header_bytes
+
+    def _answer(self, status: bytes, why: str) -> None:
+        body = json.dumps({"error": why}).encode()
+        self.transport.write(ANSWER % (status, len(body), body))
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -116,8 +135,7 @@ class GuardedH11Protocol(H11Protocol):
         if self.transport is None or self.transport.is_closing():
             return
         if phase == "headers" and received and self.conn.their_state is h11.IDLE:
-            why = b'{"error": "request headers not complete in time"}'
-            self.transport.write(TIMEOUT_408 % (len(why), why))
+            self._answer(b"408 Request Timeout", "request headers not complete in time")
         self.transport.close()
         self._count_closed(phase, evicted)
 

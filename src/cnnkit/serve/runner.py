@@ -24,14 +24,13 @@ from cnnkit.errors import ConfigError
 from cnnkit.serve.app import create_app, make_settings
 from cnnkit.serve.guard import check_token
 from cnnkit.serve.model import ServedModel
-from cnnkit.serve.protocol import guarded_protocol
+from cnnkit.serve.protocol import MAX_HEADER_BYTES, guarded_protocol
 
 __all__ = ["background_server", "bound_addresses", "check_address", "serve"]
 
 log = logging.getLogger("cnnkit")
 
 BODY_TIMEOUT_GRACE_S = 2.0  # the app answers 408 first; the protocol closes after this
-MAX_HEADER_BYTES = 16 * 1024  # request line and headers (h11's own default, made explicit)
 
 
 def bound_addresses(host: str, port: int = 0) -> list[str]:
