@@ -199,3 +199,23 @@ def test_a_bad_upload_shows_the_servers_message(browser, base_url):
     # the browser logs the 400 response itself; nothing else may go wrong
     assert all("400" in p for p in problems)
     page.close()
+
+
+def test_the_page_uses_a_token_given_in_the_url_fragment(browser, trained_run, tmp_path):
+    token = "browser-token-0123456789abcdef"
+    run, _ = trained_run
+    with background_server(create_app(run, token=token)) as url:
+        page = browser.new_page(viewport={"width": 800, "height": 700})
+        page.goto(url + "/")
+        page.wait_for_selector("#model-info:has-text('not available')")
+        assert "missing bearer token" in page.locator("#model-info").text_content()
+        assert "/#token=TOKEN" in page.locator("#model-info").text_content()
+        page.close()
+        page = browser.new_page(viewport={"width": 800, "height": 700})  # a new tab
+        page.goto(url + f"/#token={token}")
+        page.wait_for_selector("#model-info:has-text('classes')")
+        assert page.url == url + "/"  # taken out of the address bar (and its history)
+        assert page.evaluate("() => sessionStorage.getItem('cnnkit-token')") == token
+        page.set_input_files("#file", str(write_shape(tmp_path / "c.png", "circle")))
+        page.wait_for_selector("#probabilities .bar-row", timeout=30_000)
+        page.close()

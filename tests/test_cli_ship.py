@@ -99,7 +99,7 @@ def test_serve_listens_on_loopback_by_default(trained_run, captured_uvicorn) -> 
     assert result.exit_code == 0, result.output
     (config,) = captured_uvicorn
     assert (config.host, config.port) == ("127.0.0.1", 8000)
-    assert "listening on all interfaces" not in result.stderr
+    assert "reachable from other machines" not in result.stderr
     assert f"serving {run} on http://127.0.0.1:8000/" in result.stderr
     state = config.app.state
     assert state.settings.max_queue == 32 and state.settings.max_body_bytes == 10 * 1024 * 1024
@@ -113,13 +113,51 @@ def test_serve_warns_for_every_interface_and_passes_limits(trained_run, captured
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert (
-        "warning: listening on all interfaces (0.0.0.0): anyone who can reach this machine "
-        "on port 8123 can use the model, and there is no authentication"
+        "warning: listening on 0.0.0.0 port 8123, reachable from other machines: anyone who can "
+        "reach it can use the model: there is no authentication (set --token or CNNKIT_TOKEN)"
     ) in result.stderr
     (config,) = captured_uvicorn
     settings = config.app.state.settings
     assert (config.host, config.port) == ("0.0.0.0", 8123)
     assert (settings.max_queue, settings.max_body_bytes, settings.timeout_s) == (4, 1 << 20, 2.5)
+
+
+@pytest.mark.parametrize(("host", "bound"), [("0", "0.0.0.0"), ("::0", "::")])
+def test_serve_warns_for_every_spelling_of_every_interface(
+    trained_run, captured_uvicorn, host, bound
+) -> None:
+    run, _ = trained_run
+    result = _run("serve", run, "--host", host, "--header-timeout", "3", "--body-timeout", "7")
+    assert result.exit_code == 0, result.output
+    assert f"warning: listening on {bound} port 8000, reachable from other machines" in (
+        result.stderr
+    )
+    (config,) = captured_uvicorn
+    settings = config.app.state.settings
+    assert (settings.header_timeout_s, settings.body_timeout_s) == (3.0, 7.0)
+    assert config.http.header_timeout == 3.0  # cnnkit's protocol, with the timeouts
+
+
+def test_serve_takes_the_token_from_the_environment(trained_run, captured_uvicorn) -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from fastapi.testclient import TestClient
+
+    run, _ = trained_run
+    token = "environment-token-0123456789"
+    result = runner.invoke(app, ["serve", str(run), "--host", "::"], env={"CNNKIT_TOKEN": token})
+    assert result.exit_code == 0, result.output
+    assert "requests need the bearer token, which travels as plain HTTP" in result.stderr
+    assert token not in result.output  # never printed
+    (config,) = captured_uvicorn
+    with TestClient(config.app) as client:
+        assert client.get("/model").status_code == 401
+        assert client.get("/model", headers={"authorization": f"Bearer {token}"}).status_code == 200
+    short = runner.invoke(app, ["serve", str(run), "--token", "abc"])
+    assert short.exit_code == 1
+    assert short.stderr.startswith("error: token: expected at least 16 printable characters")
 
 
 @pytest.mark.parametrize(

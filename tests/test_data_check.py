@@ -57,9 +57,7 @@ def test_bad_files_are_listed_with_reasons(tmp_path: Path) -> None:
             f"{root / 'square' / 'text.png'}: not an image in a supported format "
             "(JPEG, PNG, BMP, GIF, WEBP)"
         ),
-        str(root / "triangle" / "folder.png"): (
-            f"{root / 'triangle' / 'folder.png'}: unreadable (Is a directory)"
-        ),
+        str(root / "triangle" / "folder.png"): (f"{root / 'triangle' / 'folder.png'}: not a file"),
     }
     assert report.counts["all"] == {"circle": 3, "square": 3, "triangle": 3}
     assert "4 unreadable file(s) will be skipped" in report.warnings

@@ -29,12 +29,13 @@ from cnnkit.models.layers import infer_shapes, parse_layers
 from cnnkit.models.limits import check_budget, check_layer_count
 from cnnkit.models.network import Network
 
-__all__ = ["ModelMeta", "atomic_write", "check_meta", "load_model", "save_model"]
+__all__ = ["ModelMeta", "atomic_write", "load_model", "save_model"]
 
 WEIGHTS = "model.safetensors"
 META = "model.json"
 MAX_META_BYTES = 16 << 20  # model.json: classes and layers; a real one is a few kilobytes
 MAX_CLASSES = 100_000
+MIN_STD = 1e-6  # a smaller normalisation std makes inputs overflow; training clamps at 1e-3
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,43 @@ class ModelMeta:
     model_name: str = ""
     tta: bool = False  # average each image's prediction with its mirror image's
     cnnkit_version: str = __version__
+
+    def __post_init__(self) -> None:
+        self._check_sizes()
+        self._check_normalisation()
+
+    def _check_sizes(self) -> None:
+        """Refuse what cnnkit never writes. Metadata comes from files a user may have been
+        handed (``model.json``, an export's metadata): a size of 30,000 pixels, 7 channels
+        or no classes would otherwise fail later, deep inside a resize or an allocation."""
+        if self.channels not in (1, 3):
+            raise ConfigError(f"channels: expected 1 or 3, got {self.channels}")
+        if not 4 <= self.image_size <= 1024:
+            raise ConfigError(f"image_size: expected 4 to 1024 pixels, got {self.image_size}")
+        if not 2 <= len(self.classes) <= MAX_CLASSES:
+            raise ConfigError(
+                f"classes: expected 2 to {MAX_CLASSES:,} names, got {len(self.classes):,}"
+            )
+        if not all(isinstance(name, str) and name for name in self.classes):
+            raise ConfigError("classes: expected non-empty names")
+
+    def _check_normalisation(self) -> None:
+        """Refuse a mean or std that would turn every input into NaN or infinity: a model
+        that answers "nan%" is refused when it is loaded, not at its first prediction."""
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if len(values) != self.channels:
+                raise ConfigError(
+                    f"normalisation {name} has {len(values)} values for {self.channels} channels"
+                )
+            for i, value in enumerate(values):
+                if not math.isfinite(value):
+                    raise ConfigError(f"normalisation {name}[{i}] is {value}: not a finite number")
+                if name == "std" and value < MIN_STD:
+                    raise ConfigError(
+                        f"normalisation std[{i}] is {value}: every input would be divided by it "
+                        f"(at least {MIN_STD:g} is needed; training writes at least 0.001)"
+                    )
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -83,31 +121,6 @@ class ModelMeta:
         )
 
 
-def check_meta(meta: ModelMeta) -> None:
-    """Raise ``ValueError`` naming the first value of ``meta`` that cnnkit never writes.
-
-    Metadata comes from files a user may have been handed (``model.json``, an export's
-    metadata): a size of 30,000 pixels, 7 channels or a NaN mean would otherwise fail later,
-    deep inside a resize or a tensor allocation, or quietly give NaN predictions.
-    """
-    if meta.channels not in (1, 3):
-        raise ValueError(f"channels: expected 1 or 3, got {meta.channels}")
-    if not 4 <= meta.image_size <= 1024:
-        raise ValueError(f"image_size: expected 4 to 1024 pixels, got {meta.image_size}")
-    if not 2 <= len(meta.classes) <= MAX_CLASSES:
-        raise ValueError(f"classes: expected 2 to {MAX_CLASSES:,} names, got {len(meta.classes):,}")
-    if not all(isinstance(name, str) and name for name in meta.classes):
-        raise ValueError("classes: expected non-empty names")
-    for name, values in (("mean", meta.mean), ("std", meta.std)):
-        if len(values) != meta.channels or not all(math.isfinite(v) for v in values):
-            raise ValueError(
-                f"{name}: expected {meta.channels} finite numbers (one per channel), "
-                f"got {list(values)}"
-            )
-    if not all(v > 0 for v in meta.std):
-        raise ValueError(f"std: expected positive numbers, got {list(meta.std)}")
-
-
 def save_model(run_dir: Path, model: Network, meta: ModelMeta) -> None:
     """Write ``model.safetensors`` and ``model.json`` into ``run_dir``."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
@@ -130,8 +143,7 @@ def load_model(run_dir: str | Path) -> tuple[Network, ModelMeta]:
     if meta_path.stat().st_size > MAX_META_BYTES:
         raise RunDirError(f"{meta_path}: damaged (over {MAX_META_BYTES:,} bytes)")
     try:
-        meta = ModelMeta.from_json(meta_path.read_text())
-        check_meta(meta)
+        meta = ModelMeta.from_json(meta_path.read_text())  # checks every value
     except RecursionError:
         raise RunDirError(f"{meta_path}: damaged (nested too deeply)") from None
     except (ValueError, KeyError, TypeError) as exc:

@@ -7,6 +7,7 @@ CLI prints ``str(error)`` on one line and exits non-zero; library users catch ``
     ├── ConfigError       a config value, layer setting, preset name or flag is wrong
     ├── DataError         a data folder is missing, empty, has too few classes or bad files
     │   └── ImageError    one image cannot be decoded (corrupt, hostile, wrong format)
+    │       └── ImageTooLarge  refused for the memory or work decoding it would take
     ├── RunDirError       a path is not a usable run directory (missing or damaged files)
     ├── CheckpointError   a checkpoint is truncated, corrupt or unsafe to load
     ├── OutputError       an output path holds files cnnkit did not write, or cannot be written
@@ -16,6 +17,8 @@ CLI prints ``str(error)`` on one line and exits non-zero; library users catch ``
 
 from __future__ import annotations
 
+import os
+
 __all__ = [
     "CheckpointError",
     "CnnkitError",
@@ -23,9 +26,11 @@ __all__ = [
     "DataError",
     "ExportError",
     "ImageError",
+    "ImageTooLarge",
     "MissingDependencyError",
     "OutputError",
     "RunDirError",
+    "display_path",
     "first_line",
 ]
 
@@ -44,6 +49,11 @@ class DataError(CnnkitError):
 
 class ImageError(DataError):
     """One image cannot be read; the message names the file (when known) and the reason."""
+
+
+class ImageTooLarge(ImageError):
+    """An image refused before decoding for its pixels, file size or decode work (a
+    decompression bomb, a JPEG with thousands of scans); the server answers 413."""
 
 
 class RunDirError(CnnkitError):
@@ -75,3 +85,16 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
     characters: the reason to put in a one-line error about a library's failure."""
     text = str(exc).strip()
     return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
+
+
+def display_path(path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> str:
+    """A file name safe to print anywhere: bytes that are not UTF-8 as ``\\xe9``, control
+    characters (a newline could forge a log line) as ``\\n`` or ``\\x1b``.
+
+    Linux file names are bytes; Python holds undecodable ones as lone surrogates, which crash
+    ``print`` and ``str.encode`` with ``UnicodeEncodeError``.
+    """
+    text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

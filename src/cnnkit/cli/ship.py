@@ -80,12 +80,26 @@ def export_cmd(
 def serve_cmd(
     model: Annotated[Path, typer.Argument(help="A run directory or an exported .onnx file.")],
     host: Annotated[
-        str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")
+        str,
+        typer.Option(help="Address to listen on (0.0.0.0: every interface; warned about)."),
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="CNNKIT_TOKEN",
+            help="Require 'Authorization: Bearer TOKEN' (the page: open /#token=TOKEN).",
+        ),
+    ] = None,
     max_body_mb: Annotated[float, typer.Option(help="Largest request body, in MB.")] = 10.0,
     max_queue: Annotated[int, typer.Option(help="Requests admitted before 503.")] = 32,
     timeout: Annotated[float, typer.Option(help="Seconds of model work per request.")] = 10.0,
+    header_timeout: Annotated[
+        float, typer.Option(help="Seconds for a request's headers to arrive.")
+    ] = 10.0,
+    body_timeout: Annotated[
+        float, typer.Option(help="Seconds for a request's body to arrive (408 after).")
+    ] = 30.0,
     quiet: Annotated[bool, typer.Option(help="Only warnings and errors.")] = False,
 ) -> None:
     """Serve predictions over HTTP (POST /predict) with a web page at /."""
@@ -98,7 +112,10 @@ def serve_cmd(
         host,
         port,
         log_level="warning" if quiet else "info",
+        token=token,
         max_body_bytes=int(max_body_mb * 1024 * 1024),
         max_queue=max_queue,
         timeout_s=timeout,
+        header_timeout_s=header_timeout,
+        body_timeout_s=body_timeout,
     )

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from cnnkit.cli._app import app, console, one_line_errors, out
 from cnnkit.config import RunConfig, load_yaml, merge_overrides
-from cnnkit.errors import ConfigError
+from cnnkit.errors import ConfigError, display_path
 
 # ----------------------------------------------------------------------------------- train
 
@@ -239,7 +239,7 @@ def print_evaluation(result: Any) -> None:
     out.print(matrix)
     for w in result.most_wrong:
         out.print(
-            f"wrong: {w['path']} is {w['true']}, predicted {w['predicted']} "
+            f"wrong: {display_path(str(w['path']))} is {w['true']}, predicted {w['predicted']} "
             f"({100 * w['confidence']:.1f}%)",
             markup=False,
         )
@@ -277,7 +277,7 @@ def predict_cmd(
         if writer:
             writer.writerow(
                 [
-                    pred.source,
+                    display_path(pred.source),
                     pred.label,
                     f"{pred.confidence:.6f}",
                     *[f"{pred.probabilities[c]:.6f}" for c in classifier.classes],
@@ -287,7 +287,7 @@ def predict_cmd(
             out.print(json.dumps(pred.to_dict(top_k)), markup=False)
         else:
             top = ", ".join(f"{c} {100 * p:.1f}%" for c, p in pred.top(top_k))
-            out.print(f"{pred.source}: {pred.label} ({top})", markup=False)
+            out.print(f"{display_path(pred.source)}: {pred.label} ({top})", markup=False)
     if failed:
         raise typer.Exit(1)
 

@@ -84,7 +84,7 @@ def _file_stamps(files: ImageList) -> bytes:
         except OSError:
             stamp = "missing"
         lines.append(f"{name}|{label}|{stamp}\n")
-    return "".join(lines).encode()
+    return "".join(lines).encode("utf-8", "surrogateescape")  # names need not be UTF-8
 
 
 def _cache_key(stamps: bytes, size: int, channels: str, resize: str) -> str:

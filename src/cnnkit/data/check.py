@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from cnnkit.data.folder import ImageList, scan_folder
-from cnnkit.data.images import open_image
-from cnnkit.errors import ImageError
+from cnnkit.data.images import open_image, read_image_file
+from cnnkit.errors import ImageError, display_path
 
 __all__ = ["DataReport", "check_folder", "group_identical", "identical_rows"]
 
@@ -28,7 +28,8 @@ HASH_BYTES = 32 << 20  # decoded pixels hashed per numpy pass (bounded memory, m
 
 @dataclass
 class DataReport:
-    """Counts, sizes, modes, unreadable files and duplicates of a data set."""
+    """Counts, sizes, modes, unreadable files and duplicates of a data set (file names as
+    ``display_path`` prints them: safe to print, whatever bytes they hold)."""
 
     root: str
     classes: list[str]
@@ -53,26 +54,32 @@ class DataReport:
 
 
 def _inspect(path: str) -> tuple[str, tuple[int, int] | None, str | None, str]:
-    """(sha256, size, mode or None, reason or '') of one file; decodes the pixels to verify."""
+    """(sha256, size, mode or None, reason or '') of one file; decodes the pixels to verify.
+
+    Only regular files of a bounded size are read (``read_image_file``): a FIFO or a link
+    to ``/dev/zero`` named like an image is reported, not waited on or read forever.
+    """
+    name = display_path(path)
     try:
-        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    except OSError as exc:
-        return "", None, None, f"{path}: unreadable ({exc.strerror})"
+        data = read_image_file(path)
+    except ImageError as exc:
+        return "", None, None, str(exc)
+    digest = hashlib.sha256(data).hexdigest()
     try:
-        with open_image(path) as image:
+        with open_image(data, name) as image:
             size, mode = image.size, image.mode
             image.load()
     except ImageError as exc:
         return digest, None, None, str(exc)
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        return digest, None, None, f"{path}: unreadable ({exc})"
+        return digest, None, None, f"{name}: unreadable ({exc})"
     return digest, size, mode, ""
 
 
 def check_folder(path: str | Path) -> DataReport:
     """Read every image once and report on the data set; never modifies it."""
     layout = scan_folder(path)
-    report = DataReport(str(layout.root), list(layout.classes), {}, {}, {})
+    report = DataReport(display_path(layout.root), list(layout.classes), {}, {}, {})
     digests: list[str] = []  # sha256 of each readable file's bytes, beside its path
     paths: list[str] = []
     widths: list[int] = []
@@ -87,9 +94,9 @@ def check_folder(path: str | Path) -> DataReport:
         ):
             if digest:
                 digests.append(digest)
-                paths.append(str(file))
+                paths.append(display_path(file))
             if size is None:
-                report.bad.append((str(file), reason))
+                report.bad.append((display_path(file), reason))
                 continue
             report.counts[split][layout.classes[label]] += 1
             widths.append(size[0])

@@ -21,13 +21,14 @@ from pathlib import Path
 import numpy as np
 
 from cnnkit.data.images import IMAGE_SUFFIXES
-from cnnkit.errors import DataError
+from cnnkit.errors import DataError, display_path
 
 __all__ = [
     "SPLIT_FILE",
     "FolderLayout",
     "ImageList",
     "absolute",
+    "class_name",
     "folder_problem",
     "read_split_file",
     "same_folder",
@@ -70,6 +71,12 @@ class FolderLayout:
 
 def _visible(name: str) -> bool:
     return not name.startswith(".") and name != "__MACOSX"
+
+
+def class_name(folder: Path) -> str:
+    """A class folder's name as its class name: printable, whatever bytes it holds (a name
+    that is not UTF-8 would crash every report, plot and JSON file that shows it)."""
+    return display_path(folder.name)
 
 
 def _class_dirs(root: Path) -> list[Path]:
@@ -117,22 +124,24 @@ def _images_in(folder: Path) -> list[str]:
 
 def _collect(root: Path, classes: list[str] | None, where: str) -> tuple[list[str], ImageList]:
     dirs = _class_dirs(root)
-    names = [d.name for d in dirs]
+    names = [class_name(d) for d in dirs]
     if classes is None:
         classes = names
     else:
         extra = sorted(set(names) - set(classes))
         if extra:
-            raise DataError(f"{root}: class {extra[0]!r} is not among the training classes")
+            raise DataError(
+                f"{display_path(root)}: class {extra[0]!r} is not among the training classes"
+            )
     index = {name: i for i, name in enumerate(classes)}
     paths: list[str] = []
     labels: list[int] = []
-    for d in dirs:
+    for d, name in zip(dirs, names, strict=True):
         images = _images_in(d)
         if not images and where == "train":
-            raise DataError(f"{d}: class {d.name!r} has no images")
+            raise DataError(f"{display_path(d)}: class {name!r} has no images")
         paths += images
-        labels += [index[d.name]] * len(images)
+        labels += [index[name]] * len(images)
     return classes, ImageList(tuple(paths), tuple(labels))
 
 
@@ -176,9 +185,9 @@ def scan_folder(path: str | Path) -> FolderLayout:
     """
     root = absolute(path)
     if not root.exists():
-        raise DataError(f"data folder not found: {root}")
+        raise DataError(f"data folder not found: {display_path(root)}")
     if not root.is_dir():
-        raise DataError(f"not a folder: {root} (expected one sub-folder per class)")
+        raise DataError(f"not a folder: {display_path(root)} (expected one sub-folder per class)")
     subdirs = {d.name for d in _class_dirs(root)}
     splits: dict[str, ImageList] = {}
     if "train" in subdirs and subdirs & {"val", "test"}:
@@ -191,7 +200,8 @@ def scan_folder(path: str | Path) -> FolderLayout:
     if len(classes) < 2:
         found = f"only {classes[0]!r}" if classes else "none"
         raise DataError(
-            f"{root}: need at least two classes (one sub-folder of images each), found {found}"
+            f"{display_path(root)}: need at least two classes (one sub-folder of images each), "
+            f"found {found}"
         )
     return FolderLayout(root=root, classes=tuple(classes), splits=splits)
 

@@ -4,9 +4,12 @@ Training, evaluation, prediction, export checks and the server all call ``load_i
 file or bytes to an RGB or greyscale uint8 array at the input size) and ``to_model_input``
 (a uint8 batch to normalised floats), so what the model sees never differs between them.
 
-Safety: only the JPEG, PNG, BMP, GIF and WEBP decoders are allowed, the pixel count is checked
-from the header before any pixel is decoded (decompression bombs are refused), and every
-failure becomes an ``ImageError`` naming the file and the reason.
+Safety: only regular files are opened (never a FIFO or a device, which would hang or never
+end), at most ``MAX_FILE_BYTES`` of them; only the JPEG, PNG, BMP, GIF and WEBP decoders are
+allowed; the pixel count is checked from the header and a JPEG's scans are counted before any
+pixel is decoded (decompression bombs and decode-work bombs are refused as ``ImageTooLarge``);
+a JPEG is decoded at a reduced scale when it is far larger than the input size; and every
+failure becomes an ``ImageError`` naming the file (printably, see ``display_path``) and why.
 """
 
 from __future__ import annotations
@@ -23,16 +26,22 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from cnnkit.errors import ImageError, first_line
+from cnnkit.data.jpeg import count_scans
+from cnnkit.errors import ImageError, ImageTooLarge, display_path, first_line
 
 __all__ = [
     "ALLOWED_FORMATS",
     "GREY_MODES",
     "IMAGE_SUFFIXES",
+    "MAX_FILE_BYTES",
+    "MAX_JPEG_SCANS",
     "MAX_PIXELS",
+    "MAX_SCAN_WORK",
     "decode_image",
+    "decoded_size",
     "load_image",
     "open_image",
+    "read_image_file",
     "to_model_input",
 ]
 
@@ -44,6 +53,14 @@ MAX_PIXELS = 40_000_000  # 40 MP: larger than any camera photo, far below a bomb
 # JPEG's and GIF's largest side. Wider rows make Pillow's row loop quadratic: a 512-byte
 # animated WEBP with a 4,000,000 x 8 canvas took 7 s to decode.
 MAX_SIDE = 65_535
+MAX_FILE_BYTES = 256 * 1024 * 1024  # a file larger than this is not read into memory
+# A JPEG decode passes over every pixel once per scan: a normal progressive file has 6 to 18
+# scans; a hostile one with 2,000 repeated 12-byte scans took 2.3 s for 1 MP (about 1 ns a
+# pixel-scan), 286 KB of them 23 s. Both bounds hold a decode to about a second at worst.
+MAX_JPEG_SCANS = 100
+MAX_SCAN_WORK = 20 * MAX_PIXELS  # pixels x scans: a 40 MP file may have 20 scans
+DRAFT_GAP = 3  # a JPEG is decoded at 1/2, 1/4 or 1/8 scale while still this many times the
+# input size: the same margin as ``resize(reducing_gap=3)`` keeps before it reduces
 GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 BACKGROUND = (255, 255, 255)  # what transparent pixels are composited onto
 
@@ -55,33 +72,97 @@ Source = str | Path | bytes | BinaryIO
 
 def _name(source: Source) -> str:
     if isinstance(source, str | Path):
-        return str(source)
+        return display_path(source)
     return "<image bytes>"
 
 
-def open_image(source: Source) -> Image.Image:
-    """Open a file or bytes with the allowed decoders and check its size; pixels not yet read."""
-    name = _name(source)
+NOT_REGULAR = {
+    stat.S_IFIFO: "a named pipe",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def _regular_file(name: str, st: os.stat_result) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        kind = NOT_REGULAR.get(stat.S_IFMT(st.st_mode))
+        raise ImageError(f"{name}: not a file" + (f" ({kind})" if kind else ""))
+    if st.st_size == 0:
+        raise ImageError(f"{name}: empty file (0 bytes)")
+    if st.st_size > MAX_FILE_BYTES:
+        raise ImageTooLarge(
+            f"{name}: refused, {st.st_size:,} bytes is more than {MAX_FILE_BYTES:,} for one image"
+        )
+
+
+def read_image_file(path: str | Path) -> bytes:
+    """The bytes of a regular file of at most ``MAX_FILE_BYTES``; ``ImageError`` otherwise.
+
+    Links are followed, then the target is checked with ``stat`` before it is opened: a FIFO
+    named ``x.png`` would block forever, ``/dev/zero`` would never end, and opening some
+    devices has effects of its own. The open file is checked again (it may have been swapped
+    in between) and read no further than the limit (it may be growing).
+    """
+    name = display_path(path)
     try:
+        try:  # one stat call before opening: this runs once per image of a data set
+            _regular_file(name, os.stat(path))
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            raise ImageError(f"{name}: file not found") from None
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise ImageError(f"{name}: file not found") from None
+        with os.fdopen(fd, "rb") as f:
+            _regular_file(name, os.fstat(f.fileno()))
+            data = f.read(MAX_FILE_BYTES + 1)
+    except ImageError:
+        raise
+    except PermissionError:
+        raise ImageError(f"{name}: permission denied") from None
+    except OSError as exc:
+        raise ImageError(f"{name}: unreadable ({exc.strerror or _reason(exc)})") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ImageTooLarge(f"{name}: refused, more than {MAX_FILE_BYTES:,} bytes for one image")
+    if not data:
+        raise ImageError(f"{name}: empty file (0 bytes)")
+    return data
+
+
+def _check_decode_work(name: str, image: Image.Image, data: bytes) -> None:
+    """Refuse a JPEG whose scans would take too long to decode (see ``MAX_SCAN_WORK``)."""
+    if image.format != "JPEG":
+        return
+    scans = count_scans(data, MAX_JPEG_SCANS)
+    pixels = image.size[0] * image.size[1]
+    if scans > MAX_JPEG_SCANS:
+        raise ImageTooLarge(
+            f"{name}: refused, a JPEG with more than {MAX_JPEG_SCANS} scans (a normal one has "
+            "under 20): decoding it would take too long"
+        )
+    if pixels * scans > MAX_SCAN_WORK:
+        raise ImageTooLarge(
+            f"{name}: refused, {image.size[0]}x{image.size[1]} pixels in {scans} JPEG scans is "
+            f"more decode work than {MAX_SCAN_WORK:,} pixel-scans"
+        )
+
+
+def open_image(source: Source, name: str | None = None) -> Image.Image:
+    """Open a file or bytes with the allowed decoders and check its size and decode work;
+    pixels not yet read. A path is read into memory first (``read_image_file``). Errors
+    name the file as ``name`` when given (bytes read from a file elsewhere)."""
+    name = name or _name(source)
+    try:
+        if isinstance(source, str | Path):
+            source = read_image_file(source)
         if isinstance(source, bytes):
             if not source:
                 raise ImageError(f"{name}: empty (0 bytes)")
-            fp: BinaryIO | str | Path = io.BytesIO(source)
+            fp: BinaryIO = io.BytesIO(source)
         else:
             fp = source
-            if isinstance(source, str | Path):
-                try:  # one stat call: this runs once per image of a data set
-                    st = os.stat(source)
-                except (FileNotFoundError, NotADirectoryError):
-                    raise ImageError(f"{name}: file not found") from None
-                except OSError as exc:
-                    if exc.errno != errno.ELOOP:
-                        raise
-                    raise ImageError(f"{name}: file not found") from None
-                if not stat.S_ISREG(st.st_mode):
-                    raise ImageError(f"{name}: not a file")
-                if st.st_size == 0:
-                    raise ImageError(f"{name}: empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(fp, formats=ALLOWED_FORMATS)
@@ -92,26 +173,32 @@ def open_image(source: Source) -> Image.Image:
             f"{name}: not an image in a supported format ({', '.join(ALLOWED_FORMATS)})"
         ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(
+        raise ImageTooLarge(
             f"{name}: refused, more than {MAX_PIXELS:,} pixels (decompression bomb)"
         ) from None
-    except PermissionError:
-        raise ImageError(f"{name}: permission denied") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"{name}: unreadable ({_reason(exc)})") from None
     width, height = image.size
     if width < 1 or height < 1:
         raise ImageError(f"{name}: has no pixels ({width}x{height})")
     if width * height > MAX_PIXELS:
-        raise ImageError(
+        raise ImageTooLarge(
             f"{name}: refused, {width}x{height} is more than {MAX_PIXELS:,} pixels "
             "(decompression bomb)"
         )
     if max(width, height) > MAX_SIDE:
-        raise ImageError(
+        raise ImageTooLarge(
             f"{name}: refused, {width}x{height} has a side over {MAX_SIDE:,} pixels "
             "(decompression bomb)"
         )
+    if isinstance(source, bytes):
+        _check_decode_work(name, image, source)
+    elif image.format == "JPEG":  # an open file: the whole of it is needed to count scans
+        position = fp.tell()
+        fp.seek(0)
+        data = fp.read(MAX_FILE_BYTES + 1)
+        fp.seek(position)
+        _check_decode_work(name, image, data)
     return image
 
 
@@ -144,7 +231,7 @@ def _to_rgb_or_grey(image: Image.Image) -> Image.Image:
     elif mode == "La":  # premultiplied alpha: Pillow converts it to LA and nothing else
         image = image.convert("LA")
     if mode in ("RGBA", "RGBa", "LA", "La"):
-        rgba = image.convert("RGBA")
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")  # no 4-byte copy
         background = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
         flat = Image.alpha_composite(background, rgba)
         return flat.convert("L" if mode in ("LA", "La") else "RGB")
@@ -186,6 +273,23 @@ def load_image(
     return decode_image(source, size, channels, resize)[0]
 
 
+def _draft_scale(image: Image.Image, size: int | None) -> int:
+    """The scale (1, 2, 4 or 8) a JPEG is decoded at for ``size`` (Pillow's ``draft``)."""
+    if size is None or image.format != "JPEG":
+        return 1
+    width, height = image.size
+    fits = min(width // (DRAFT_GAP * size), height // (DRAFT_GAP * size))
+    return next((s for s in (8, 4, 2) if fits >= s), 1)
+
+
+def decoded_size(image: Image.Image, size: int | None) -> tuple[int, int]:
+    """Width and height ``decode_image(image, size)`` decodes an opened image at: its own,
+    or a JPEG's reduced one. What a decode costs in memory, known before it happens."""
+    scale = _draft_scale(image, size)
+    width, height = image.size
+    return -(-width // scale), -(-height // scale)
+
+
 def decode_image(
     source: Source | Image.Image,
     size: int | None = None,
@@ -200,6 +304,8 @@ def decode_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if _draft_scale(image, size) > 1:  # a no-op for an image already loaded
+                image.draft(None, (DRAFT_GAP * size, DRAFT_GAP * size))  # type: ignore[operator]
             image.load()
             image = ImageOps.exif_transpose(image) or image
             image = _to_rgb_or_grey(image)
@@ -213,7 +319,7 @@ def decode_image(
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"{name}: refused, too many pixels (decompression bomb)") from None
+        raise ImageTooLarge(f"{name}: refused, too many pixels (decompression bomb)") from None
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
         raise ImageError(f"{name}: unreadable ({_reason(exc)})") from None
     if arr.ndim == 2:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cnnkit.checkpoint import ModelMeta, check_meta
+from cnnkit.checkpoint import ModelMeta
 from cnnkit.config import RunConfig, load_yaml
 from cnnkit.data.dataset import select_images
 from cnnkit.data.folder import SPLIT_FILE, folder_problem
@@ -87,8 +87,7 @@ def meta_from_metadata(props: dict[str, str], where: str) -> ModelMeta:
             "'cnnkit export RUN_DIR --format onnx')"
         )
     try:
-        meta = ModelMeta.from_json(props[META_KEY])
-        check_meta(meta)  # a size of 30,000 pixels or a NaN mean is refused here
+        meta = ModelMeta.from_json(props[META_KEY])  # a size of 30,000 pixels is refused
     except RecursionError:
         raise CheckpointError(f"{where}: cnnkit metadata is damaged (nested too deeply)") from None
     except (ValueError, KeyError, TypeError) as exc:

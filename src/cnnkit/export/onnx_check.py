@@ -5,7 +5,7 @@ can ask onnxruntime for gigabytes at the first prediction, initialisers can name
 files, and the metadata can say ``input_size: 30000``. ``check_onnx`` reads the file itself
 (at most ``MAX_ONNX_BYTES``) and accepts only what a cnnkit export is:
 
-- metadata that ``check_meta`` accepts (size, channels, classes, finite mean and std);
+- metadata that ``ModelMeta`` accepts (size, channels, classes, finite mean and std);
 - standard operators from ``ALLOWED_OPS`` (those of a CNN: convolutions, including grouped
   and depthwise ones, pooling, normalisation, activations, residual adds, squeeze-excitation
   gates, dense layers), with no functions, subgraphs, sparse or external data;

@@ -85,8 +85,10 @@ def layer_help(kind: str, last: bool = False) -> str:
 
 
 def esc(value: object) -> str:
-    """Any value as HTML-safe text (quotes too, so it is safe in attributes)."""
-    return html.escape(str(value), quote=True)
+    """Any value as HTML-safe text (quotes too, so it is safe in attributes); bytes of a file
+    name that are not UTF-8 show as ``\\xe9`` instead of failing to write the page."""
+    text = str(value).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return html.escape(text, quote=True)
 
 
 def table(header: Sequence[str] | None, rows: Iterable[Sequence[object]], raw: bool = False) -> str:

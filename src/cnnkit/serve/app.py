@@ -9,8 +9,10 @@
     GET  /explore   the explorer page and its JSON under /explore/... (see ``explore``)
 
 Safe by default: the model is fixed when the app is made (no request names a file or URL);
-request bodies, image sizes and the work queue are bounded; every model call runs on one
-worker thread (``worker``: waiting predictions run as one batch) with a timeout; every error
+request bodies, image sizes, pixels per request, the memory all requests hold together
+(``budget``) and the work queue are bounded; bodies have a deadline (``guard``); every model
+call runs on one worker thread (``worker``: waiting predictions run as one batch) with a
+timeout; with a ``token``, everything but the page and the health probes needs it; every error
 is JSON ``{"error": ...}`` with its status, and every response carries security headers. The
 server keeps answering after any bad request.
 """
@@ -36,12 +38,14 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cnnkit.errors import ConfigError, ImageError
+from cnnkit.serve.budget import MB, Hold, MemoryBudget
 from cnnkit.serve.explore import add_explore_routes
+from cnnkit.serve.guard import BearerAuth, BodyDeadline, check_token
 from cnnkit.serve.model import ServedModel
 from cnnkit.serve.uploads import ApiError, UploadLimits, error_status, read_images
 from cnnkit.serve.worker import ModelWorker
 
-__all__ = ["SECURITY_HEADERS", "ServeSettings", "create_app", "web_dir"]
+__all__ = ["SECURITY_HEADERS", "ServeSettings", "create_app", "make_settings", "web_dir"]
 
 log = logging.getLogger("cnnkit")
 
@@ -65,9 +69,14 @@ class ServeSettings:
     max_body_bytes: int = 10 * 1024 * 1024
     max_images: int = 16  # images in one /predict request
     max_pixels: int = 4096 * 4096  # per image, from its header
+    max_request_pixels: int = 2 * 4096 * 4096  # all images of a request, as decoded
+    max_inflight_bytes: int = 512 * MB  # bodies and decoded images of all requests at once
     max_queue: int = 32  # requests admitted to the model (running + waiting); more get 503
     max_batch: int = 64  # images of waiting requests run in one forward pass
     timeout_s: float = 10.0  # per request, for its model work
+    header_timeout_s: float = 10.0  # from connecting to the end of a request's headers
+    body_timeout_s: float = 30.0  # from the end of the headers to the end of the body
+    max_waiting: int = 256  # connections waiting for a complete request; more close the oldest
     max_maps: int = 8  # feature maps per layer in /explain
     retry_after_s: int = 1
 
@@ -76,15 +85,28 @@ class ServeSettings:
             "max_body_bytes",
             "max_images",
             "max_pixels",
+            "max_request_pixels",
+            "max_inflight_bytes",
             "max_queue",
             "max_batch",
+            "max_waiting",
             "max_maps",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"serve: {name} must be a positive integer, got {value!r}")
-        if not self.timeout_s > 0:
-            raise ConfigError(f"serve: timeout_s must be positive, got {self.timeout_s!r}")
+        for name in ("timeout_s", "header_timeout_s", "body_timeout_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and 0 < value < float("inf")):
+                raise ConfigError(f"serve: {name} must be positive, got {value!r}")
+
+
+def make_settings(**limits: Any) -> ServeSettings:
+    """``ServeSettings(**limits)``, with a ConfigError naming a setting that does not exist."""
+    unknown = sorted(set(limits) - set(ServeSettings.__dataclass_fields__))
+    if unknown:
+        raise ConfigError(f"serve: unknown setting {unknown[0]!r}")
+    return ServeSettings(**limits)
 
 
 def web_dir() -> Path:
@@ -123,37 +145,32 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 
 def create_app(
-    model_source: str | Path | ServedModel,
-    *,
-    max_body_bytes: int = ServeSettings.max_body_bytes,
-    max_images: int = ServeSettings.max_images,
-    max_pixels: int = ServeSettings.max_pixels,
-    max_queue: int = ServeSettings.max_queue,
-    timeout_s: float = ServeSettings.timeout_s,
-    max_batch: int = ServeSettings.max_batch,
-    max_maps: int = ServeSettings.max_maps,
+    model_source: str | Path | ServedModel, *, token: str | None = None, **limits: Any
 ) -> FastAPI:
     """The app for a run directory, a ``.onnx`` file or an already loaded ``ServedModel``.
 
-    The model is loaded here (cnnkit's errors surface now, not at the first request) and
-    warmed up on the worker thread when the app starts; ``/readyz`` says when that is done.
+    ``limits`` are ``ServeSettings`` fields. With a ``token``, every request but the page,
+    its files and the health probes needs ``Authorization: Bearer TOKEN`` (``guard``). The
+    model is loaded here (cnnkit's errors surface now, not at the first request) and warmed
+    up on the worker thread when the app starts; ``/readyz`` says when that is done.
     """
-    settings = ServeSettings(
-        max_body_bytes=max_body_bytes,
-        max_images=max_images,
-        max_pixels=max_pixels,
-        max_queue=max_queue,
-        max_batch=max_batch,
-        timeout_s=timeout_s,
-        max_maps=max_maps,
-    )
+    settings = make_settings(**limits)
+    token = check_token(token)
     served = (
         model_source if isinstance(model_source, ServedModel) else ServedModel.load(model_source)
     )
     worker = ModelWorker(served, settings.max_queue, settings.max_batch)
+    budget = MemoryBudget(settings.max_inflight_bytes)
     ready = threading.Event()
     warm_error: list[str] = []
-    limits = UploadLimits(settings.max_body_bytes, settings.max_images, settings.max_pixels)
+    upload_limits = UploadLimits(
+        settings.max_body_bytes,
+        settings.max_images,
+        settings.max_pixels,
+        settings.max_request_pixels,
+        served.classifier.meta.image_size,
+        settings.retry_after_s,
+    )
     busy_headers = {"retry-after": str(settings.retry_after_s)}
 
     def warm_up() -> None:
@@ -183,7 +200,11 @@ def create_app(
     app.state.served = served
     app.state.settings = settings
     app.state.worker = worker
-    app.add_middleware(SecurityHeaders)
+    app.state.budget = budget
+    app.add_middleware(BodyDeadline, seconds=settings.body_timeout_s)
+    if token is not None:
+        app.add_middleware(BearerAuth, token=token)
+    app.add_middleware(SecurityHeaders)  # the last added runs first: 401s get the headers too
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -198,12 +219,14 @@ def create_app(
         log.error("internal error: %s: %s", type(exc).__name__, exc)
         return _error(500, "internal server error")
 
-    async def run_model(future: Future | None) -> Any:
-        """The worker's answer within the timeout; image errors become 400/413."""
+    async def run_model(future: Future | None, hold: Hold) -> Any:
+        """The worker's answer within the timeout; image errors become 400/413. What the
+        request holds of the memory budget goes back when the work is done, not before."""
         if future is None:
             raise ApiError(
                 503, f"server busy: {settings.max_queue} requests queued; retry", busy_headers
             )
+        hold.release_with(future)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), settings.timeout_s)
         except TimeoutError:
@@ -235,8 +258,9 @@ def create_app(
     @app.post("/predict")
     async def predict(request: Request) -> JSONResponse:
         start = time.perf_counter()
-        uploads = await read_images(request, limits)
-        result = await run_model(worker.predict([u.image for u in uploads]))
+        with budget.hold() as hold:
+            uploads = await read_images(request, upload_limits, hold)
+            result = await run_model(worker.predict([u.image for u in uploads]), hold)
         predictions = []
         for upload, probs in zip(uploads, result.probabilities, strict=True):
             best = int(probs.argmax())
@@ -272,11 +296,17 @@ def create_app(
             raise ApiError(
                 501, "feature maps and Grad-CAM need a run directory; this server runs an ONNX file"
             )
-        uploads = await read_images(request, limits)
-        if len(uploads) != 1:
-            raise ApiError(400, f"explain takes one image, got {len(uploads)}")
-        image = uploads[0].image
-        body = await run_model(worker.submit(lambda: served.explain(image, settings.max_maps)))
+        with budget.hold() as hold:
+            uploads = await read_images(request, upload_limits, hold)
+            if len(uploads) != 1:
+                raise ApiError(400, f"explain takes one image, got {len(uploads)}")
+            image = uploads[0].image
+
+            def explain_and_close() -> dict[str, Any]:
+                with image:  # its decoded pixels are freed as soon as the work is done
+                    return served.explain(image, settings.max_maps)
+
+            body = await run_model(worker.submit(explain_and_close), hold)
         body["latency_ms"] = {"total": round(1000 * (time.perf_counter() - start), 3)}
         return JSONResponse(body, headers={"cache-control": "no-store"})
 

@@ -1,13 +1,17 @@
 """Run the app with uvicorn: ``serve`` in the foreground, ``background_server`` for tests.
 
-Both listen on 127.0.0.1 unless told otherwise; listening on every interface is allowed but
-warned about, because the service has no authentication.
+Both listen on 127.0.0.1 unless told otherwise. Any address other machines can reach is
+allowed but warned about: the address is resolved as the operating system will bind it, so
+``0``, ``::0``, an empty host or a host name are seen for what they are. Connections go
+through ``protocol.GuardedH11Protocol`` (header and body timeouts, bounded waiting).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -17,33 +21,65 @@ from typing import Any
 from fastapi import FastAPI
 
 from cnnkit.errors import ConfigError
-from cnnkit.serve.app import ServeSettings, create_app
+from cnnkit.serve.app import create_app, make_settings
+from cnnkit.serve.guard import check_token
 from cnnkit.serve.model import ServedModel
+from cnnkit.serve.protocol import MAX_HEADER_BYTES, guarded_protocol
 
-__all__ = ["ALL_INTERFACES", "background_server", "check_address", "serve"]
+__all__ = ["background_server", "bound_addresses", "check_address", "serve"]
 
 log = logging.getLogger("cnnkit")
 
-ALL_INTERFACES = frozenset({"0.0.0.0", "::", "[::]", ""})
+BODY_TIMEOUT_GRACE_S = 2.0  # the app answers 408 first; the protocol closes after this
 
 
-def check_address(host: str, port: int) -> None:
-    """Refuse impossible ports; warn when the service would be reachable from other machines."""
+def bound_addresses(host: str, port: int = 0) -> list[str]:
+    """The addresses a server told to listen on ``host`` binds: ``0`` is 0.0.0.0, ``::0`` is
+    ``::``, an empty host is every interface, a name is each address it resolves to."""
+    try:
+        found = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ConfigError(f"--host: cannot resolve {host!r} ({exc})") from None
+    return sorted({str(info[4][0]) for info in found})
+
+
+def _is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%")[0])  # an IPv6 zone (%eth0) is not part of it
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def check_address(host: str, port: int, token: bool = False) -> list[str]:
+    """Refuse impossible ports and unknown hosts; warn when other machines could connect.
+    Returns the addresses that will be bound."""
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise ConfigError(f"--port: expected 1 to 65535, got {port!r}")
-    if host in ALL_INTERFACES:
-        log.warning(
-            "listening on all interfaces (%s): anyone who can reach this machine on port %d "
-            "can use the model, and there is no authentication",
-            host or "0.0.0.0",
-            port,
+    addresses = bound_addresses(host, port)
+    exposed = [a for a in addresses if not _is_loopback(a)]
+    if exposed:
+        who = (
+            "requests need the bearer token, which travels as plain HTTP"
+            if token
+            else "anyone who can reach it can use the model: there is no authentication "
+            "(set --token or CNNKIT_TOKEN)"
         )
+        log.warning(
+            "listening on %s port %d, reachable from other machines: %s; put a TLS reverse "
+            "proxy in front (see the README's Security section)",
+            ", ".join(exposed),
+            port,
+            who,
+        )
+    return addresses
 
 
 def _uvicorn_config(app: FastAPI, host: str, port: int, log_level: str) -> Any:
     import uvicorn
 
-    queue = app.state.settings.max_queue
+    settings = app.state.settings
     return uvicorn.Config(
         app,
         host=host,
@@ -51,8 +87,15 @@ def _uvicorn_config(app: FastAPI, host: str, port: int, log_level: str) -> Any:
         log_level=log_level,
         server_header=False,
         timeout_keep_alive=5,
-        # Connections beyond this get uvicorn's own 503: bounds memory under a flood.
-        limit_concurrency=4 * queue + 64,
+        # Connections beyond this get uvicorn's own 503: bounds memory under a flood. Those
+        # waiting for a complete request are at most max_waiting of them (the protocol).
+        limit_concurrency=4 * settings.max_queue + 64 + settings.max_waiting,
+        http=guarded_protocol(
+            settings.header_timeout_s,
+            settings.body_timeout_s + BODY_TIMEOUT_GRACE_S,
+            settings.max_waiting,
+        ),
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
     )
 
 
@@ -62,15 +105,20 @@ def serve(
     port: int = 8000,
     *,
     log_level: str = "info",
+    token: str | None = None,
     **settings: Any,
 ) -> None:
-    """Load the model (errors surface before anything listens) and serve it until Ctrl-C."""
+    """Load the model (errors surface before anything listens) and serve it until Ctrl-C.
+
+    ``token``: require ``Authorization: Bearer TOKEN`` (see ``create_app``)."""
     import uvicorn
 
-    check_address(host, port)
-    ServeSettings(**settings)  # refuse bad limits before the model is loaded
-    app = create_app(ServedModel.load(model_source), **settings)
-    log.info("serving %s on http://%s:%d/", model_source, host if host else "0.0.0.0", port)
+    make_settings(**settings)  # refuse bad limits, tokens and hosts before loading the model
+    token = check_token(token)
+    check_address(host, port, token is not None)
+    app = create_app(ServedModel.load(model_source), token=token, **settings)
+    shown = f"[{host}]" if ":" in host else host or "0.0.0.0"
+    log.info("serving %s on http://%s:%d/", model_source, shown, port)
     uvicorn.Server(_uvicorn_config(app, host, port, log_level)).run()
 
 

@@ -3,8 +3,12 @@
 Order of checks, cheapest first: the content type (415), the declared ``Content-Length``
 (413, nothing read), the body while it streams in (413 as soon as it passes the limit), the
 multipart structure (400), then each image's header through cnnkit's ``open_image``: allowed
-formats only (400 otherwise) and the pixel count from the header (413 for a decompression
-bomb, before a single pixel is decoded). Pixels are decoded later, in the inference worker.
+formats only (400 otherwise), the pixel count from the header and a JPEG's decode work (413
+for a decompression bomb, before a single pixel is decoded), and the pixels of all the
+request's images at the scale they will be decoded at (413 over ``max_request_pixels``).
+What the request holds in memory (its body, then its decoded images) is taken from the
+server's shared ``MemoryBudget`` first: 503 with ``Retry-After`` while others hold it.
+Pixels are decoded later, in the inference worker.
 """
 
 from __future__ import annotations
@@ -16,11 +20,12 @@ from PIL import Image
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.types import Message
 
-from cnnkit.data.images import open_image
-from cnnkit.errors import ImageError
+from cnnkit.data.images import decoded_size, open_image
+from cnnkit.errors import ImageError, ImageTooLarge
+from cnnkit.serve.budget import MB, Hold
 
 __all__ = ["RAW_TYPES", "ApiError", "Upload", "UploadLimits", "error_status", "read_images"]
 
@@ -54,7 +59,10 @@ class UploadLimits:
 
     max_body_bytes: int
     max_images: int
-    max_pixels: int
+    max_pixels: int  # per image, from its header
+    max_request_pixels: int  # all of a request's images, as decoded
+    input_size: int  # the model's: JPEGs are decoded at a reduced scale for it
+    retry_after_s: int = 1
 
 
 @dataclass(frozen=True)
@@ -66,11 +74,25 @@ class Upload:
 
 
 def error_status(error: ImageError) -> int:
-    """413 for images refused for their size (decompression bombs), 400 for anything else."""
-    return 413 if "decompression bomb" in str(error) else 400
+    """413 for images refused for their size or decode work, 400 for anything else."""
+    return 413 if isinstance(error, ImageTooLarge) else 400
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+def _take(hold: Hold, n: int, limits: UploadLimits) -> None:
+    """Take ``n`` bytes of the shared budget for this request, or answer 503."""
+    if not hold.take(n):
+        budget = hold.budget
+        raise ApiError(
+            503,
+            f"server busy: requests hold {budget.held / MB:.0f} MB of the "
+            f"{budget.limit / MB:.0f} MB memory budget and this one needs "
+            f"{(hold.bytes + n) / MB:.1f} MB; retry",
+            {"retry-after": str(limits.retry_after_s)},
+        )
+
+
+async def _read_body(request: Request, limits: UploadLimits, hold: Hold) -> bytes:
+    limit = limits.max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -79,16 +101,24 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise ApiError(400, f"invalid Content-Length header {declared[:40]!r}") from None
         if size > limit:
             raise ApiError(413, f"request body of {size:,} bytes is over the limit of {limit:,}")
+        _take(hold, size, limits)  # before reading a byte of it
     chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise ApiError(413, f"request body is over the limit of {limit:,} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise ApiError(413, f"request body is over the limit of {limit:,} bytes")
+            if declared is None:
+                _take(hold, len(chunk), limits)
+            chunks.append(chunk)
+    except ClientDisconnect:  # nobody is left to read the answer
+        raise ApiError(400, "the connection closed before the body was complete") from None
     return b"".join(chunks)
 
 
-async def _multipart_files(request: Request, body: bytes, limits: UploadLimits) -> list[Upload]:
+async def _multipart_files(
+    request: Request, body: bytes, limits: UploadLimits, hold: Hold
+) -> list[Upload]:
     sent = False
 
     async def replay() -> Message:  # the already-read (bounded) body, once
@@ -107,10 +137,13 @@ async def _multipart_files(request: Request, body: bytes, limits: UploadLimits) 
         raise ApiError(400, f"malformed multipart body: {why}") from None
     try:
         files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
-        return [
-            _open(await f.read(), (f.filename or f"image {i + 1}")[:MAX_NAME], limits)
-            for i, f in enumerate(files)
-        ]
+        uploads = []
+        for i, file in enumerate(files):
+            _take(hold, file.size or 0, limits)  # its bytes, read out of the parsed form
+            uploads.append(
+                _open(await file.read(), (file.filename or f"image {i + 1}")[:MAX_NAME], limits)
+            )
+        return uploads
     finally:
         await form.close()
 
@@ -131,19 +164,34 @@ def _open(data: bytes, name: str, limits: UploadLimits) -> Upload:
     return Upload(name, image)
 
 
-async def read_images(request: Request, limits: UploadLimits) -> list[Upload]:
-    """The images of a multipart form (any file fields) or of a raw image body."""
+def _take_decoded(uploads: list[Upload], limits: UploadLimits, hold: Hold) -> None:
+    """413 when the request's images are too many pixels in all, else take their bytes."""
+    sizes = [decoded_size(u.image, limits.input_size) for u in uploads]
+    pixels = sum(w * h for w, h in sizes)
+    if pixels > limits.max_request_pixels:
+        raise ApiError(
+            413,
+            f"{len(uploads)} image(s) of {pixels:,} pixels in all (as decoded) is more than "
+            f"this server's limit of {limits.max_request_pixels:,} pixels per request",
+        )
+    _take(hold, 4 * pixels, limits)  # decoded as RGBA at most: 4 bytes a pixel
+
+
+async def read_images(request: Request, limits: UploadLimits, hold: Hold) -> list[Upload]:
+    """The images of a multipart form (any file fields) or of a raw image body, their
+    memory taken from the shared budget through ``hold``."""
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media != MULTIPART and media not in RAW_TYPES:
         accepted = ", ".join([MULTIPART, *sorted(RAW_TYPES)])
         raise ApiError(415, f"unsupported content type {media or '(none)'!r}; send {accepted}")
-    body = await _read_body(request, limits.max_body_bytes)
+    body = await _read_body(request, limits, hold)
     if media == MULTIPART:
-        uploads = await _multipart_files(request, body, limits)
+        uploads = await _multipart_files(request, body, limits, hold)
     elif not body:
         raise ApiError(400, "empty request body: send an image")
     else:
         uploads = [_open(body, "image", limits)]
     if not uploads:
         raise ApiError(400, "no image in the request: send one or more file fields")
+    _take_decoded(uploads, limits, hold)
     return uploads

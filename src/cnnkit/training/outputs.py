@@ -107,7 +107,7 @@ def fingerprint(config: RunConfig, data: PreparedData) -> dict[str, Any]:
     digest = hashlib.sha256()
     for part in (data.train, data.val):
         for path, label in zip(part.paths, part.labels.tolist(), strict=True):
-            digest.update(f"{path}|{label}\n".encode())
+            digest.update(f"{path}|{label}\n".encode("utf-8", "surrogateescape"))
     settings: dict[str, Any] = {}
     _flat("", config.to_dict(), settings)
     return {

@@ -20,8 +20,23 @@ function el(tag, className, text) {
   return node;
 }
 
-async function fetchJson(url, options) {
-  const response = await fetch(url, options);
+// A server started with --token needs it on every API request: open the page once as
+// /#token=TOKEN; the token is kept for this tab only and taken out of the address bar.
+const TOKEN_KEY = "cnnkit-token";
+const tokenInUrl = /^#token=([^&]+)/.exec(window.location.hash);
+if (tokenInUrl) {
+  try {
+    sessionStorage.setItem(TOKEN_KEY, decodeURIComponent(tokenInUrl[1]));
+  } catch (err) {
+    // a malformed %-escape: no token kept, the server will say what is missing
+  }
+  history.replaceState(null, "", window.location.pathname + window.location.search);
+}
+
+async function fetchJson(url, options = {}) {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  const auth = token ? { Authorization: `Bearer ${token}` } : {};
+  const response = await fetch(url, { ...options, headers: { ...auth, ...options.headers } });
   let body = null;
   try {
     body = await response.json();
@@ -29,7 +44,8 @@ async function fetchJson(url, options) {
     body = { error: `unexpected answer (${response.status})` };
   }
   if (!response.ok) {
-    throw new Error(body && body.error ? body.error : `request failed (${response.status})`);
+    const hint = response.status === 401 ? " (open this page as /#token=TOKEN)" : "";
+    throw new Error((body && body.error ? body.error : `request failed (${response.status})`) + hint);
   }
   return body;
 }
