@@ -253,7 +253,7 @@ MODEL_JSON = {
     ),
     "a NaN mean": (
         lambda m: m.__setitem__("mean", [float("nan")] * 3),
-        r"damaged \(mean: expected 3 finite numbers",
+        r"damaged \(normalisation mean\[0\] is nan: not a finite number\)",
     ),
     "one class": (
         lambda m: m.__setitem__("classes", ["a"]),

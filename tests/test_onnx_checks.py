@@ -251,9 +251,12 @@ METADATA = {
         lambda d: d.update(image_size=30_000),
         "image_size: expected 4 to 1024 pixels, got 30000",
     ),
-    "a NaN mean": (lambda d: d.update(mean=[float("nan")] * 3), "mean: expected 3 finite"),
-    "a std of 0": (lambda d: d.update(std=[0.25, 0.0, 0.25]), "std: expected positive"),
-    "four channels of mean": (lambda d: d.update(mean=[0.5] * 4), "mean: expected 3 finite"),
+    "a NaN mean": (lambda d: d.update(mean=[float("nan")] * 3), "normalisation mean[0] is nan"),
+    "a std of 0": (lambda d: d.update(std=[0.25, 0.0, 0.25]), "normalisation std[1] is 0.0"),
+    "four channels of mean": (
+        lambda d: d.update(mean=[0.5] * 4),
+        "normalisation mean has 4 values",
+    ),
     "2 channels": (lambda d: d.update(channels=2), "channels: expected 1 or 3, got 2"),
     "no classes": (lambda d: d.update(classes=[]), "classes: expected 2 to 100,000 names"),
 }

@@ -312,6 +312,7 @@ def create_app(
 
     app.state.run_model = run_model  # the explorer's routes wait for the model the same way
     app.state.limits = limits
+    app.state.upload_limits = upload_limits
     source = None if isinstance(model_source, ServedModel) else Path(model_source)
     add_explore_routes(app, source)
 

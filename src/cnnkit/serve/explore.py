@@ -217,23 +217,34 @@ def add_explore_routes(app: FastAPI, run_dir: Path | None) -> None:
         """``work()``'s result, run on the model thread; cnnkit's errors become HTTP errors."""
         if not state.served.can_explain:
             raise ApiError(501, "the explorer needs a run directory; this server runs an ONNX file")
-        try:
-            return await state.run_model(state.worker.submit(work))
-        except CnnkitError as exc:
-            raise ApiError(_status(exc), str(exc)) from None
+        with state.budget.hold() as hold:
+            try:
+                return await state.run_model(state.worker.submit(work), hold)
+            except CnnkitError as exc:
+                raise ApiError(_status(exc), str(exc)) from None
 
     def answer(body: Any) -> JSONResponse:
         return JSONResponse(body, headers=NO_STORE)
 
-    async def with_model(fn: Callable[..., Any], *args: Any) -> JSONResponse:
-        """``fn(the CPU classifier, *args)`` on the model thread, as JSON."""
-        return answer(await on_model_thread(lambda: fn(classifier(), *args)))
+    async def with_image(request: Request, fn: Callable[..., Any], *args: Any) -> JSONResponse:
+        """``fn(the CPU classifier, the uploaded image, *args)`` on the model thread, as JSON;
+        the upload counts against the server's memory budget as /predict's do."""
+        if not state.served.can_explain:
+            raise ApiError(501, "the explorer needs a run directory; this server runs an ONNX file")
+        with state.budget.hold() as hold:
+            uploads = await read_images(request, state.upload_limits, hold)
+            if len(uploads) != 1:
+                raise ApiError(400, f"the explorer takes one image, got {len(uploads)}")
+            image = uploads[0].image
 
-    async def one_image(request: Request) -> Any:
-        uploads = await read_images(request, state.limits)
-        if len(uploads) != 1:
-            raise ApiError(400, f"the explorer takes one image, got {len(uploads)}")
-        return uploads[0].image
+            def work() -> Any:
+                with image:  # its decoded pixels are freed as soon as the work is done
+                    return fn(classifier(), image, *args)
+
+            try:
+                return answer(await state.run_model(state.worker.submit(work), hold))
+            except CnnkitError as exc:
+                raise ApiError(_status(exc), str(exc)) from None
 
     @app.get("/explore", include_in_schema=False)
     async def explore_page() -> FileResponse:
@@ -241,14 +252,12 @@ def add_explore_routes(app: FastAPI, run_dir: Path | None) -> None:
 
     @app.post("/explore/maps")
     async def explore_maps(request: Request) -> JSONResponse:
-        image = await one_image(request)
-        return await with_model(overview, image)
+        return await with_image(request, overview)
 
     @app.post("/explore/map")
     async def explore_map(request: Request) -> JSONResponse:
         layer, index = request.query_params.get("layer", ""), _int(request, "map")
-        image = await one_image(request)
-        return await with_model(map_detail, image, layer, index)
+        return await with_image(request, map_detail, layer, index)
 
     @app.post("/explore/pixel")
     async def explore_pixel(request: Request) -> JSONResponse:
@@ -257,8 +266,7 @@ def add_explore_routes(app: FastAPI, run_dir: Path | None) -> None:
         if (y is None) != (x is None):
             raise ApiError(400, "give both y and x (a map position) or neither (a vector value)")
         at = None if y is None else (y, x)
-        image = await one_image(request)
-        return await with_model(pixel_detail, image, layer, index, at)
+        return await with_image(request, pixel_detail, layer, index, at)
 
     @app.get("/explore/samples")
     async def explore_samples() -> JSONResponse:
