@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 
 import cnnkit
-import cnnkit.training.loop as loop_mod
 from cnnkit.config import RunConfig, load_yaml
 from cnnkit.data.shapes import generate_shapes as generate_directly
 from cnnkit.evaluation import EvalResult
@@ -31,7 +30,7 @@ def api_run(
     before = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as patch:
         torch.set_num_threads(1)
-        patch.setattr(loop_mod, "use_all_cores", lambda: 1, raising=False)
+        patch.setenv("OMP_NUM_THREADS", "1")
         result = cnnkit.train(
             tiny_shapes, out, image_size=16, epochs=2, batch_size=4, seed=3, augment=False
         )
