@@ -183,9 +183,9 @@ def sample_cpus(root: Path = Path("/"), affinity: set[int] | None = None) -> Cpu
     cpus = affinity if affinity is not None else _affinity()
     busy = total = seen = 0
     for line in text.splitlines():
-        name, *fields = line.split()
-        if not name.startswith("cpu") or name == "cpu" or int(name[3:] or -1) not in cpus:
-            continue
+        name, *fields = line.split() or [""]
+        if not (name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus):
+            continue  # the "cpu" total, other counters, CPUs this process may not use
         # user nice system idle iowait irq softirq steal (guest time is inside user)
         ticks = [int(v) for v in fields[:8]] + [0] * (8 - len(fields[:8]))
         idle = ticks[3] + ticks[4]

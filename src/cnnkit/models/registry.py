@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -21,6 +21,9 @@ from cnnkit.config import RunConfig, TrainConfig, load_yaml, merge_overrides
 from cnnkit.errors import ConfigError
 from cnnkit.models.layers import LayerSpec, parse_layers, with_head
 from cnnkit.models.network import Network
+
+if TYPE_CHECKING:
+    from cnnkit.data.facts import DataFacts
 
 __all__ = [
     "AUTO",
@@ -148,8 +151,10 @@ def _recipe_steps(spec: ModelSpec, train_images: int) -> int:
     return int(train["epochs"]) * (train_images // int(train["batch_size"]))
 
 
-def choose_model(facts: Any, image_size: int | None = None, channels: str = "auto") -> AutoChoice:
-    """The preset and input size for data with these ``facts`` (a ``DataFacts``).
+def choose_model(
+    facts: DataFacts, image_size: int | None = None, channels: str = "auto"
+) -> AutoChoice:
+    """The preset and input size for data with these ``facts``.
 
     Small images (at most 32 px, or ``image_size`` when given) keep their native size: the
     ``mnist`` preset when greyscale, ``cifar`` when in colour, if there are enough images for
@@ -160,12 +165,14 @@ def choose_model(facts: Any, image_size: int | None = None, channels: str = "aut
     grey = facts.greyscale if str(channels) == "auto" else str(channels) == "1"
     described = facts.describe()
     if side is None:
-        return AutoChoice("fast", 64, f"{described}: the general preset at its own size")
+        fast = load_model_spec("fast").input_size
+        return AutoChoice("fast", fast, f"{described}: the general preset at its own size")
     if side <= SMALL_SIDE:
         preset = "mnist" if grey else "cifar"
         steps = _recipe_steps(load_model_spec(preset), facts.train_images)
         size = image_size or max(MIN_SIDE, side)
-        regime = f"small {'greyscale' if grey else 'colour'} images"
+        kind = "greyscale" if grey else "colour"
+        regime = f"small {kind} images" if image_size is None else f"{kind} at {side} px"
         if steps >= MIN_RECIPE_STEPS:
             why = f"{described}: {regime}, enough for {preset}'s recipe ({steps} steps)"
             return AutoChoice(preset, size, why)
