@@ -11,11 +11,15 @@ Peak RSS is ``ru_maxrss`` of that child from ``os.wait4``. Validation accuracy a
   accuracy on cnnkit's 20% split; ``bench/peer.py`` runs on the same folder and split, and the
   ratio of the two wall times is reported;
 - mnist: 99.0% on the 10,000 test images (``test/``, which cnnkit validates on);
-- cifar10: 94% on the 10,000 test images.
+- cifar10: 94% on the 10,000 test images;
+- mnist-default: ``cnnkit train MNIST`` with no flags at all (``--model auto``) against
+  ``--model mnist``, alternating, warm cache, ``--repeats`` times each (medians); the goal is
+  99% test accuracy in at most 1.5x the wall time of ``--model mnist``.
 
 The training settings of each data set are in ``RECIPES`` below. Usage::
 
-    .venv/bin/python bench/time_to_accuracy.py [--dataset shapes|mnist|cifar10|all] [--quick]
+    .venv/bin/python bench/time_to_accuracy.py [--dataset shapes|mnist|cifar10|mnist-default|all]
+        [--repeats 3] [--quick]
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from benchlib import (
     BENCH_DIR,
     REPO,
@@ -35,6 +41,7 @@ from benchlib import (
     fresh_dir,
     log,
     machine,
+    median,
     run_child,
     shapes_folder,
     unpacked,
@@ -52,7 +59,7 @@ class Recipe:
     """
 
     target: float  # validation (or test) accuracy to reach
-    model: str  # a preset name or a YAML file of layers
+    model: str | None  # a preset name or a YAML file of layers; None: no flag (auto)
     epochs: int | None = None  # at most; the run stops at the target
     batch_size: int | None = None
     lr: float | None = None
@@ -70,6 +77,9 @@ RECIPES = {
     "mnist": Recipe(0.99, "mnist"),
     "cifar10": Recipe(0.94, "cifar"),
 }
+# Data sets on which cnnkit's defaults (no flags) are compared with a named preset: the preset
+# and the largest ratio of wall times the defaults may take.
+DEFAULT_VS_PRESET = {"mnist-default": ("mnist", "mnist", 0.99, 1.5)}  # data, preset, target, ratio
 PEER = {"epochs": 60, "max_seconds": 600.0}  # the peer stops at 99% or at this limit
 SHAPES_PER_CLASS = 400
 QUICK = {"epochs": 1, "shapes_per_class": 20, "files_per_class": 30, "peer_seconds": 30.0}
@@ -78,6 +88,8 @@ QUICK = {"epochs": 1, "shapes_per_class": 20, "files_per_class": 30, "peer_secon
 
 
 def data_folder(name: str, quick: bool) -> Path:
+    if name in DEFAULT_VS_PRESET:
+        name = DEFAULT_VS_PRESET[name][0]
     if name == "shapes":
         return shapes_folder(QUICK["shapes_per_class"] if quick else SHAPES_PER_CLASS)
     return unpacked(name, QUICK["files_per_class"] if quick else None)
@@ -88,7 +100,9 @@ def data_folder(name: str, quick: bool) -> Path:
 
 def train_command(recipe: Recipe, data: Path, out: Path, epochs: int | None) -> list[str]:
     cmd = [*cnnkit_command(), "train", str(data), "--out", str(out), "--overwrite", "--quiet"]
-    cmd += ["--model", recipe.model, "--target-accuracy", str(recipe.target)]
+    if recipe.model is not None:
+        cmd += ["--model", recipe.model]
+    cmd += ["--target-accuracy", str(recipe.target)]
     for flag, value in (("--epochs", epochs), ("--batch-size", recipe.batch_size)):
         if value is not None:
             cmd += [flag, str(value)]
@@ -160,6 +174,62 @@ def run_peer(data: Path, target: float, quick: bool) -> dict[str, object]:
     }
 
 
+def run_default_vs_preset(name: str, data: Path, repeats: int, quick: bool) -> dict[str, object]:
+    """``cnnkit train DATA`` with no flags against ``--model PRESET``, as a user types them
+    (no target: both run their full recipe), warm cache, alternating, ``repeats`` each."""
+    _, preset, target, ratio = DEFAULT_VS_PRESET[name]
+    env = {**os.environ, "CNNKIT_CACHE_DIR": str(fresh_dir(BENCH_DIR / f"cache-tta-{name}"))}
+    base = [*cnnkit_command(), "train", str(data), "--overwrite", "--quiet"]
+    extra = ["--epochs", str(QUICK["epochs"])] if quick else []
+    commands = {"no flags": [*extra], f"--model {preset}": ["--model", preset, *extra]}
+    runs: dict[str, list[dict[str, object]]] = {label: [] for label in commands}
+    for repeat in range(repeats + 1):  # the first round fills the cache and is not kept
+        for i, (label, flags) in enumerate(commands.items()):
+            out = BENCH_DIR / "runs-tta" / f"{name}-{i}"
+            output = out.with_suffix(".log")
+            output.parent.mkdir(parents=True, exist_ok=True)
+            rc, wall, rss = run_child([*base, "--out", str(out), *flags], env, output)
+            if rc != 0:
+                sys.stderr.write(output.read_text()[-3000:])
+                raise SystemExit(f"error: cnnkit train exited with {rc} ({output})")
+            summary = json.loads((out / "summary.json").read_text())
+            model = yaml.safe_load((out / "config.yaml").read_text())["model"]
+            row = {
+                "wall_seconds": round(wall, 2),
+                "test_acc": summary["best_val_acc"],
+                "epochs_run": summary["epochs_run"],
+                "threads": summary.get("threads"),
+                "model": model,
+                "peak_rss_mb": round(rss, 1),
+            }
+            log(f"{name} {label} ({'cold' if repeat == 0 else repeat}): {row}")
+            if repeat:
+                runs[label].append(row)
+    medians = {
+        label: {
+            "wall_seconds": median([r["wall_seconds"] for r in rows]),
+            "test_acc": median([r["test_acc"] for r in rows]),
+            "model": rows[0]["model"],
+        }
+        for label, rows in runs.items()
+    }
+    default, named = medians["no flags"], medians[f"--model {preset}"]
+    wall_ratio = default["wall_seconds"] / named["wall_seconds"]
+    return {
+        "commands": {label: " ".join([*base, "--out", "RUN", *f]) for label, f in commands.items()},
+        "runs": runs,
+        "medians": medians,
+        "default_wall_over_preset_wall": round(wall_ratio, 3),
+        "issue_target": None
+        if quick
+        else {
+            "goal": f"no flags: {target:.0%} test accuracy in at most {ratio}x the wall time "
+            f"of --model {preset} (medians)",
+            "met": default["test_acc"] >= target and wall_ratio <= ratio,
+        },
+    }
+
+
 # -------------------------------------------------------------------------- Evaluation
 
 
@@ -193,14 +263,21 @@ def verdict(name: str, result: dict) -> dict[str, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", choices=[*RECIPES, "all"], default="all")
+    parser.add_argument("--dataset", choices=[*RECIPES, *DEFAULT_VS_PRESET, "all"], default="all")
+    parser.add_argument("--repeats", type=int, default=3, help="mnist-default: runs of each")
     parser.add_argument("--no-peer", action="store_true", help="skip bench/peer.py on shapes")
     parser.add_argument("--quick", action="store_true", help="tiny subsets, 1 epoch each")
     args = parser.parse_args()
-    names = list(RECIPES) if args.dataset == "all" else [args.dataset]
+    names = [*RECIPES, *DEFAULT_VS_PRESET] if args.dataset == "all" else [args.dataset]
     info = machine()
     results: dict[str, dict] = {}
     for name in names:
+        if name in DEFAULT_VS_PRESET:
+            data = data_folder(name, args.quick)
+            repeats = 1 if args.quick else args.repeats
+            results[name] = {"data": str(data)}
+            results[name].update(run_default_vs_preset(name, data, repeats, args.quick))
+            continue
         recipe = RECIPES[name]
         data = data_folder(name, args.quick)
         results[name] = {"data": str(data), "target": recipe.target}

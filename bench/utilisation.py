@@ -40,9 +40,9 @@ def matmul_gflops(n: int, dtype: torch.dtype, repeats: int) -> tuple[float, list
 
 def main() -> None:
     # ----------------------------------------------------------------------------- Setup
-    from cnnkit.engine import use_all_cores
     from cnnkit.models import list_presets, load_model_spec
     from cnnkit.models.summary import summarize
+    from cnnkit.threads import fit_threads
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="training windows per figure")
@@ -60,7 +60,7 @@ def main() -> None:
         args.repeats, args.epochs, args.count = 1, 1, 20
         args.matmul_size, args.matmul_repeats = 1024, 5
     presets = [p for p in args.presets.split(",") if p]
-    use_all_cores()  # as training does, so the peak uses the same threads
+    fit_threads()  # as training does, so the peak uses the same threads
     info = machine()
 
     peaks = {}

@@ -79,11 +79,9 @@ def single_thread(monkeypatch: pytest.MonkeyPatch):
     results are the same."""
     import torch
 
-    import cnnkit.training.loop as loop
-
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    monkeypatch.setattr(loop, "use_all_cores", lambda: 1, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # training's thread count follows it
     yield
     torch.set_num_threads(before)
 
@@ -94,12 +92,10 @@ def fast_trained_run(request: pytest.FixtureRequest) -> tuple[Path, TrainResult]
     about 20 s instead of minutes on busy cores); torch's threads are restored afterwards."""
     import torch
 
-    import cnnkit.training.loop as loop
-
     before = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as patch:
         torch.set_num_threads(1)
-        patch.setattr(loop, "use_all_cores", lambda: 1, raising=False)
+        patch.setenv("OMP_NUM_THREADS", "1")
         try:
             return request.getfixturevalue("trained_run")
         finally:

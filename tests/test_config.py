@@ -59,7 +59,11 @@ from cnnkit.errors import ConfigError
         (lambda: TrainConfig(weight_decay=2.0), "train.weight_decay: expected a number from 0"),
         (lambda: TrainConfig(momentum=1.0), "train.momentum: expected a number from 0 to 0.999"),
         (lambda: TrainConfig(label_smoothing=0.6), "train.label_smoothing: expected a number"),
-        (lambda: TrainConfig(patience=0), "train.patience: expected a positive integer, got 0"),
+        (
+            lambda: TrainConfig(patience=-1),
+            "train.patience: expected 0 (never stop early) or more, got -1",
+        ),
+        (lambda: TrainConfig(threads=0), "train.threads: expected a positive integer, got 0"),
         (
             lambda: TrainConfig(target_accuracy=1.5),
             "train.target_accuracy: expected a number from 0 to 1, got 1.5",
@@ -96,7 +100,7 @@ def test_config_error_is_a_value_error() -> None:
 
 def test_defaults_are_valid_and_documented_values() -> None:
     cfg = RunConfig()
-    assert cfg.model == "fast"
+    assert cfg.model == "auto" and cfg.train.patience == 5 and cfg.train.threads is None
     assert cfg.data.resize == "crop" and cfg.data.channels == "auto"
     assert cfg.data.image_size is None
     assert cfg.train.optimizer == "adamw" and cfg.train.schedule == "onecycle"

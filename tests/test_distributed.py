@@ -16,6 +16,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -26,6 +27,7 @@ from cnnkit.errors import CnnkitError, ConfigError
 from cnnkit.evaluation import evaluate
 from cnnkit.models.registry import build_network, load_model_spec
 from cnnkit.training import distributed as dist
+from numerics import NEAR_TIE
 
 RUN_FILES = (
     "config.yaml",
@@ -129,7 +131,14 @@ def _check_whole_validation_set(run: Path, data: Path) -> None:
     assert full.count == 18  # 20% of 30 per class
     correct = best["val_acc"] * full.count
     assert correct == pytest.approx(round(correct), abs=1e-3)  # a count of images, not a mean
-    assert round(correct) == int((full.probabilities.argmax(1) == full.labels).sum())
+    # Training validated each rank's share of the images in other batches than this
+    # evaluation: only an image whose top two classes are within rounding (tests/numerics.py)
+    # may be scored differently.
+    top2 = np.sort(full.probabilities, axis=1)[:, -2:]
+    near_ties = int((top2[:, 1] - top2[:, 0] < NEAR_TIE).sum())
+    assert abs(round(correct) - int((full.probabilities.argmax(1) == full.labels).sum())) <= (
+        near_ties
+    )
     assert best["val_loss"] == pytest.approx(full.loss, rel=1e-4, abs=1e-5)
 
 

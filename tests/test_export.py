@@ -26,6 +26,7 @@ from cnnkit.export import (
     sample_images,
 )
 from cnnkit.inference import expand_inputs
+from numerics import PROB_ATOL
 
 
 @pytest.fixture(scope="module")
@@ -122,11 +123,17 @@ def test_onnx_report_says_how_close_it_is(onnx_export) -> None:
 def test_onnx_and_pytorch_predict_the_same_classes(onnx_export, trained_run, shapes_dir) -> None:
     run, _ = trained_run
     files = expand_inputs([shapes_dir])[::10]  # 60 images, every class
-    torch_preds = load_predictor(run).predict(files)
+    torch_model = load_predictor(run)
+    torch_preds = torch_model.predict(files)
     onnx_preds = load_predictor(onnx_export.path).predict(files)
     assert isinstance(load_predictor(onnx_export.path), OnnxClassifier)
-    assert [p.label for p in onnx_preds] == [p.label for p in torch_preds]
+    # The same class, except for an image whose top two classes are within the rounding of
+    # PyTorch's precision (bf16 on CPUs with native bf16: tests/numerics.py), which another
+    # kernel may order either way (seen with oneDNN limited to AVX2: 47.2% against 46.1%).
+    tie = 2 * PROB_ATOL[torch_model.precision]
     for a, b in zip(onnx_preds, torch_preds, strict=True):
+        first, second = sorted(b.probabilities.values())[-2:][::-1]
+        assert a.label == b.label or first - second < tie, (a.source, a.label, b.probabilities)
         assert a.source == b.source
         assert a.probabilities.keys() == b.probabilities.keys()
         for name in a.probabilities:  # PyTorch may run in bf16 on this CPU: loose check

@@ -340,7 +340,8 @@ def test_training_on_a_full_disk_is_one_clear_error(tmp_path: Path) -> None:
 def test_training_into_an_unwritable_place_is_one_clear_error(tmp_path: Path) -> None:
     data = generate_shapes(tmp_path / "data", count=4, size=16, seed=4)
     (tmp_path / "file").write_text("not a folder")
-    result = CliRunner().invoke(app, ["train", str(data), "--out", str(tmp_path / "file" / "run")])
+    out = str(tmp_path / "file" / "run")  # (a named model: auto would log its choice first)
+    result = CliRunner().invoke(app, ["train", str(data), "--out", out, "--model", "fast"])
     assert result.exit_code == 1
     (line,) = result.stderr.strip().splitlines()
     assert (

@@ -41,7 +41,7 @@ def test_presets_without_recommendations_keep_cnnkit_s_defaults() -> None:
     for name in ("fast", "seed"):
         cfg = resolve_run_config(None, {"model": name})
         assert cfg.train == TrainConfig() and cfg.augment == AugmentConfig()
-    assert resolve_run_config(None, {}) == RunConfig()  # the default model is fast
+    assert resolve_run_config(None, {"model": "fast"}) == RunConfig(model="fast")
 
 
 def test_every_preset_s_recommendations_are_valid() -> None:

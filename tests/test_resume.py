@@ -25,7 +25,6 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import cnnkit.training.loop as loop
 from cnnkit.cli import app
 from cnnkit.config import AugmentConfig, DataConfig, RunConfig, TrainConfig
 from cnnkit.data.shapes import generate_shapes
@@ -202,7 +201,7 @@ def one_thread() -> Iterator[None]:
     """In-process training on one thread, and the process-wide switches put back afterwards."""
     threads = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loop, "use_all_cores", lambda: 1)
+        mp.setenv("OMP_NUM_THREADS", "1")
         torch.set_num_threads(1)
         try:
             yield

@@ -14,7 +14,7 @@ import pytest
 import cnnkit.data.dataset as dataset_mod
 import cnnkit.training.loop as loop_mod
 from cnnkit.checkpoint import load_model
-from cnnkit.config import DataConfig, RunConfig, load_yaml
+from cnnkit.config import DataConfig, RunConfig, TrainConfig, load_yaml
 from cnnkit.errors import ConfigError, DataError, RunDirError
 from cnnkit.evaluation import evaluate
 from cnnkit.training.loop import TrainResult, train
@@ -143,6 +143,45 @@ def test_a_lower_loss_at_equal_accuracy_counts_as_improvement(
     _scripted_validation(monkeypatch, [(1.0, 0.5), (0.9, 0.5), (0.8, 0.5), (0.85, 0.5)])
     result = train(tiny_config(tiny_shapes, epochs=4, patience=1), tmp_path / "run", progress=False)
     assert (result.epochs_run, result.best_epoch, result.stopped_because) == (4, 3, "patience")
+
+
+def test_at_100_percent_a_lower_loss_is_no_reason_to_go_on(
+    tiny_shapes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing is left to improve: the run stops ``patience`` epochs after reaching 100%,
+    keeping the weights of the lowest loss."""
+    _scripted_validation(monkeypatch, [(0.5, 0.9), (0.3, 1.0), (0.2, 1.0), (0.1, 1.0), (0.1, 1)])
+    result = train(tiny_config(tiny_shapes, epochs=5, patience=2), tmp_path / "run", progress=False)
+    assert (result.epochs_run, result.best_epoch, result.stopped_because) == (4, 4, "patience")
+
+
+def test_the_default_patience_stops_a_stalled_run_and_0_turns_it_off(
+    tiny_shapes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert TrainConfig().patience == 5
+    _scripted_validation(monkeypatch, [(1.0, 0.5)] * 8)
+    result = train(tiny_config(tiny_shapes, epochs=8), tmp_path / "a", progress=False)
+    assert (result.epochs_run, result.stopped_because) == (6, "patience")
+    _scripted_validation(monkeypatch, [(1.0, 0.5)] * 8)
+    result = train(tiny_config(tiny_shapes, epochs=8, patience=0), tmp_path / "b", progress=False)
+    assert (result.epochs_run, result.stopped_because) == (8, "epochs")
+
+
+def test_the_cli_says_why_the_run_stopped(
+    tiny_shapes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from cnnkit.cli import app
+
+    _scripted_validation(monkeypatch, [(0.5, 0.9), (0.3, 1.0), (0.2, 1.0), (0.1, 1.0)])
+    args = ["train", str(tiny_shapes), "--out", str(tmp_path / "r"), "--epochs", "4"]
+    result = CliRunner().invoke(app, [*args, "--patience", "2", "--image-size", "16", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert (
+        "stopped early: validation accuracy was 100% and stayed there for 2 more epochs "
+        "(patience 2; --patience 0 runs every epoch)"
+    ) in result.output
 
 
 def test_target_accuracy_stops_the_run(

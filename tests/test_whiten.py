@@ -22,7 +22,13 @@ def test_whitened_patches_have_identity_covariance() -> None:
     feats = y[:, :12].permute(0, 2, 3, 1).reshape(-1, 12)
     cov = torch.cov(feats.T)
     assert torch.allclose(cov, torch.eye(12), atol=0.02)
-    assert torch.equal(y[:, 12:], -y[:, :12])
+    # Filters 12-23 are exactly the negatives of 0-11, but a convolution kernel may sum an
+    # output channel's 12 terms in another order for another channel (blocks of channels,
+    # vector tails: tests/numerics.py), so the outputs are negatives to within that rounding:
+    # at most 12 * 2**-24 of the sum of the terms' magnitudes, computed here exactly.
+    weight = layer.weight.abs()
+    magnitude = torch.nn.functional.conv2d(x.abs(), weight[:12])  # sum |w| |x| per output
+    assert ((y[:, 12:] + y[:, :12]).abs() <= 2 * 12 * 2**-24 * magnitude).all()
 
 
 def test_whitening_is_frozen_and_saved() -> None:

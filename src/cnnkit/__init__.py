@@ -54,7 +54,7 @@ def train(
     data: str | Path,
     out: str | Path,
     *,
-    model: str = "fast",
+    model: str = "auto",
     seed: int = 0,
     augment: bool | None = None,
     overwrite: bool = False,
@@ -65,7 +65,8 @@ def train(
     """Train on a folder of images; ``options`` are any ``cnnkit train`` setting by name.
 
     Settings left out come from the config file, then from the model's recommended settings
-    (``augment=None``: augmentation as the model recommends, on by default).
+    (``augment=None``: augmentation as the model recommends, on by default). ``model="auto"``
+    picks the preset and input size from the data; ``threads=N`` fixes torch's CPU threads.
     """
     import dataclasses
 

@@ -141,7 +141,9 @@ class TrainConfig:
     momentum: float = 0.9  # SGD's Nesterov momentum; with muon, that of the filters
     schedule: str = "onecycle"
     label_smoothing: float = 0.0
-    patience: int | None = None  # epochs without improvement before stopping
+    # Epochs without a better validation accuracy (or, below 100%, a lower validation loss at
+    # the same accuracy) before stopping; 0 or None: never stop early.
+    patience: int | None = 5
     target_accuracy: float | None = None  # stop once validation accuracy reaches this
     device: str = "auto"
     precision: str = "auto"
@@ -151,6 +153,7 @@ class TrainConfig:
     sync_bn: bool = False  # synchronise batchnorm statistics across processes (GPU)
     ema: float | None = None  # keep an exponential moving average of weights (e.g. 0.99)
     tta: bool = False  # validate on each image and its mirror image, averaged
+    threads: int | None = None  # torch's CPU threads; None: as many as the CPUs free to use
 
     def __post_init__(self) -> None:
         _positive_int("train", "epochs", self.epochs)
@@ -170,8 +173,12 @@ class TrainConfig:
         _number("train", "momentum", self.momentum, 0.0, 0.999)
         _choice("train", "schedule", self.schedule, SCHEDULES)
         _number("train", "label_smoothing", self.label_smoothing, 0.0, 0.5)
-        if self.patience is not None:
-            _positive_int("train", "patience", self.patience)
+        if self.patience is not None:  # 0: never stop early
+            patience = self.patience
+            if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+                raise _fail("train", "patience", patience, "expected 0 (never stop early) or more")
+        if self.threads is not None:
+            _positive_int("train", "threads", self.threads)
         if self.target_accuracy is not None:
             _number("train", "target_accuracy", self.target_accuracy, 0.0, 1.0)
         _choice("train", "device", self.device, DEVICES)
@@ -184,7 +191,7 @@ class TrainConfig:
 class RunConfig:
     """Everything that defines a training run; written to ``RUN_DIR/config.yaml``."""
 
-    model: str = "fast"  # a preset name or a YAML file
+    model: str = "auto"  # a preset name, a YAML file, or auto: chosen from the data
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

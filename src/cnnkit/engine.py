@@ -1,4 +1,4 @@
-"""Where and how a network runs: device, precision, threads, and batched inference.
+"""Where and how a network runs: device, precision and batched inference (threads: ``threads``).
 
 Shared by training, evaluation, inspection and prediction, so all of them run a model the
 same way. ``precision="auto"`` picks bf16 autocast on CPUs with native bf16 instructions
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +25,6 @@ __all__ = [
     "cpu_has_bf16",
     "resolve_device",
     "resolve_precision",
-    "use_all_cores",
 ]
 
 
@@ -67,17 +65,6 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def use_all_cores() -> int:
-    """Let intra-op parallelism use every core this process may run on."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    if torch.get_num_threads() != cores:
-        torch.set_num_threads(cores)
-    return cores
 
 
 def _chunks(n: int, size: int) -> Iterator[slice]:

@@ -26,7 +26,9 @@ def train_cmd(
         Path | None, typer.Argument(help="Folder: DIR/<class>/* or DIR/train|val/<class>/*")
     ] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Run directory to create.")] = None,
-    model: Annotated[str | None, typer.Option(help="Preset name or YAML file.")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Preset name, YAML file, or auto (chosen from the data).")
+    ] = None,
     image_size: Annotated[int | None, typer.Option(help="Input side in pixels.")] = None,
     epochs: Annotated[int | None, typer.Option()] = None,
     batch_size: Annotated[int | None, typer.Option()] = None,
@@ -44,7 +46,12 @@ def train_cmd(
     seed: Annotated[int | None, typer.Option(help="Seed for split, order and weights.")] = None,
     val_split: Annotated[float | None, typer.Option(help="Validation fraction.")] = None,
     target_accuracy: Annotated[float | None, typer.Option(help="Stop at this val acc.")] = None,
-    patience: Annotated[int | None, typer.Option(help="Epochs without improvement.")] = None,
+    patience: Annotated[
+        int | None, typer.Option(help="Epochs without improvement (default 5; 0: never stop).")
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="CPU threads (default: the CPUs free to use).")
+    ] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
     precision: Annotated[str | None, typer.Option(help="auto, fp32 or bf16.")] = None,
     label_smoothing: Annotated[float | None, typer.Option()] = None,
@@ -86,6 +93,7 @@ def train_cmd(
     """Train a CNN on a folder of images and write a run directory."""
     from cnnkit.models.registry import resolve_run_config
     from cnnkit.training.loop import train
+    from cnnkit.training.outputs import stop_message
 
     if nproc is not None:
         from cnnkit.training.distributed import launch_torchrun
@@ -110,6 +118,7 @@ def train_cmd(
         "train.seed": seed,
         "train.target_accuracy": target_accuracy,
         "train.patience": patience,
+        "train.threads": threads,
         "train.device": device,
         "train.precision": precision,
         "train.label_smoothing": label_smoothing,
@@ -159,8 +168,12 @@ def train_cmd(
     out.print(
         f"best validation accuracy {100 * result.best_val_acc:.2f}% (epoch "
         f"{result.best_epoch} of {result.epochs_run}), {s['wall_seconds']:.1f}s, "
-        f"{s['images_per_second']:,.0f} img/s; run directory {out_dir}"
+        f"{s['images_per_second']:,.0f} img/s; run directory {out_dir}",
+        markup=False,
     )
+    stopped = stop_message(result.stopped_because, result.best_val_acc, cfg.train.patience)
+    if stopped:
+        out.print(stopped, markup=False)
     from cnnkit.report import try_write_report
 
     # a failure is a warning: the model is already saved

@@ -1,25 +1,38 @@
-"""Presets by name, layer files by path: one way to turn ``--model X`` into a ``Network``."""
+"""Presets by name, layer files by path: one way to turn ``--model X`` into a ``Network``.
+
+``--model auto`` (the default) picks the preset and its input size from measurable facts of
+the data (``cnnkit.data.facts``): how large the images typically are, whether they are
+greyscale and how many will train, never from the folder's name.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cnnkit.config import RunConfig, load_yaml, merge_overrides, parse_yaml
+from cnnkit.config import RunConfig, TrainConfig, load_yaml, merge_overrides, parse_yaml
 from cnnkit.errors import ConfigError
 from cnnkit.models.layers import LayerSpec, infer_shapes, parse_layers, with_head
 from cnnkit.models.limits import check_budget
 from cnnkit.models.network import Network
 
+if TYPE_CHECKING:
+    from cnnkit.data.facts import DataFacts
+
 __all__ = [
+    "AUTO",
+    "AutoChoice",
     "ModelSpec",
     "build_network",
+    "choose_model",
     "list_presets",
     "load_model_spec",
+    "resolve_model",
     "resolve_run_config",
 ]
 
@@ -27,6 +40,18 @@ log = logging.getLogger("cnnkit")
 RECOMMENDABLE = ("augment", "train")  # the sections a model may recommend settings for
 
 DEFAULT_INPUT_SIZE = 128
+
+AUTO = "auto"
+# The mnist and cifar presets were built for images of at most 32 pixels a side, which they
+# take at their native size; larger images go to the general preset.
+SMALL_SIDE = 32
+# Their recipes train for few, large steps: one epoch of 60,000 digits (468 steps of 128) and
+# seven of 50,000 photos (350 steps of 1000). With under 300 steps their short schedules end
+# before the network has learnt, so smaller data sets go to the general preset (20 epochs,
+# stopped early by patience) instead.
+MIN_RECIPE_STEPS = 300
+# Three 2x2 poolings must leave a feature map of at least 2x2 pixels.
+MIN_SIDE = 16
 
 
 @dataclass(frozen=True)
@@ -107,14 +132,98 @@ def _recommended(raw: Any, origin: str) -> dict[str, dict[str, Any]]:
     return {section: dict(values or {}) for section, values in raw.items()}
 
 
+@dataclass(frozen=True)
+class AutoChoice:
+    """What ``--model auto`` chose for a data set, and why, in one sentence."""
+
+    model: str
+    image_size: int
+    why: str
+
+    def describe(self) -> str:
+        return f"model auto: {self.model} at {self.image_size}x{self.image_size} px ({self.why})"
+
+
+def _recipe_steps(spec: ModelSpec, train_images: int) -> int:
+    """Optimiser steps the preset's recommended recipe takes on ``train_images`` images."""
+    train = {**dataclasses.asdict(TrainConfig()), **spec.recommended.get("train", {})}
+    return int(train["epochs"]) * (train_images // int(train["batch_size"]))
+
+
+def choose_model(
+    facts: DataFacts, image_size: int | None = None, channels: str = "auto"
+) -> AutoChoice:
+    """The preset and input size for data with these ``facts``.
+
+    Small images (at most 32 px, or ``image_size`` when given) keep their native size: the
+    ``mnist`` preset when greyscale, ``cifar`` when in colour, if there are enough images for
+    that preset's recipe (``MIN_RECIPE_STEPS``). Everything else trains ``fast``, at 64 px or
+    the images' own size when smaller (never upscaled, except to ``MIN_SIDE``).
+    """
+    side = image_size or facts.side
+    grey = facts.greyscale if str(channels) == "auto" else str(channels) == "1"
+    described = facts.describe()
+    if side is None:
+        fast = load_model_spec("fast").input_size
+        return AutoChoice("fast", fast, f"{described}: the general preset at its own size")
+    if side <= SMALL_SIDE:
+        preset = "mnist" if grey else "cifar"
+        steps = _recipe_steps(load_model_spec(preset), facts.train_images)
+        size = image_size or max(MIN_SIDE, side)
+        kind = "greyscale" if grey else "colour"
+        regime = f"small {kind} images" if image_size is None else f"{kind} at {side} px"
+        if steps >= MIN_RECIPE_STEPS:
+            why = f"{described}: {regime}, enough for {preset}'s recipe ({steps} steps)"
+            return AutoChoice(preset, size, why)
+        why = (
+            f"{described}: {regime}, too few for {preset}'s recipe ({steps} of "
+            f"{MIN_RECIPE_STEPS} steps), so the general preset at their own size"
+        )
+        return AutoChoice("fast", size, why)
+    fast = load_model_spec("fast").input_size
+    size = image_size or min(fast, side)
+    own = "at their own size" if size == side else f"scaled to {size} px"
+    return AutoChoice("fast", size, f"{described}: the general preset, {own}")
+
+
+def resolve_model(config: RunConfig) -> RunConfig:
+    """``config`` with model ``auto`` replaced by the preset and input size chosen from its
+    data (logged in one line); any other model unchanged. Training settings are kept: see
+    ``resolve_run_config`` for the chosen preset's recommended ones."""
+    if config.model != AUTO:
+        return config
+    from cnnkit.data.facts import measure_data  # (data and models are siblings: no cycle)
+
+    if not config.data.path:
+        raise ConfigError("model auto chooses from the data: data.path is required")
+    facts = measure_data(config.data.path, config.data.val_split)
+    choice = choose_model(facts, config.data.image_size, config.data.channels)
+    log.info("%s", choice.describe())
+    return dataclasses.replace(
+        config,
+        model=choice.model,
+        data=dataclasses.replace(config.data, image_size=choice.image_size),
+    )
+
+
 def resolve_run_config(raw: Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> RunConfig:
     """The settings of a new run, each from the first that gives it: ``overrides`` (flags,
     keyword arguments; None is "not given"), the config file ``raw``, the model's
-    recommended settings, cnnkit's defaults. Says which recommended settings it applied."""
+    recommended settings, cnnkit's defaults. Says which recommended settings it applied.
+
+    Model ``auto`` (the default) is resolved first, from the data the settings name, so the
+    chosen preset's recommended settings apply as if it had been named."""
     if raw is not None and not isinstance(raw, Mapping):
         raise ConfigError(f"config: expected a mapping of sections, got {type(raw).__name__}")
     raw = raw or {}
     model = overrides.get("model") or raw.get("model") or RunConfig().model
+    chosen: RunConfig | None = None
+    if model == AUTO:
+        draft = merge_overrides(RunConfig.from_dict(raw), overrides)
+        chosen = resolve_model(dataclasses.replace(draft, model=AUTO))
+        model = chosen.model
+        overrides = {**overrides, "model": model}
+        raw = {**raw, "model": model}
     defaults = None
     if isinstance(model, str):  # (anything else: from_dict below says what is wrong)
         spec = load_model_spec(model)
@@ -124,7 +233,12 @@ def resolve_run_config(raw: Mapping[str, Any] | None, overrides: Mapping[str, An
         applied = spec.recommended_settings(skip=given)
         if applied:
             log.info("%s's recommended settings: %s", spec.name, ", ".join(applied))
-    return merge_overrides(RunConfig.from_dict(raw, defaults=defaults), overrides)
+    config = merge_overrides(RunConfig.from_dict(raw, defaults=defaults), overrides)
+    if chosen is not None and config.data.image_size is None:
+        config = dataclasses.replace(
+            config, data=dataclasses.replace(config.data, image_size=chosen.data.image_size)
+        )
+    return config
 
 
 def load_model_spec(name_or_path: str) -> ModelSpec:

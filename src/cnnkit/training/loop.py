@@ -28,10 +28,11 @@ from cnnkit.checkpoint import ModelMeta, atomic_write, save_model
 from cnnkit.config import RunConfig, TrainConfig, load_yaml
 from cnnkit.data.dataset import PreparedData, prepare_data
 from cnnkit.data.images import to_model_input
-from cnnkit.engine import autocast, batched_logits, resolve_device, resolve_precision, use_all_cores
+from cnnkit.engine import autocast, batched_logits, resolve_device, resolve_precision
 from cnnkit.errors import CnnkitError, ConfigError, RunDirError
 from cnnkit.models.network import Whiten
-from cnnkit.models.registry import build_network, load_model_spec
+from cnnkit.models.registry import build_network, load_model_spec, resolve_model
+from cnnkit.threads import fit_threads, sample_cpus
 from cnnkit.training import distributed as dist
 from cnnkit.training import state as ckpt
 from cnnkit.training.augment import build_augmentation
@@ -162,6 +163,7 @@ def _train(
         if not resume:
             raise RunDirError("train: a config is required unless resuming")
         config = RunConfig.from_dict(load_yaml(out / "config.yaml"))
+    config = resolve_model(config)  # model "auto": chosen from the data
     cfg = config.train
     spec = load_model_spec(config.model)
     device = resolve_device(cfg.device)
@@ -174,8 +176,7 @@ def _train(
     dist.barrier(info)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
-    if not info.enabled:
-        use_all_cores()
+    cpu_before = sample_cpus()  # what other work uses while the data loads: see fit_threads
     # Augmentation and dropout draw from the global RNG: a different stream on every rank.
     torch.manual_seed(cfg.seed + info.rank)
     np.random.seed(cfg.seed + info.rank)
@@ -268,6 +269,8 @@ def _train(
         if info.is_main:
             ckpt.set_rng_state(saved["rng"])
         log.info("resumed from %s: epoch %d, step %d of %d", folder, p.epoch + 1, p.step, steps)
+    if cfg.threads or not info.enabled:  # under torchrun: its OMP_NUM_THREADS, unless asked
+        fit_threads(cfg.threads, adapt=not cfg.deterministic, since=cpu_before)
     if info.is_main:  # the settings now in force (a resume may extend the epochs)
         atomic_write(out / "config.yaml", lambda path: config.save(path))
         write_split_csv(out, data)
@@ -401,12 +404,15 @@ def _train(
                 row["lr"],
                 row["seconds"],
             )
+            # At 100% a lower loss keeps the best weights but is no reason to go on training.
+            perfect = val_acc == 1.0 and p.best_acc == 1.0
             if (
                 math.isnan(val_acc)  # no validation images: keep the latest weights
                 or val_acc > p.best_acc
                 or (val_acc == p.best_acc and val_loss < p.best_loss)
             ):
-                p.best_acc, p.best_loss, p.best_epoch, p.stale = val_acc, val_loss, epoch, 0
+                p.stale = p.stale + 1 if perfect else 0
+                p.best_acc, p.best_loss, p.best_epoch = val_acc, val_loss, epoch
                 best_logits = val_logits  # of the weights saved as the model
                 if info.is_main:
                     save_model(out, evaluated, meta)
@@ -416,7 +422,7 @@ def _train(
             elapsed = p.elapsed + time.perf_counter() - session_start
             if cfg.target_accuracy is not None and val_acc >= cfg.target_accuracy:
                 p.seconds_to_target, p.stopped, p.finished = elapsed, "target_accuracy", True
-            elif cfg.patience is not None and p.stale >= cfg.patience:
+            elif cfg.patience and p.stale >= cfg.patience:
                 p.stopped, p.finished = "patience", True
             p.elapsed, session_start = elapsed, time.perf_counter()
             save_state()
@@ -447,6 +453,7 @@ def _train(
         precision=precision,
         device=str(device),
         world_size=info.world_size,
+        threads=torch.get_num_threads(),
         history=p.history,
         data=data,
         val_logits=best_logits,

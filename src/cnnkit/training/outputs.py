@@ -29,13 +29,20 @@ __all__ = [
     "TrainResult",
     "describe_changes",
     "fingerprint",
+    "stop_message",
     "write_outputs",
     "write_split_csv",
 ]
 
 METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
 # Settings that may change between a run and its resume without changing what it computes.
-RESUMABLE = {"train.epochs", "train.patience", "train.target_accuracy", "data.cache_dir"}
+RESUMABLE = {
+    "train.epochs",
+    "train.patience",
+    "train.target_accuracy",
+    "train.threads",
+    "data.cache_dir",
+}
 
 
 @dataclass
@@ -54,6 +61,7 @@ class TrainResult:
     precision: str
     device: str
     world_size: int = 1
+    threads: int = 1  # torch's CPU threads (intra-op) during training
     history: list[dict[str, float]] = field(default_factory=list)
     # The decoded data the run used, kept for the evaluation and report that follow it in
     # the same process (not written anywhere).
@@ -76,7 +84,21 @@ class TrainResult:
             "precision": self.precision,
             "device": self.device,
             "world_size": self.world_size,
+            "threads": self.threads,
         }
+
+
+def stop_message(stopped: str, best_acc: float, patience: int | None) -> str:
+    """Why a run ended before its last epoch, in words ('' when it ran them all)."""
+    if stopped == "target_accuracy":
+        return "stopped early: reached the target accuracy"
+    if stopped != "patience":
+        return ""
+    if best_acc == 1.0:
+        why = f"validation accuracy was 100% and stayed there for {patience} more epochs"
+    else:
+        why = f"no better validation accuracy (or loss at the same accuracy) for {patience} epochs"
+    return f"stopped early: {why} (patience {patience}; --patience 0 runs every epoch)"
 
 
 def _flat(prefix: str, value: Any, out: dict[str, Any]) -> None:
