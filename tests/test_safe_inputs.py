@@ -23,6 +23,7 @@ from cnnkit.cli import app
 from cnnkit.config import DataConfig
 from cnnkit.data.check import check_folder
 from cnnkit.data.dataset import prepare_data
+from cnnkit.data.folder import read_split_file
 from cnnkit.data.images import MAX_JPEG_SCANS, load_image, open_image, read_image_file
 from cnnkit.data.jpeg import count_scans
 from cnnkit.errors import CheckpointError, ImageTooLarge, RunDirError, display_path
@@ -171,6 +172,8 @@ def test_names_that_are_not_utf8_train_check_and_report(
     result = train(tiny_config(data), tmp_path / "run", progress=False)  # UnicodeEncodeError
     meta = json.loads((tmp_path / "run" / "model.json").read_text())
     assert meta["classes"] == ["circle", "sq\\xe9", "triangle"]
+    listed = read_split_file(tmp_path / "run" / "split.csv")  # the names' own bytes
+    assert os.fsdecode(raw + b"/circle/caf\xe9.png") in listed["train"] | listed["val"]
     report = write_report(tmp_path / "run", prepared=result.data, val_logits=result.val_logits)
     assert "circle/caf\\xe9.png" in report.read_text() or "sq\\xe9" in report.read_text()
 

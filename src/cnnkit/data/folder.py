@@ -264,7 +264,7 @@ def read_split_file(path: str | Path) -> dict[str, frozenset[str]]:
     empty when the run has none (runs from before cnnkit wrote it)."""
     parts: dict[str, set[str]] = {}
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
             for row in csv.DictReader(f):
                 if row.get("path") and row.get("split"):
                     parts.setdefault(row["split"], set()).add(row["path"])

@@ -222,7 +222,8 @@ def write_outputs(out: Path, result: TrainResult) -> None:
 def write_split_csv(out: Path, data: PreparedData) -> Path:
     """``RUN_DIR/split.csv``: ``path,label,split`` of every image the run trained on
     (``train``), validated on (``val``) and, for a given test/ it did not validate on, held
-    back (``test``); absolute paths, so anyone can check that no image is on two sides."""
+    back (``test``); absolute paths, so anyone can check that no image is on two sides. A
+    file name that is not UTF-8 is written as its own bytes, so the path still finds it."""
     parts = [
         ("train", data.train.paths, data.train.labels),
         ("val", data.val.paths, data.val.labels),
@@ -231,7 +232,7 @@ def write_split_csv(out: Path, data: PreparedData) -> Path:
         parts.append(("test", data.held_back.paths, data.held_back.labels))
 
     def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
+        with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
             writer = csv.writer(f)
             writer.writerow(SPLIT_COLUMNS)
             for split, paths, labels in parts:  # one C-level call per part: 80,000 rows ~0.1 s
