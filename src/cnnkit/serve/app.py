@@ -268,7 +268,9 @@ def create_app(
         start = time.perf_counter()
         if not served.can_explain:
             raise ApiError(
-                501, "feature maps and Grad-CAM need a run directory; this server runs an ONNX file"
+                501,
+                "feature maps and Grad-CAM need a run directory; "
+                f"this server runs an exported {served.format} file",
             )
         uploads = await read_images(request, limits)
         if len(uploads) != 1:

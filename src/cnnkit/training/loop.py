@@ -391,7 +391,8 @@ def _train(
                 or (val_acc == p.best_acc and val_loss < p.best_loss)
             ):
                 p.best_acc, p.best_loss, p.best_epoch, p.stale = val_acc, val_loss, epoch, 0
-                best_logits = val_logits  # of the weights saved as the model
+                # of the weights saved as the model; bf16 ones are not what predict (fp32) says
+                best_logits = val_logits if precision == "fp32" else None
                 if info.is_main:
                     save_model(out, evaluated, meta)
             else:
