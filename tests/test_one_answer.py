@@ -76,6 +76,7 @@ def assert_one_answer(sources: dict[str, Path], files: list[Path]) -> None:
     answers = {name: cli_probabilities(path, files) for name, path in sources.items()}
     answers["serve"] = served_probabilities(sources["run directory"], files)
     answers["serve onnx"] = served_probabilities(sources["onnx"], files)
+    answers["serve pt2"] = served_probabilities(sources["pt2"], files)
     ref_labels, ref_probs = answers.pop("run directory")
     for name, (labels, probs) in answers.items():
         differ = [str(f) for f, a, b in zip(files, labels, ref_labels, strict=True) if a != b]
@@ -134,3 +135,19 @@ def test_prediction_defaults_to_fp32_and_bf16_is_only_on_request(fast_trained_ru
         assert np.abs(exact - load(run).predict_proba(files)).max() < FP32_TOLERANCE
     else:
         assert result.val_logits is None
+
+
+def test_cnnkit_serve_takes_a_pt2_file(exported, monkeypatch) -> None:
+    import socket
+
+    import uvicorn
+
+    import cnnkit.serve.runner as runner_mod
+
+    apps: list = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: apps.append(self.config))
+    monkeypatch.setattr(runner_mod, "bind_port", lambda host, port: socket.socket())
+    result = runner.invoke(app, ["serve", str(exported["pt2"]), "--port", "8765"])
+    assert result.exit_code == 0, result.output
+    (config,) = apps
+    assert config.app.state.served.info()["format"] == "pt2"

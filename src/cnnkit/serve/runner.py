@@ -7,7 +7,9 @@ warned about, because the service has no authentication.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +22,7 @@ from cnnkit.errors import ConfigError
 from cnnkit.serve.app import ServeSettings, create_app
 from cnnkit.serve.model import ServedModel
 
-__all__ = ["ALL_INTERFACES", "background_server", "check_address", "serve"]
+__all__ = ["ALL_INTERFACES", "background_server", "bind_port", "check_address", "serve"]
 
 log = logging.getLogger("cnnkit")
 
@@ -38,6 +40,27 @@ def check_address(host: str, port: int) -> None:
             host or "0.0.0.0",
             port,
         )
+
+
+def bind_port(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` for uvicorn to listen on; a port that another process
+    holds is one ``ConfigError`` line, before the model is loaded (uvicorn would log a
+    traceback-like error and exit 3)."""
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        where = f"{host or '0.0.0.0'}:{port}"
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(
+                f"port {port} is in use ({where}): stop what holds it or pick another with --port"
+            ) from None
+        raise ConfigError(f"cannot listen on {where} ({exc.strerror or exc})") from None
+    return sock
 
 
 def _uvicorn_config(app: FastAPI, host: str, port: int, log_level: str) -> Any:
@@ -69,9 +92,13 @@ def serve(
 
     check_address(host, port)
     ServeSettings(**settings)  # refuse bad limits before the model is loaded
-    app = create_app(ServedModel.load(model_source), **settings)
-    log.info("serving %s on http://%s:%d/", model_source, host if host else "0.0.0.0", port)
-    uvicorn.Server(_uvicorn_config(app, host, port, log_level)).run()
+    sock = bind_port(host, port)
+    try:
+        app = create_app(ServedModel.load(model_source), **settings)
+        log.info("serving %s on http://%s:%d/", model_source, host if host else "0.0.0.0", port)
+        uvicorn.Server(_uvicorn_config(app, host, port, log_level)).run(sockets=[sock])
+    finally:
+        sock.close()
 
 
 @contextlib.contextmanager
