@@ -7,7 +7,9 @@ on 127.0.0.1 at a free port, serving the session's trained run.
 
 from __future__ import annotations
 
+import contextlib
 import io
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -32,6 +34,18 @@ ALL_MAPS_LOADED = """() => {
   const maps = [...document.querySelectorAll('#layers img.map')];
   return maps.length > 0 && maps.every((img) => img.complete && img.naturalWidth > 0);
 }"""
+# Visible images that failed to load (or have no source): what shows a broken-image icon.
+BROKEN_IMAGES = """() => [...document.images]
+  .filter((img) => img.getClientRects().length > 0 && getComputedStyle(img).visibility !== 'hidden')
+  .filter((img) => img.complete && img.naturalWidth === 0)
+  .map((img) => img.id || img.alt || img.src.slice(0, 40))"""
+DESKTOP = {"viewport": {"width": 1100, "height": 900}}
+PHONE = {
+    "viewport": {"width": 390, "height": 844},
+    "device_scale_factor": 2,
+    "is_mobile": True,
+    "has_touch": True,
+}
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +61,10 @@ def browser():
         chromium.close()
 
 
-@pytest.fixture(scope="module")
-def base_url(trained_run, browser):
-    run, _ = trained_run
-    with background_server(create_app(run)) as url:
+@contextlib.contextmanager
+def serving(source: Path) -> Iterator[str]:
+    """A real server for ``source`` (run directory or export), ready to answer."""
+    with background_server(create_app(source)) as url:
         with httpx.Client(base_url=url, timeout=10) as client:
             for _ in range(500):
                 if client.get("/readyz").status_code == 200:
@@ -58,6 +72,29 @@ def base_url(trained_run, browser):
             else:
                 pytest.fail("the server never became ready")
         yield url
+
+
+@pytest.fixture(scope="module")
+def base_url(trained_run, browser):
+    run, _ = trained_run
+    with serving(run) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def onnx_url(trained_run, browser, tmp_path_factory):
+    from cnnkit.export import export_onnx
+
+    run, _ = trained_run
+    report = export_onnx(run, tmp_path_factory.mktemp("onnx") / "model.onnx", check_images=8)
+    with serving(report.path) as url:
+        yield url
+
+
+def broken_images(page) -> list[str]:
+    """The visible images on ``page`` that show a broken-image icon (none, in every state)."""
+    page.wait_for_load_state("load")
+    return page.evaluate(BROKEN_IMAGES)
 
 
 def open_page(browser, url: str, **context):
@@ -219,3 +256,53 @@ def test_the_page_uses_a_token_given_in_the_url_fragment(browser, trained_run, t
         page.set_input_files("#file", str(write_shape(tmp_path / "c.png", "circle")))
         page.wait_for_selector("#probabilities .bar-row", timeout=30_000)
         page.close()
+
+
+# ------------------------------------------------------------------ no broken images, ever
+
+
+@pytest.mark.parametrize("screen", [DESKTOP, PHONE], ids=["desktop", "phone"])
+def test_no_broken_images_on_first_load(browser, base_url, screen):
+    page, problems = open_page(browser, base_url, **screen)
+    assert broken_images(page) == []
+    assert not page.locator("#gradcam").is_visible()  # nothing to show yet
+    assert not page.locator("#preview-figure").is_visible()
+    assert problems == []
+    page.close()
+
+
+@pytest.mark.parametrize("screen", [DESKTOP, PHONE], ids=["desktop", "phone"])
+def test_no_broken_images_when_serving_an_onnx_file(browser, onnx_url, screen, tmp_path):
+    page, problems = open_page(browser, onnx_url, **screen)
+    assert broken_images(page) == []
+    assert "exported onnx file" in page.locator("#explain-status").text_content()
+    page.set_input_files("#file", str(write_shape(tmp_path / "square.png", "square")))
+    page.wait_for_selector("#probabilities .bar-row", timeout=30_000)
+    page.wait_for_selector("#preview-figure:not([hidden])", timeout=10_000)
+    assert broken_images(page) == []
+    assert not page.locator("#gradcam").is_visible()  # an ONNX file has no maps to show
+    assert problems == []
+    page.close()
+
+
+@pytest.mark.parametrize("screen", [DESKTOP, PHONE], ids=["desktop", "phone"])
+def test_a_bad_upload_clears_the_previous_maps_and_shows_no_broken_preview(
+    browser, base_url, screen, tmp_path
+):
+    page, problems = open_page(browser, base_url, **screen)
+    page.set_input_files("#file", str(write_shape(tmp_path / "circle.png", "circle")))
+    page.wait_for_function(ALL_MAPS_LOADED, timeout=30_000)
+    assert page.locator("#gradcam").is_visible() and page.locator("#preview").is_visible()
+    assert broken_images(page) == []
+
+    page.set_input_files(
+        "#file", files=[{"name": "notes.png", "mimeType": "image/png", "buffer": b"just text"}]
+    )
+    page.wait_for_selector("#status.error", timeout=30_000)
+    page.wait_for_selector("#preview", state="hidden", timeout=5_000)  # nor can the browser
+    assert broken_images(page) == []
+    assert page.locator("#layers .layer").count() == 0  # the circle's maps are gone
+    assert not page.locator("#gradcam").is_visible()
+    assert page.locator("#probabilities .bar-row").count() == 0
+    assert all("400" in p for p in problems)
+    page.close()

@@ -20,13 +20,19 @@ def _run(*args: str | Path):
 
 @pytest.fixture()
 def captured_uvicorn(monkeypatch: pytest.MonkeyPatch) -> list:
-    """Replace uvicorn's serving loop: record the config instead of listening."""
+    """Replace uvicorn's serving loop: record the config instead of listening (and bind no
+    real port: 8000 may be taken on a shared machine)."""
+    import socket
+
     import uvicorn
+
+    import cnnkit.serve.runner as runner_mod
 
     configs: list = []
     monkeypatch.setattr(
         uvicorn.Server, "run", lambda self, sockets=None: configs.append(self.config)
     )
+    monkeypatch.setattr(runner_mod, "bind_port", lambda host, port: socket.socket())
     return configs
 
 

@@ -19,6 +19,7 @@ from cnnkit.errors import ConfigError
 from cnnkit.inspection.maps import normalize_map
 from cnnkit.inspection.render import display_scale, upscale
 from cnnkit.inspection.walkthrough import inspect_image, select_layers
+from cnnkit.plots import kernel_figure
 
 
 @pytest.fixture(scope="module")
@@ -74,13 +75,27 @@ def test_kernels_png_shows_first_layer_as_rgb(inspected) -> None:
     run_dir, _, result = inspected
     model, _ = load_model(run_dir)
     weight = model.layers["conv1"].weight.detach().numpy()  # (F, 3, 3, 3)
-    grid = np.asarray(Image.open(result.out / "kernels_conv1.png"))
-    assert grid.ndim == 3 and grid.shape[2] == 3
-    scale = display_scale(3, target=36, most=12)
-    tile = grid[1 : 1 + 3 * scale, 1 : 1 + 3 * scale]
+    drawn = np.asarray(Image.open(result.out / "kernels_conv1.png"))
+    figure = kernel_figure(weight, rgb=True)  # checked tile by tile in test_plots
+    np.testing.assert_array_equal(drawn, figure.image)
+    left, top, right, bottom = figure.tiles[(0, "colour")]
+    tile = drawn[top:bottom, left:right]
+    scale = (right - left) // 3
     np.testing.assert_array_equal(tile, upscale(normalize_map(weight[0]).transpose(1, 2, 0), scale))
     deeper = np.asarray(Image.open(result.out / "kernels_conv2.png"))
-    assert deeper.ndim == 2  # later layers: one grey tile per input channel
+    shown = model.layers["conv2"].weight.detach().numpy()[:16, :16]  # the first 16 of each
+    np.testing.assert_array_equal(deeper, kernel_figure(shown).image)  # a tile per input
+
+
+def test_the_class_scores_are_labelled_with_the_class_names(inspected) -> None:
+    _, _, result = inspected
+    html = result.index.read_text()
+    dense = html.split("<section id='dense1'>", 1)[1].split("</section>", 1)[0]
+    assert "The 3 class scores of dense1." in dense and "<img" not in dense
+    record = next(r for r in result.layers if r["name"] == "dense1")
+    for name, score in zip(("circle", "square", "triangle"), record["values"], strict=True):
+        probability = f"{100 * result.probabilities[name]:.2f}%"
+        assert f"<td>{name}</td><td>{score:.4g}</td>" in dense and probability in dense
 
 
 def test_every_layer_and_file_is_there(inspected) -> None:

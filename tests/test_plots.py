@@ -9,7 +9,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnnkit.plots import CURVES_SIZE, TRAIN_COLOUR, VAL_COLOUR, _nice_ticks, plot_curves
+from cnnkit.plots import (
+    CURVES_SIZE,
+    NEGATIVE,
+    POSITIVE,
+    TRAIN_COLOUR,
+    VAL_COLOUR,
+    _nice_ticks,
+    diverging_colours,
+    kernel_figure,
+    plot_curves,
+)
 
 
 def _rows(n: int) -> list[dict[str, float]]:
@@ -78,3 +88,46 @@ def test_tick_labels_have_the_decimals_the_step_needs() -> None:
 
     assert [_label(v, 0.25) for v in (0.25, 0.5)] == ["0.25", "0.50"]
     assert _label(80.0, 5.0) == "80" and _label(0.4, 0.2) == "0.4"
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def _tile(fig, key: tuple[int, str]) -> np.ndarray:
+    left, top, right, bottom = fig.tiles[key]
+    return fig.image[top:bottom, left:right]
+
+
+@pytest.mark.parametrize(
+    ("shape", "rgb"),
+    [((16, 3, 3, 3), True), ((12, 1, 5, 5), False), ((4, 16, 3, 3), False), ((2, 3, 1, 1), True)],
+)
+def test_kernels_are_drawn_large_on_a_scale_centred_on_zero(shape, rgb) -> None:
+    weight = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    weight[0, 0, 0, 0] = 0.0
+    fig = kernel_figure(weight, rgb=rgb)
+    f, c, kh, kw = shape
+    assert fig.limit == pytest.approx(float(np.abs(weight).max()))
+    names = ("R", "G", "B") if rgb else ("",) if c == 1 else tuple(f"in {j + 1}" for j in range(c))
+    assert fig.columns == (("colour",) if rgb else ()) + names
+    assert len(fig.tiles) == f * len(fig.columns)
+    for (i, name), (left, top, right, bottom) in fig.tiles.items():
+        assert right - left >= 24 and bottom - top >= 24, (i, name)  # readable, not 1-pixel cells
+        tile = _tile(fig, (i, name))
+        cell_h, cell_w = (bottom - top) // kh, (right - left) // kw
+        centres = tile[cell_h // 2 :: cell_h, cell_w // 2 :: cell_w][:kh, :kw]  # (kh, kw, 3)
+        if name == "colour":  # the colour pattern, normalised on its own
+            span = weight[i].max() - weight[i].min()
+            want = np.rint((weight[i] - weight[i].min()) / span * 255).transpose(1, 2, 0)
+        else:
+            want = diverging_colours(weight[i, names.index(name)], fig.limit)
+        assert np.abs(centres.astype(int) - want.astype(int)).max() <= 1, (i, name)
+    # the scale: zero is white, the extremes are the two end colours
+    np.testing.assert_array_equal(diverging_colours(np.zeros(1), 2.0)[0], (255, 255, 255))
+    np.testing.assert_array_equal(
+        diverging_colours(np.array([-2.0, 2.0]), 2.0), [NEGATIVE, POSITIVE]
+    )
+    zero = _tile(fig, (0, names[0]))[1, 1]  # weight[0, 0, 0, 0] = 0: a white cell
+    np.testing.assert_array_equal(zero, (255, 255, 255))
+    height, width = fig.image.shape[:2]
+    assert width / height < 12  # wraps into rows, not a long strip

@@ -19,12 +19,14 @@ from typer.testing import CliRunner
 import cnnkit
 import cnnkit.data.dataset as dataset_mod
 import cnnkit.report as report_mod
+from cnnkit.checkpoint import load_model
 from cnnkit.cli import app
 from cnnkit.config import RunConfig, load_yaml
 from cnnkit.data.dataset import prepare_data
 from cnnkit.data.shapes import generate_shapes
 from cnnkit.errors import RunDirError
 from cnnkit.inference import Classifier
+from cnnkit.plots import kernel_figure
 from cnnkit.report import DATA_SECTIONS, SECTIONS, build_report, try_write_report, write_report
 
 IMG_SRC = re.compile(r"<img[^>]*\ssrc=['\"]([^'\"]*)['\"]")
@@ -58,7 +60,11 @@ def test_report_from_training_data_in_memory_matches_one_from_disk(
     in_memory = build_report(run_dir, prepared=prepared)
     assert in_memory == from_disk
     # With training's validation logits of the saved weights, nothing runs the model again.
+    # (A bf16 run keeps none: they are not what fp32 prediction computes; the report's are.)
     logits = trained_run[1].val_logits
+    if trained_run[1].precision != "fp32":
+        assert logits is None
+        logits = cnnkit.load(run_dir).logits(prepared.val.images)
     assert logits is not None and logits.shape == (len(prepared.val), len(prepared.classes))
     monkeypatch.setattr(Classifier, "logits", refuse)
     assert build_report(run_dir, prepared=prepared, val_logits=logits) == from_disk
@@ -192,3 +198,27 @@ def test_report_in_headless_chromium(report_run) -> None:
     assert headings == [title for _, title in SECTIONS]
     assert widths and all(w > 0 for w in widths)
     assert all(u.startswith(("file:", "data:")) for u in requests), requests
+
+
+def _section(html: str, key: str) -> str:
+    return html.split(f"<section id='{key}'>", 1)[1].split("</section>", 1)[0]
+
+
+def test_kernels_are_drawn_readably_and_class_scores_are_labelled(report_run) -> None:
+    run_dir, path, _ = report_run
+    html = path.read_text()
+    model, meta = load_model(run_dir)
+    kernels = _section(html, "kernels")
+    (image,) = _images(kernels)
+    weight = model.layers["conv1"].weight.detach().numpy()  # (16, 3, 3, 3)
+    figure = kernel_figure(weight, rgb=True)
+    np.testing.assert_array_equal(image, figure.image)  # tiles of >= 24 px: see test_plots
+    assert min(right - left for left, _, right, _ in figure.tiles.values()) >= 24
+    assert "centred on zero: blue negative, white zero, red positive" in kernels
+    assert f"from {-figure.limit:.3g} to +{figure.limit:.3g}" in kernels
+    assert "then its red, green and blue weights" in kernels
+    maps = _section(html, "feature-maps")
+    assert "<h3>dense1 (dense): one score per class, softmax gives the probabilities</h3>" in maps
+    scores = maps.split("<h3>dense1", 1)[1]
+    for name in meta.classes:
+        assert f"<td>{name}</td>" in scores

@@ -46,6 +46,18 @@ def _positive_int(section: str, name: str, value: Any) -> None:
         raise _fail(section, name, value, "expected a positive integer")
 
 
+# Bounds far above any real run, so a typo (10**20 epochs) is an error, not a run that never
+# ends: a million images for 100,000 epochs is years of CPU time; 65,536 images of 1024x1024
+# make a 200 GB batch.
+MAX_EPOCHS = 100_000
+MAX_BATCH_SIZE = 65_536
+
+
+def _at_most(section: str, name: str, value: int, most: int) -> None:
+    if value > most:
+        raise _fail(section, name, value, f"expected at most {most:,}")
+
+
 def _choice(section: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise _fail(section, name, value, f"expected one of {', '.join(choices)}")
@@ -157,6 +169,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _positive_int("train", "epochs", self.epochs)
+        _at_most("train", "epochs", self.epochs, MAX_EPOCHS)
         if self.checkpoint_every is not None:
             _positive_int("train", "checkpoint_every", self.checkpoint_every)
         if self.ema is not None:
@@ -164,6 +177,7 @@ class TrainConfig:
         for name in ("deterministic", "sync_bn", "tta"):
             _bool("train", name, getattr(self, name))
         _positive_int("train", "batch_size", self.batch_size)
+        _at_most("train", "batch_size", self.batch_size, MAX_BATCH_SIZE)
         if not isinstance(self.lr, int | float) or isinstance(self.lr, bool) or not self.lr > 0:
             raise _fail("train", "lr", self.lr, "expected a positive number")
         _number("train", "lr", self.lr, 0.0, 10.0)
@@ -177,6 +191,7 @@ class TrainConfig:
             patience = self.patience
             if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
                 raise _fail("train", "patience", patience, "expected 0 (never stop early) or more")
+            _at_most("train", "patience", patience, MAX_EPOCHS)
         if self.threads is not None:
             _positive_int("train", "threads", self.threads)
         if self.target_accuracy is not None:

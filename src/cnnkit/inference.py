@@ -2,6 +2,11 @@
 
 Images go through ``load_image`` and ``to_model_input``, the same two functions training uses,
 with the size, channels, resize mode, mean and std stored in the run directory.
+
+Prediction runs in fp32 unless bf16 is asked for (``precision="bf16"``): training may use bf16
+autocast for speed, but a run directory must give the same answer as its ONNX and pt2 exports
+(fp32 graphs) and as the server, and bf16 moves probabilities by up to about 1e-2, enough to
+flip the top-1 of an image near a class boundary.
 """
 
 from __future__ import annotations
@@ -21,9 +26,15 @@ from cnnkit.engine import batched_logits, resolve_device, resolve_precision
 from cnnkit.errors import DataError, ImageError
 from cnnkit.models.network import Network
 
-__all__ = ["Classifier", "Prediction", "expand_inputs", "load"]
+__all__ = ["Classifier", "Prediction", "expand_inputs", "inference_precision", "load"]
 
 ImageInput = Source | Image.Image | np.ndarray
+
+
+def inference_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> ``fp32`` on every device, so a run directory answers as its exports do;
+    ``bf16`` only when asked for (``engine.resolve_precision`` checks the name)."""
+    return resolve_precision("fp32" if precision == "auto" else precision, device)
 
 
 @dataclass(frozen=True)
@@ -49,13 +60,16 @@ class Prediction:
 
 
 class Classifier:
-    """A trained network with its preprocessing, ready to classify images."""
+    """A trained network with its preprocessing, ready to classify images.
+
+    ``precision="auto"`` is fp32 (see ``inference_precision``); pass ``"bf16"`` for autocast.
+    """
 
     def __init__(
         self, model: Network, meta: ModelMeta, device: str = "auto", precision: str = "auto"
     ) -> None:
         self.device = resolve_device(device)
-        self.precision = resolve_precision(precision, self.device)
+        self.precision = inference_precision(precision, self.device)
         self.model = model.to(self.device, memory_format=torch.channels_last).eval()
         self.meta = meta
 
@@ -133,7 +147,8 @@ def _describe(image: object) -> str:
 
 
 def load(run_dir: str | Path, device: str = "auto", precision: str = "auto") -> Classifier:
-    """The classifier saved in ``run_dir`` (see ``cnnkit.checkpoint``)."""
+    """The classifier saved in ``run_dir`` (see ``cnnkit.checkpoint``); fp32 unless
+    ``precision="bf16"``."""
     model, meta = load_model(run_dir)
     return Classifier(model, meta, device, precision)
 

@@ -1,16 +1,17 @@
-"""Static figures written into run directories (no display needed): the training curves
-drawn with Pillow, the confusion matrix with matplotlib."""
+"""Static figures written into run directories and reports (no display needed): the training
+curves and the kernels drawn with Pillow, the confusion matrix with matplotlib."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["plot_confusion", "plot_curves"]
+__all__ = ["KernelFigure", "diverging_colours", "kernel_figure", "plot_confusion", "plot_curves"]
 
 
 def _pyplot():
@@ -159,3 +160,100 @@ def plot_confusion(matrix: np.ndarray, classes: Sequence[str], path: Path) -> No
     fig.tight_layout()
     fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+KERNEL_TILE = 32  # smallest side of one drawn kernel, px: 3x3 weights become 11 px squares
+NEGATIVE, ZERO, POSITIVE = (33, 102, 172), (255, 255, 255), (178, 24, 43)  # blue, white, red
+FIGURE_WIDTH = 900  # kernels wrap to rows of about this many pixels
+
+
+def diverging_colours(values: np.ndarray, limit: float) -> np.ndarray:
+    """Weights to RGB on a scale centred on zero: -limit blue, 0 white, +limit red.
+
+    One scale for a whole layer (``limit`` = its largest magnitude), so kernels compare: a
+    pale kernel has small weights, not a lost contrast.
+    """
+    t = np.clip(np.nan_to_num(np.asarray(values, np.float64)) / (limit or 1.0), -1.0, 1.0)
+    t = t[..., None]
+    zero, neg, pos = (np.array(c, np.float64) for c in (ZERO, NEGATIVE, POSITIVE))
+    rgb = np.where(t < 0, zero + (neg - zero) * -t, zero + (pos - zero) * t)
+    return np.rint(rgb).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class KernelFigure:
+    """A drawn layer of kernels and where each piece is (for tests and captions)."""
+
+    image: np.ndarray  # (H, W, 3) uint8
+    tiles: dict[tuple[int, str], tuple[int, int, int, int]]  # (kernel, column) -> box
+    limit: float  # the colour scale runs from -limit to +limit
+    columns: tuple[str, ...]  # what each tile of a kernel shows: "colour", "R", "in 1", ...
+
+
+def kernel_figure(weight: np.ndarray, rgb: bool = False) -> KernelFigure:
+    """Conv weights ``(F, C, kh, kw)`` as labelled tiles of at least ``KERNEL_TILE`` pixels.
+
+    Each kernel is numbered and shows one tile per input channel on the layer's zero-centred
+    colour scale (a colour bar at the bottom gives the values). With ``rgb`` (a first layer
+    on colour images) a kernel starts with its colour pattern, normalised on its own: the
+    colour it responds to most; then its red, green and blue weights.
+    """
+    f, c, kh, kw = weight.shape
+    rgb = rgb and c == 3
+    names = ("R", "G", "B") if rgb else ("",) if c == 1 else tuple(f"in {j + 1}" for j in range(c))
+    columns = (("colour",) if rgb else ()) + names
+    limit = float(np.abs(weight).max()) if weight.size else 0.0
+    scale = math.ceil(KERNEL_TILE / max(kh, kw))
+    th, tw = kh * scale, kw * scale
+    font = ImageFont.load_default(size=12)
+    gap, label_h = 4, (14 if len(columns) > 1 else 0)
+    block_w = len(columns) * (tw + gap) + 14
+    block_h = 16 + th + label_h + 8
+    per_row = max(1, min(f, FIGURE_WIDTH // block_w))
+    rows = math.ceil(f / per_row)
+    bar_h = 44
+    image = Image.new("RGB", (max(per_row * block_w + 8, 300), rows * block_h + bar_h + 8), "white")
+    draw = ImageDraw.Draw(image)
+    ink, frame = (40, 40, 40), (190, 190, 190)
+    tiles: dict[tuple[int, str], tuple[int, int, int, int]] = {}
+    for i in range(f):
+        r, col = divmod(i, per_row)
+        x, y = 8 + col * block_w, 4 + r * block_h
+        draw.text((x, y), f"{i + 1}", fill=ink, font=font)
+        for j, name in enumerate(columns):
+            if name == "colour":
+                span = weight[i].max() - weight[i].min()
+                norm = (weight[i] - weight[i].min()) / (span or 1.0) * 255.0
+                pixels = np.rint(norm).astype(np.uint8).transpose(1, 2, 0)  # (kh, kw, 3)
+            else:
+                pixels = diverging_colours(weight[i, j - len(columns) + c], limit)
+            tile = Image.fromarray(np.ascontiguousarray(pixels)).resize((tw, th), Image.NEAREST)
+            left, top = x + j * (tw + gap), y + 16
+            image.paste(tile, (left, top))
+            draw.rectangle([left - 1, top - 1, left + tw, top + th], outline=frame)
+            tiles[(i, name)] = (left, top, left + tw, top + th)
+            if label_h:
+                draw.text((left + tw / 2, top + th + 2), name, fill=ink, font=font, anchor="mt")
+    _colour_bar(image, draw, font, (36, rows * block_h + 8), limit)
+    return KernelFigure(np.asarray(image), tiles, limit, columns)
+
+
+def _colour_bar(
+    image: Image.Image,
+    draw: ImageDraw.ImageDraw,
+    font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
+    at: tuple[int, int],
+    limit: float,
+) -> None:
+    """The zero-centred scale under the kernels: -limit, 0 and +limit marked."""
+    x, y = at
+    width, height = 256, 12
+    ramp = diverging_colours(np.linspace(-limit, limit, width)[None, :].repeat(height, 0), limit)
+    image.paste(Image.fromarray(ramp), (x, y))
+    draw.rectangle([x - 1, y - 1, x + width, y + height], outline=(190, 190, 190))
+    ink = (40, 40, 40)
+    for frac, text in ((0.0, f"{-limit:.3g}"), (0.5, "0"), (1.0, f"+{limit:.3g}")):
+        draw.text((x + frac * (width - 1), y + height + 3), text, fill=ink, font=font, anchor="mt")
+    draw.text((x + width + 10, y + height / 2), "weight", fill=ink, font=font, anchor="lm")

@@ -21,11 +21,12 @@ from cnnkit.data.dataset import PreparedData
 from cnnkit.data.images import load_image, to_model_input
 from cnnkit.errors import CnnkitError
 from cnnkit.evaluation import EvalResult
-from cnnkit.inspection.html import confusion_table, esc, maps_html, table
-from cnnkit.inspection.maps import layer_outputs
-from cnnkit.inspection.render import data_uri, display_scale, kernel_grid, upscale
+from cnnkit.inspection.html import confusion_table, esc, maps_html, scores_table, table
+from cnnkit.inspection.maps import LayerOutput, layer_outputs
+from cnnkit.inspection.render import data_uri, display_scale, upscale
 from cnnkit.models.network import Network
-from cnnkit.plots import plot_curves
+from cnnkit.plots import kernel_figure, plot_curves
+from cnnkit.report_verdict import curve_trend, learned
 from cnnkit.training.augment import build_augmentation
 
 __all__ = ["BUILDERS", "DATA_SECTIONS", "SECTIONS", "Run", "unavailable"]
@@ -44,6 +45,7 @@ SECTIONS = (
 )
 DATA_SECTIONS = ("augmented", "confusion", "per-class", "mistakes", "feature-maps")
 AUGMENTED, MISTAKES, MAPS_PER_LAYER = 16, 8, 16
+MAX_KERNELS, MAX_KERNEL_INPUTS = 64, 16  # kernels and input channels drawn
 
 
 @dataclass
@@ -121,35 +123,41 @@ def _summary(run: Run) -> str:
 
 
 def _verdicts(run: Run) -> list[str]:
-    """At a glance: better than chance? overfitting? still improving?"""
-    chance = 1 / len(run.meta.classes)
-    best = run.summary.get("best_val_acc")
-    if run.evaluation is not None and run.evaluation.is_validation:
-        best = run.evaluation.accuracy
-    if best is None and run.metrics:
-        best = max(r.get("val_acc", 0.0) for r in run.metrics)
-    if best is None:
-        return [unavailable("no validation accuracy recorded")]
+    """At a glance: did it learn (tested against the majority class)? what next?"""
     out = []
-    line = f"validation accuracy {_pct(best)} against {_pct(chance)} by guessing"
-    if best < chance + 0.1:
-        out.append(f"<p class='warn'>Training did not work: {line}.</p>")
+    ev = run.evaluation  # the verdict is about validation images, never about other data
+    if ev is not None and ev.count and ev.is_validation:
+        test = learned(int(np.trace(ev.confusion)), ev.confusion.sum(1).tolist(), ev.classes)
+        if test.significant:
+            out.append(f"<p class='good'>The model learned: {esc(test.sentence())}.</p>")
+        elif test.accuracy > test.majority_rate:
+            out.append(
+                "<p class='warn'>Not shown to have learned (the accuracy could be luck): "
+                f"{esc(test.sentence())}. More validation images make the test sharper.</p>"
+            )
+        else:
+            out.append(f"<p class='warn'>Training did not work: {esc(test.sentence())}.</p>")
     else:
-        out.append(f"<p class='good'>The model learned: {line}.</p>")
+        best = run.summary.get("best_val_acc")
+        if best is None and run.metrics:
+            best = max(r.get("val_acc", 0.0) for r in run.metrics)
+        if best is None:
+            return [unavailable("no validation accuracy recorded")]
+        out.append(
+            f"<p class='note'>Best validation accuracy {_pct(best)}. Whether that beats always "
+            "answering the most common class needs the validation images.</p>"
+        )
     if run.metrics:
+        trend = curve_trend(run.metrics)
+        css = "warn" if trend.kind == "overfitting" else "note"
+        out.append(f"<p class='{css}'>{esc(trend.advice)}</p>")
         last = run.metrics[-1]
         gap = last.get("train_acc", 0.0) - last.get("val_acc", 0.0)
-        if gap > 0.15:
+        if trend.kind != "overfitting" and gap > 0.15:
             out.append(
                 f"<p class='warn'>Training accuracy is {100 * gap:.0f} points above validation "
                 "accuracy in the last epoch: the model may be overfitting (more images, "
                 "augmentation or dropout help).</p>"
-            )
-        losses = [r["val_loss"] for r in run.metrics]
-        if len(losses) >= 3 and losses[-1] == min(losses) and losses[-1] < losses[-3]:
-            out.append(
-                "<p class='note'>Validation loss was still falling at the end: more epochs "
-                "may help.</p>"
             )
     return out
 
@@ -312,12 +320,29 @@ def _kernels(run: Run) -> str:
     if conv is None:
         raise CnnkitError("the model has no convolution layer")
     weight = run.model.layers[conv.name].weight.detach().float().cpu().numpy()  # (F, C, k, k)
-    rgb = weight.shape[1] == 3
-    layout = "one colour tile per kernel" if rgb else "one row per kernel, one tile per channel"
+    shown = weight[:MAX_KERNELS, :MAX_KERNEL_INPUTS]  # (F', C', k, k)
+    first = conv is run.model.infos[0]  # its input channels are the image's
+    figure = kernel_figure(shown, rgb=first and run.meta.channels == 3)
+    count = f"first {len(shown)} of {len(weight)}" if len(shown) < len(weight) else len(weight)
+    inputs = (
+        f" (its first {shown.shape[1]} of {weight.shape[1]} input channels)"
+        if shown.shape[1] < weight.shape[1]
+        else ""
+    )
+    per_channel = (
+        "its colour pattern (normalised on its own: the colour it responds to most), then its "
+        "red, green and blue weights"
+        if figure.columns[0] == "colour"
+        else f"its weights for each input channel{inputs}"
+        if len(figure.columns) > 1
+        else "its weights"
+    )
     return (
-        f"<p>The {weight.shape[0]} kernels of {esc(conv.name)} ({weight.shape[2]}x"
-        f"{weight.shape[3]}), {layout}; each normalised on its own (dark = negative weights, "
-        "bright = positive).</p>" + _img(kernel_grid(weight, rgb=rgb), f"kernels of {conv.name}")
+        f"<p>The {count} kernels of {esc(conv.name)} ({weight.shape[2]}x{weight.shape[3]}), "
+        f"numbered. Each shows {per_channel}, on one colour scale for the whole layer centred "
+        f"on zero: blue negative, white zero, red positive, from {-figure.limit:.3g} to "
+        f"+{figure.limit:.3g} (the bar below).</p>"
+        + _img(figure.image, f"kernels of {conv.name}", "photo")
     )
 
 
@@ -336,6 +361,28 @@ def _feature_maps(run: Run) -> str:
         "<figcaption>input</figcaption></figure></div>"
     ]
     parts += [maps_html(out, MAPS_PER_LAYER) for out in outputs if out.is_map]
+    parts.append(_class_scores(run, outputs))
+    return "\n".join(parts)
+
+
+def _class_scores(run: Run, outputs: list[LayerOutput]) -> str:
+    """The last dense layer's outputs (and the class-sized layers after it), by class name."""
+    dense = [k for k, out in enumerate(outputs) if out.type == "dense"]
+    classes = run.meta.classes
+    if not dense:
+        return ""
+    probs = torch.softmax(torch.from_numpy(outputs[-1].values), dim=0).numpy()
+    parts = []
+    for out in outputs[dense[-1] :]:
+        if out.is_map or len(out.values) != len(classes):
+            continue
+        last = out is outputs[-1]
+        parts.append(
+            f"<h3>{esc(out.name)} ({esc(out.type)}): one score per class"
+            + (", softmax gives the probabilities" if last else "")
+            + "</h3>"
+            + scores_table(classes, out.values.tolist(), probs.tolist() if last else None)
+        )
     return "\n".join(parts)
 
 

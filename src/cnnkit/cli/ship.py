@@ -78,7 +78,7 @@ def export_cmd(
 @app.command("serve")
 @one_line_errors
 def serve_cmd(
-    model: Annotated[Path, typer.Argument(help="A run directory or an exported .onnx file.")],
+    model: Annotated[Path, typer.Argument(help="A run directory, or an exported .onnx or .pt2.")],
     host: Annotated[
         str,
         typer.Option(help="Address to listen on (0.0.0.0: every interface; warned about)."),

@@ -261,7 +261,7 @@ def print_evaluation(result: Any) -> None:
 @app.command("predict")
 @one_line_errors
 def predict_cmd(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory or an exported .onnx file.")],
+    run_dir: Annotated[Path, typer.Argument(help="A run directory, or an exported .onnx or .pt2.")],
     images: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV.")] = False,

@@ -12,7 +12,13 @@ from cnnkit.export.base import ExportReport
 from cnnkit.export.graph import ExportModule, metadata_for, sample_images
 from cnnkit.export.onnx_export import export_onnx
 from cnnkit.export.pt2_export import export_pt2, load_pt2
-from cnnkit.export.runtime import OnnxClassifier, is_onnx_file, load_predictor
+from cnnkit.export.runtime import (
+    OnnxClassifier,
+    Pt2Classifier,
+    is_onnx_file,
+    is_pt2_file,
+    load_predictor,
+)
 from cnnkit.export.verify import Parity, check_parity
 
 __all__ = [
@@ -20,10 +26,12 @@ __all__ = [
     "ExportReport",
     "OnnxClassifier",
     "Parity",
+    "Pt2Classifier",
     "check_parity",
     "export_onnx",
     "export_pt2",
     "is_onnx_file",
+    "is_pt2_file",
     "load_predictor",
     "load_pt2",
     "metadata_for",

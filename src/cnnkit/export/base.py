@@ -45,11 +45,12 @@ class ExportReport:
 
 
 def reference_logits(model: Network, meta: ModelMeta) -> Logits:
-    """The PyTorch model in fp32 on the CPU, fed exactly as ``cnnkit predict`` feeds it."""
+    """The PyTorch model in fp32 on the CPU, fed exactly as ``cnnkit predict`` feeds it
+    (mirror-averaged for a model trained with ``--tta``, as the exports' predictors do)."""
     cpu = torch.device("cpu")
 
     def run(images: np.ndarray) -> np.ndarray:
-        return batched_logits(model, images, meta.mean, meta.std, cpu, "fp32").numpy()
+        return batched_logits(model, images, meta.mean, meta.std, cpu, "fp32", tta=meta.tta).numpy()
 
     return run
 

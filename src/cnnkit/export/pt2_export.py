@@ -34,6 +34,7 @@ from cnnkit.export.graph import (
     meta_from_metadata,
     metadata_for,
 )
+from cnnkit.export.runtime import Pt2Classifier
 from cnnkit.export.verify import (
     DEFAULT_BATCH_SIZES,
     DEFAULT_TOLERANCE,
@@ -72,8 +73,8 @@ def export_pt2(
                 program, buffer, extra_files={METADATA_FILE: json.dumps(metadata_for(meta))}
             )
         tmp.write_bytes(buffer.getvalue())
-        loaded, _ = load_pt2(tmp)
-        return loaded
+        exported = Pt2Classifier(tmp)  # checked as predict runs it
+        return lambda images: exported.logits(images).numpy()
 
     return write_verified(
         path,

@@ -1,9 +1,12 @@
-"""Predict with an exported ONNX model, exactly as ``cnnkit.inference.Classifier`` does.
+"""Predict with an exported model, exactly as ``cnnkit.inference.Classifier`` does.
 
-``OnnxClassifier`` reuses the classifier's preprocessing and prediction code (``load_image``
-with the size, channels and resize mode stored in the file, softmax, ``Prediction``); only the
-logits come from onnxruntime instead of PyTorch. ``load_predictor`` picks the right one for a
-path, so ``cnnkit predict`` and ``cnnkit serve`` take a run directory or a ``.onnx`` file.
+``OnnxClassifier`` and ``Pt2Classifier`` reuse the classifier's preprocessing and prediction
+code (``load_image`` with the size, channels and resize mode stored in the file, mirror
+averaging for a model trained with ``--tta``, softmax, ``Prediction``); only the logits come
+from onnxruntime or the ``torch.export`` program instead of the run's network. Both run in
+fp32, as a run directory's classifier does by default, so all three give the same top-1.
+``load_predictor`` picks the right one for a path, so ``cnnkit predict`` and ``cnnkit serve``
+take a run directory, a ``.onnx`` or a ``.pt2`` file.
 """
 
 from __future__ import annotations
@@ -20,19 +23,39 @@ from cnnkit.export.onnx_check import MAX_ONNX_BYTES, check_onnx
 from cnnkit.extras import require
 from cnnkit.inference import Classifier, load
 
-__all__ = ["OnnxClassifier", "is_onnx_file", "load_predictor"]
+__all__ = ["OnnxClassifier", "Pt2Classifier", "is_onnx_file", "is_pt2_file", "load_predictor"]
 
 CHUNK = 256  # images per onnxruntime call
 
 
-class OnnxClassifier(Classifier):
+class _ExportedClassifier(Classifier):
+    """What both exports share: no PyTorch network, fp32 on the CPU, ``logits`` from ``_run``."""
+
+    model = None  # type: ignore[assignment]
+    meta: ModelMeta
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        """Logits ``(N, classes)`` of contiguous uint8 images ``(N, S, S, C)``."""
+        raise NotImplementedError
+
+    def logits(self, batch: np.ndarray) -> torch.Tensor:
+        """Logits ``(N, classes)`` for preprocessed uint8 images ``(N, S, S, C)``."""
+        batch = np.ascontiguousarray(batch, dtype=np.uint8)
+        if not len(batch):
+            return torch.zeros((0, len(self.classes)))
+        logits = torch.from_numpy(np.asarray(self._run(batch), dtype=np.float32))
+        if self.meta.tta:  # as engine.batched_logits: averaged with the mirror image's
+            mirrored = np.ascontiguousarray(batch[:, :, ::-1])  # W is axis 2 of NHWC
+            logits = (logits + torch.from_numpy(np.asarray(self._run(mirrored), np.float32))) / 2
+        return logits
+
+
+class OnnxClassifier(_ExportedClassifier):
     """An exported ``.onnx`` classifier with the ``Classifier`` interface.
 
     ``.classes``, ``.meta``, ``.preprocess``, ``.predict_proba`` and ``.predict`` behave as
     for a run directory. There is no PyTorch network: ``.model`` is None.
     """
-
-    model = None  # type: ignore[assignment]
 
     def __init__(self, path: str | Path, threads: int = 0) -> None:
         ort = require("onnxruntime", "export", "predicting with an ONNX model")
@@ -62,16 +85,30 @@ class OnnxClassifier(Classifier):
         self.device = torch.device("cpu")
         self.precision = "fp32"
 
-    def logits(self, batch: np.ndarray) -> torch.Tensor:
-        """Logits ``(N, classes)`` for preprocessed uint8 images ``(N, S, S, C)``."""
-        batch = np.ascontiguousarray(batch, dtype=np.uint8)
+    def _run(self, batch: np.ndarray) -> np.ndarray:
         parts = [
             self.session.run(["logits"], {INPUT_NAME: batch[i : i + CHUNK]})[0]
             for i in range(0, len(batch), CHUNK)
         ]
-        if not parts:
-            return torch.zeros((0, len(self.classes)))
-        return torch.from_numpy(np.concatenate(parts).astype(np.float32, copy=False))
+        return np.concatenate(parts)
+
+
+class Pt2Classifier(_ExportedClassifier):
+    """A ``.pt2`` (``torch.export``) classifier with the ``Classifier`` interface, loaded
+    through ``load_pt2`` (which refuses archives that could run code)."""
+
+    def __init__(self, path: str | Path) -> None:
+        from cnnkit.export.pt2_export import load_pt2
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointError(f"{self.path}: no such pt2 file")
+        self._program, self.meta = load_pt2(self.path)
+        self.device = torch.device("cpu")
+        self.precision = "fp32"
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        return self._program(batch)
 
 
 def is_onnx_file(source: str | Path) -> bool:
@@ -79,8 +116,16 @@ def is_onnx_file(source: str | Path) -> bool:
     return Path(source).suffix.lower() == ".onnx"
 
 
+def is_pt2_file(source: str | Path) -> bool:
+    """True for a path that names a ``torch.export`` file (by its suffix)."""
+    return Path(source).suffix.lower() == ".pt2"
+
+
 def load_predictor(source: str | Path, device: str = "auto", precision: str = "auto") -> Classifier:
-    """A run directory's classifier, or an exported ``.onnx`` file's (same interface)."""
+    """A run directory's classifier, or an exported ``.onnx`` or ``.pt2`` file's (same
+    interface); all in fp32 unless ``precision="bf16"`` for a run directory."""
     if is_onnx_file(source):
         return OnnxClassifier(source)
+    if is_pt2_file(source):
+        return Pt2Classifier(source)
     return load(source, device, precision)

@@ -112,8 +112,13 @@ def read_matrix_file(path: str | Path) -> np.ndarray:
         text = path.read_text()
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read ({exc.__class__.__name__})") from None
+    except UnicodeDecodeError:  # an image or other binary file, given where numbers go
+        raise ConfigError(
+            f"{path}: not a text file of numbers (one row per line, values split by spaces "
+            "or commas); to look at an image, use 'cnnkit inspect RUN_DIR IMAGE'"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
     return parse_matrix(text, str(path))
 
 

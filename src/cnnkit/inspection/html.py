@@ -23,6 +23,7 @@ __all__ = [
     "layer_help",
     "maps_html",
     "page",
+    "scores_table",
     "table",
 ]
 
@@ -139,3 +140,25 @@ def maps_html(output: LayerOutput, most: int = 16) -> str:
         f"{output.min:.3g} to {output.max:.3g}</h3>"
         f"<img src='{grid}' alt='feature maps of {esc(output.name)}'>"
     )
+
+
+def scores_table(
+    classes: Sequence[str], scores: Sequence[float], probabilities: Sequence[float] | None = None
+) -> str:
+    """A class-sized output (the dense layer's scores) as a table labelled with the class
+    names, highest score first; with ``probabilities`` (softmax of the last layer) each row
+    also gets its probability and a bar of that length."""
+    order = sorted(range(len(classes)), key=lambda i: -float(scores[i]))
+    rows = []
+    for i in order:
+        cells = [esc(classes[i]), f"{float(scores[i]):.4g}"]
+        if probabilities is not None:
+            p = float(probabilities[i])
+            cells.append(f"{100 * p:.2f}%")
+            cells.append(
+                "<span style='display: inline-block; height: .8em; "
+                f"width: {160 * p:.0f}px; background: #2e6ec8'></span>"
+            )
+        rows.append(cells)
+    header = ("class", "score") + (("probability", "") if probabilities is not None else ())
+    return table(header, rows, raw=True)

@@ -20,23 +20,24 @@ from cnnkit.errors import ConfigError
 from cnnkit.files import write_folder
 from cnnkit.inference import Classifier, load
 from cnnkit.inspection.gradcam import default_cam_layer, grad_cam
-from cnnkit.inspection.html import esc, layer_help, page, table
+from cnnkit.inspection.html import esc, layer_help, page, scores_table, table
 from cnnkit.inspection.maps import LayerOutput, layer_outputs
 from cnnkit.inspection.render import (
     display_scale,
     heat_colours,
-    kernel_grid,
     map_grid,
     overlay,
     save_png,
     upscale,
     vector_strip,
 )
+from cnnkit.plots import kernel_figure
 
 __all__ = ["InspectResult", "inspect_image", "select_layers"]
 
 MAX_MAPS = 256  # feature maps drawn per layer
 MAX_FILTERS, MAX_KERNEL_INPUTS = 16, 16  # kernel tiles drawn per conv layer (deep layers)
+MAX_VALUES = 1024  # vectors up to this long are written out in inspect.json
 
 
 @dataclass
@@ -162,6 +163,8 @@ def _layer_record(output: LayerOutput, in_shape: tuple, out_shape: tuple) -> dic
         flat = output.values.reshape(output.values.shape[0], -1)  # (C, H*W)
         record["channel_min"] = [float(v) for v in flat.min(1)]
         record["channel_max"] = [float(v) for v in flat.max(1)]
+    elif output.values.size <= MAX_VALUES:  # short vectors: the numbers themselves
+        record["values"] = [float(v) for v in output.values]
     return record
 
 
@@ -192,7 +195,7 @@ def _write_kernels(weight: torch.Tensor, name: str, rgb: bool, folder: Path) -> 
     if not rgb and shown.shape[1] < c:
         notes.append(f"first {shown.shape[1]} of {c} input channels")
     file = f"kernels_{name}.png"
-    save_png(kernel_grid(shown, rgb=rgb), folder / file)
+    save_png(kernel_figure(shown, rgb=rgb).image, folder / file)
     return file, ", ".join(notes)
 
 
@@ -210,7 +213,14 @@ def _fmt(value: float) -> str:
     return f"{value:.4g}"
 
 
-def _layer_section(rec: dict, n: int) -> str:
+def _layer_section(
+    rec: dict,
+    n: int,
+    classes: Sequence[str] | None = None,
+    probabilities: Sequence[float] | None = None,
+) -> str:
+    """One layer's part of the page; ``classes`` labels its outputs when they are the class
+    scores (the last dense layer's and those of the layers after it)."""
     kind = rec["type"]
     shape_in = " x ".join(map(str, rec["in_shape"]))
     shape_out = " x ".join(map(str, rec["out_shape"]))
@@ -224,14 +234,16 @@ def _layer_section(rec: dict, n: int) -> str:
     if "kernels_png" in rec:
         note = f" ({esc(rec['kernels_note'])})" if rec["kernels_note"] else ""
         layout = (
-            "one colour tile per kernel (the colour pattern it responds to)"
+            "its colour pattern (normalised on its own: the colour it responds to), then its "
+            "red, green and blue weights"
             if rec["kernels_rgb"]
-            else "one row per kernel, one tile per input channel"
+            else "one tile per input channel"
         )
         parts.append(
             f"<figure><img src='{esc(rec['kernels_png'])}' alt='kernels of {esc(rec['name'])}'>"
-            f"<figcaption>The kernels{note}, {layout}; each kernel normalised on its own "
-            "(black = its most negative weight, white = its most positive).</figcaption></figure>"
+            f"<figcaption>The kernels{note}, numbered; each shows {layout}, on one colour "
+            "scale for the layer centred on zero (blue negative, white zero, red positive; "
+            "the bar gives the values).</figcaption></figure>"
         )
     if len(rec["out_shape"]) == 3:
         note = f" ({esc(rec['maps_note'])})" if rec["maps_note"] else ""
@@ -244,6 +256,14 @@ def _layer_section(rec: dict, n: int) -> str:
             f"The {rec['out_shape'][0]} values, normalised together, 32 per row "
             "(black = minimum, white = maximum)."
         )
+    if classes is not None and len(rec.get("values", ())) == len(classes):
+        parts.append(  # class scores: labelled with the class names, not grey cells
+            "<figure>"
+            + scores_table(classes, rec["values"], probabilities)
+            + f"<figcaption>The {len(classes)} class scores of {esc(rec['name'])}."
+            "</figcaption></figure></div></section>"
+        )
+        return "\n".join(parts)
     parts.append(
         f"<figure><img src='{esc(rec['maps_png'])}' alt='output of {esc(rec['name'])}'>"
         f"<figcaption>{caption}</figcaption></figure></div></section>"
@@ -281,5 +301,11 @@ def _html(result: InspectResult, image: str | Path, classifier: Classifier) -> s
         "when the model predicts (eval mode), so their maps equal the layer before.</p>",
         f"<nav>{nav}</nav>",
     ]
-    body += [_layer_section(rec, i) for i, rec in enumerate(result.layers, start=1)]
+    # the last dense layer's outputs and those after it are class scores: label them
+    dense = [k for k, rec in enumerate(result.layers) if rec["type"] == "dense"]
+    probs = [result.probabilities[c] for c in meta.classes]
+    for k, rec in enumerate(result.layers):
+        scores = bool(dense) and k >= dense[-1]
+        labels = meta.classes if scores else None
+        body.append(_layer_section(rec, k + 1, labels, probs if scores and rec["last"] else None))
     return page(f"cnnkit inspect: {name}", "\n".join(body))

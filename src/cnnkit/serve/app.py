@@ -294,7 +294,9 @@ def create_app(
         start = time.perf_counter()
         if not served.can_explain:
             raise ApiError(
-                501, "feature maps and Grad-CAM need a run directory; this server runs an ONNX file"
+                501,
+                "feature maps and Grad-CAM need a run directory; "
+                f"this server runs an exported {served.format} file",
             )
         with budget.hold() as hold:
             uploads = await read_images(request, upload_limits, hold)

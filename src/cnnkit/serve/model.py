@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cnnkit.export.runtime import OnnxClassifier, load_predictor
+from cnnkit.export.runtime import OnnxClassifier, Pt2Classifier, load_predictor
 from cnnkit.inference import Classifier
 
 __all__ = ["BatchResult", "ServedModel"]
@@ -37,11 +37,12 @@ class ServedModel:
 
     def __init__(self, classifier: Classifier) -> None:
         self.classifier = classifier
-        self.format = "onnx" if isinstance(classifier, OnnxClassifier) else "run directory"
+        exported = {OnnxClassifier: "onnx", Pt2Classifier: "pt2"}
+        self.format = exported.get(type(classifier), "run directory")
 
     @classmethod
     def load(cls, source: str | Path) -> ServedModel:
-        """A run directory or a ``.onnx`` file (raises cnnkit's errors for anything else)."""
+        """A run directory, a ``.onnx`` or a ``.pt2`` file (cnnkit's errors for anything else)."""
         return cls(load_predictor(source))
 
     @property

@@ -9,6 +9,7 @@ through ``protocol.GuardedH11Protocol`` (header and body timeouts, bounded waiti
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import logging
 import socket
@@ -26,7 +27,13 @@ from cnnkit.serve.guard import check_token
 from cnnkit.serve.model import ServedModel
 from cnnkit.serve.protocol import MAX_HEADER_BYTES, guarded_protocol
 
-__all__ = ["background_server", "bound_addresses", "check_address", "serve"]
+__all__ = [
+    "background_server",
+    "bind_port",
+    "bound_addresses",
+    "check_address",
+    "serve",
+]
 
 log = logging.getLogger("cnnkit")
 
@@ -76,6 +83,27 @@ def check_address(host: str, port: int, token: bool = False) -> list[str]:
     return addresses
 
 
+def bind_port(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` for uvicorn to listen on; a port that another process
+    holds is one ``ConfigError`` line, before the model is loaded (uvicorn would log a
+    traceback-like error and exit 3)."""
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        where = f"{host or '0.0.0.0'}:{port}"
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(
+                f"port {port} is in use ({where}): stop what holds it or pick another with --port"
+            ) from None
+        raise ConfigError(f"cannot listen on {where} ({exc.strerror or exc})") from None
+    return sock
+
+
 def _uvicorn_config(app: FastAPI, host: str, port: int, log_level: str) -> Any:
     import uvicorn
 
@@ -116,10 +144,14 @@ def serve(
     make_settings(**settings)  # refuse bad limits, tokens and hosts before loading the model
     token = check_token(token)
     check_address(host, port, token is not None)
-    app = create_app(ServedModel.load(model_source), token=token, **settings)
-    shown = f"[{host}]" if ":" in host else host or "0.0.0.0"
-    log.info("serving %s on http://%s:%d/", model_source, shown, port)
-    uvicorn.Server(_uvicorn_config(app, host, port, log_level)).run()
+    sock = bind_port(host, port)  # a busy port is one error line, before the model loads
+    try:
+        app = create_app(ServedModel.load(model_source), token=token, **settings)
+        shown = f"[{host}]" if ":" in host else host or "0.0.0.0"
+        log.info("serving %s on http://%s:%d/", model_source, shown, port)
+        uvicorn.Server(_uvicorn_config(app, host, port, log_level)).run(sockets=[sock])
+    finally:
+        sock.close()
 
 
 @contextlib.contextmanager

@@ -413,7 +413,8 @@ def _train(
             ):
                 p.stale = p.stale + 1 if perfect else 0
                 p.best_acc, p.best_loss, p.best_epoch = val_acc, val_loss, epoch
-                best_logits = val_logits  # of the weights saved as the model
+                # of the weights saved as the model; bf16 ones are not what predict (fp32) says
+                best_logits = val_logits if precision == "fp32" else None
                 if info.is_main:
                     save_model(out, evaluated, meta)
             else:

@@ -61,11 +61,42 @@ async function loadModel() {
       `${model.input_size}×${model.input_size} input, ${model.format}`;
     if (!model.explain) {
       $("explain-status").textContent =
-        "This server runs an exported ONNX file: feature maps and Grad-CAM need a run directory.";
+        `This server runs an exported ${model.format} file: ` +
+        "feature maps and Grad-CAM need a run directory.";
     }
   } catch (err) {
     $("model-info").textContent = `The model is not available: ${err.message}`;
   }
+}
+
+// ----------------------------------------------------------------------------- images
+
+// An <img> is shown only once its picture has loaded: before that (and when it fails) its
+// container stays hidden, so no state of the page shows a broken-image icon.
+function showImage(img, src, container) {
+  container.hidden = true;
+  img.onload = () => { container.hidden = false; };
+  img.onerror = () => {
+    img.removeAttribute("src");
+    container.hidden = true;
+  };
+  img.src = src;
+}
+
+function clearImage(img) {
+  img.onload = null;
+  img.onerror = null;
+  if (img.src.startsWith("blob:")) URL.revokeObjectURL(img.src);
+  img.removeAttribute("src");
+}
+
+// Forget the previous image's feature maps and Grad-CAM, so they never sit beside another.
+function clearExplanation(text) {
+  $("gradcam").hidden = true;
+  clearImage($("model-input"));
+  clearImage($("gradcam-image"));
+  $("layers").replaceChildren();
+  $("explain-status").textContent = text;
 }
 
 // ----------------------------------------------------------------------------- results
@@ -94,7 +125,7 @@ function showExplanation(data) {
   $("gradcam-image").src = data.gradcam;
   $("gradcam-caption").textContent =
     `Grad-CAM for “${data.class}” (layer ${data.gradcam_layer}): bright means evidence`;
-  $("gradcam").hidden = false;
+  $("gradcam").hidden = false; // data: URIs made by the server, never a broken link
   const layers = $("layers");
   layers.replaceChildren();
   for (const layer of data.layers) {
@@ -128,10 +159,11 @@ async function classify(blob, name) {
   busy = true;
   document.querySelectorAll("button").forEach((b) => { b.disabled = true; });
   const preview = $("preview");
-  if (preview.src.startsWith("blob:")) URL.revokeObjectURL(preview.src);
-  preview.src = URL.createObjectURL(blob);
+  clearImage(preview);
   $("preview-name").textContent = name;
-  $("preview-figure").hidden = false;
+  // shown once the browser could draw it: a file it cannot decode leaves no broken icon
+  showImage(preview, URL.createObjectURL(blob), $("preview-figure"));
+  if (model && model.explain) clearExplanation("Waiting for the prediction…");
   $("probabilities").replaceChildren();
   $("latency").textContent = "";
   setStatus("Classifying…");
@@ -150,6 +182,9 @@ async function classify(blob, name) {
     }
   } catch (err) {
     setStatus(err.message, true);
+    if (model && model.explain) {
+      clearExplanation("No feature maps: the image could not be classified.");
+    }
   } finally {
     busy = false;
     document.querySelectorAll("button").forEach((b) => { b.disabled = false; });
