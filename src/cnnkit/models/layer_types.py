@@ -1,0 +1,391 @@
+"""The single layers of the learning material, one record each (see ``layer_base``).
+
+Initialisation (the learning material's "random Gaussian"): conv kernels and dense weights are
+drawn from a normal distribution with mean 0 and standard deviation ``sqrt(2 / fan_in)`` (He
+initialisation, which keeps the signal's scale through ReLU layers), where ``fan_in`` is
+``in_channels * kernel * kernel`` for a conv and ``in_features`` for a dense layer. Biases
+start at 0; batchnorm at scale 1, shift 0.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from cnnkit.errors import ConfigError
+from cnnkit.models.layer_base import Fields, Inferred, LayerInfo, LayerSpec, LayerType, register
+
+__all__ = ["GlobalAvgPool", "GlobalMaxPool", "Scale", "Whiten"]
+
+
+def _windows(where: str, shape: tuple[int, ...], k: int, s: int, pad: int, what: str):
+    """(C, H', W') of a k x k window at stride s over padded (C, H, W) maps."""
+    c, h, w = shape
+    ho, wo = (h + 2 * pad - k) // s + 1, (w + 2 * pad - k) // s + 1
+    if ho < 1 or wo < 1:
+        raise ConfigError(
+            f"{where}: a {k}x{k} {what} does not fit the {h}x{w} input; use a larger image "
+            "size or fewer layers"
+        )
+    return c, ho, wo
+
+
+# ------------------------------------------------------------------------ convolution
+
+
+@register
+class Conv(LayerType):
+    kind = "conv"
+    aliases = ("conv2d",)
+    fields: ClassVar[dict[str, Any]] = {
+        "filters": ...,
+        "kernel": 3,
+        "stride": 1,
+        "padding": "same",
+        "bias": True,
+    }
+    needs_maps = True
+    explain = (
+        "A convolution slides each of its kernels over all the input maps and writes one "
+        "weighted sum per position: one new feature map per kernel."
+    )
+
+    def check(self, f: Fields) -> None:
+        f.int("filters")
+        k = f.int("kernel")
+        f.int("stride")
+        if f["padding"] == "same":
+            if k % 2 == 0:
+                raise f.fail("padding", f"'same' needs an odd kernel, got kernel {k}")
+            f["padding"] = k // 2
+        elif f["padding"] == "valid":
+            f["padding"] = 0
+        else:
+            f.int("padding", lo=0)
+        f.bool("bias")
+
+    def infer(self, spec: LayerSpec, shape, where, path) -> Inferred:
+        p = spec.params
+        c = shape[0]
+        k, filters = p["kernel"], p["filters"]
+        _, ho, wo = _windows(where, shape, k, p["stride"], p["padding"], "kernel")
+        params = filters * c * k * k + (filters if p["bias"] else 0)
+        return Inferred((filters, ho, wo), params, 2 * c * k * k * filters * ho * wo)
+
+    def build(self, info: LayerInfo) -> nn.Module:
+        p, c = info.spec.params, info.in_shape[0]
+        conv = nn.Conv2d(c, p["filters"], p["kernel"], p["stride"], p["padding"], bias=p["bias"])
+        nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / (c * p["kernel"] ** 2)))
+        if conv.bias is not None:
+            nn.init.zeros_(conv.bias)
+        return conv
+
+
+# ------------------------------------------------------------------------ activations
+
+
+@register
+class ReLU(LayerType):
+    kind = "relu"
+    explain = "ReLU (rectified linear unit) sets every negative value to 0."
+
+    def build(self, info: LayerInfo) -> nn.Module:
+        return nn.ReLU()
+
+
+@register
+class GELU(LayerType):
+    kind = "gelu"
+    explain = "GELU is a smooth ReLU: large negative values become 0, small ones are damped."
+
+    def build(self, info: LayerInfo) -> nn.Module:
+        return nn.GELU()
+
+
+# ------------------------------------------------------------------------ pooling
+
+
+class _Pool(LayerType):
+    fields: ClassVar[dict[str, Any]] = {"kernel": 2, "stride": None, "padding": 0}
+    needs_maps = True
+    module: type[nn.Module]
+
+    def check(self, f: Fields) -> None:
+        k = f.int("kernel")
+        if f["stride"] is None:
+            f["stride"] = k
+        f.int("stride")
+        f.int("padding", lo=0)
+        if f["padding"] * 2 > k:
+            raise f.fail("padding", f"at most half the kernel ({k // 2}), got {f['padding']}")
+
+    def infer(self, spec, shape, where, path) -> Inferred:
+        p = spec.params
+        k = p["kernel"]
+        out = _windows(where, shape, k, p["stride"], p["padding"], "window")
+        return Inferred(out, 0, math.prod(out) * k * k)
+
+    def build(self, info: LayerInfo) -> nn.Module:
+        p = info.spec.params
+        return self.module(p["kernel"], p["stride"], p["padding"])
+
+
+@register
+class MaxPool(_Pool):
+    kind = "maxpool"
+    aliases = ("pool", "maxpool2d")
+    module = nn.MaxPool2d
+    explain = (
+        "Max pooling keeps only the largest value of each window: fewer values, the "
+        "strongest features stay."
+    )
+
+
+@register
+class AvgPool(_Pool):
+    kind = "avgpool"
+    module = nn.AvgPool2d
+    explain = "Average pooling keeps the mean of each window: fewer values, smoothed."
+
+
+class GlobalAvgPool(nn.Module):
+    """(B, C, H, W) -> (B, C): the mean of each feature map."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
+
+
+class GlobalMaxPool(nn.Module):
+    """(B, C, H, W) -> (B, C): the largest value of each feature map."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.amax(dim=(2, 3))
+
+
+class _GlobalPool(LayerType):
+    needs_maps = True
+    module: type[nn.Module]
+
+    def infer(self, spec, shape, where, path) -> Inferred:
+        return Inferred((shape[0],), 0, math.prod(shape))
+
+    def build(self, info: LayerInfo) -> nn.Module:
+        return self.module()
+
+
+@register
+class GAP(_GlobalPool):
+    kind = "gap"  # global average pooling: (C, H, W) -> (C,)
+    aliases = ("global_avgpool",)
+    module = GlobalAvgPool
+    explain = "Global average pooling reduces each feature map to its mean: one number per map."
+
+
+@register
+class GMP(_GlobalPool):
+    kind = "gmp"  # global max pooling: (C, H, W) -> (C,), "is this feature anywhere?"
+    aliases = ("global_maxpool",)
+    module = GlobalMaxPool
+    explain = (
+        "Global max pooling reduces each feature map to its largest value: one number per "
+        "map (is this feature anywhere in the image?)."
+    )
+
+
+# ------------------------------------------------------------------------ regularisation
+
+
+class _Dropout(LayerType):
+    module: type[nn.Module]
+
+    def check(self, f: Fields) -> None:
+        f["rate"] = f.number("rate", "a number from 0 to below 1", lambda v: 0 <= v < 1)
+
+    def build(self, info: LayerInfo) -> nn.Module:
+        return self.module(info.spec.params["rate"])
+
+
+@register
+class Dropout2d(_Dropout):
+    kind = "dropout2d"
+    fields: ClassVar[dict[str, Any]] = {"rate": 0.2}
+    needs_maps = True
+    module = nn.Dropout2d
+    explain = (
+        "Dropout randomly drops whole feature maps while training to prevent overfitting. "
+        "When the model predicts (eval mode) it is the identity: these maps equal the layer "
+        "before."
+    )
+
+
+@register
+class Dropout(_Dropout):
+    kind = "dropout"
+    fields: ClassVar[dict[str, Any]] = {"rate": 0.5}
+    module = nn.Dropout
+    explain = (
+        "Dropout randomly drops values while training to prevent overfitting. When the model "
+        "predicts (eval mode) it is the identity: its output equals its input."
+    )
+
+
+@register
+class BatchNorm(LayerType):
+    kind = "batchnorm"
+    aliases = ("batchnorm2d", "bn")
+    # scale: learn the gain
+    fields: ClassVar[dict[str, Any]] = {"momentum": 0.1, "eps": 1e-5, "scale": True}
+    needs_maps = True
+    explain = (
+        "Batch normalisation rescales each map with the mean and variance learnt in "
+        "training, so the next layer sees values in a steady range."
+    )
+
+    def check(self, f: Fields) -> None:
+        f.bool("scale")
+        for name in ("momentum", "eps"):
+            f.number(name, "a number between 0 and 1", lambda v: 0 < v < 1)
+
+    def infer(self, spec, shape, where, path) -> Inferred:
+        return Inferred(shape, 2 * shape[0], 2 * math.prod(shape))
+
+    def build(self, info: LayerInfo) -> nn.Module:
+        p = info.spec.params
+        norm = nn.BatchNorm2d(info.in_shape[0], eps=p["eps"], momentum=p["momentum"])
+        norm.weight.requires_grad_(p["scale"])  # scale false: the gain stays 1
+        return norm
+
+
+# ------------------------------------------------------------------------ head
+
+
+@register
+class Flatten(LayerType):
+    kind = "flatten"
+    explain = "Flattening lays the feature maps out as one vector for the fully connected layers."
+
+    def infer(self, spec, shape, where, path) -> Inferred:
+        return Inferred((math.prod(shape),), 0, 0)
+
+    def build(self, info: LayerInfo) -> nn.Module:
+        return nn.Flatten()
+
+
+@register
+class Dense(LayerType):
+    kind = "dense"
+    aliases = ("linear", "fc")
+    fields: ClassVar[dict[str, Any]] = {"units": None}
+    explain = "A fully connected layer: every output is a weighted sum of all inputs."
+
+    def check(self, f: Fields) -> None:
+        if f["units"] is not None:
+            f.int("units")
+
+    def infer(self, spec, shape, where, path) -> Inferred:
+        if len(shape) != 1:
+            raise ConfigError(
+                f"{where}: needs a vector as input; put a flatten or gap layer before it "
+                f"(input is {shape})"
+            )
+        units = spec.params["units"]
+        if units is None:
+            raise ConfigError(f"{where}: units: required except on the last dense layer")
+        return Inferred((units,), shape[0] * units + units, 2 * shape[0] * units)
+
+    def build(self, info: LayerInfo) -> nn.Module:
+        n = info.in_shape[0]
+        dense = nn.Linear(n, info.spec.params["units"])
+        nn.init.normal_(dense.weight, 0.0, math.sqrt(2.0 / n))
+        nn.init.zeros_(dense.bias)
+        return dense
+
+
+class Scale(nn.Module):
+    """Multiply by a constant (a fixed temperature on the logits)."""
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = float(factor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+    def extra_repr(self) -> str:
+        return f"factor={self.factor}"
+
+
+@register
+class ScaleType(LayerType):
+    kind = "scale"
+    # multiply by a constant: tempers the logits of a fast model
+    fields: ClassVar[dict[str, Any]] = {"factor": 1.0}
+    explain = "Multiplies every value by a constant (it tempers the class scores)."
+
+    def check(self, f: Fields) -> None:
+        f.number("factor", "a positive number", lambda v: v > 0)
+
+    def build(self, info: LayerInfo) -> nn.Module:
+        return Scale(info.spec.params["factor"])
+
+
+# ------------------------------------------------------------------------ whitening
+
+
+class Whiten(nn.Conv2d):
+    """Frozen patch whitening: filters are the eigenvectors of the training images' patch
+    covariance, scaled by ``1 / sqrt(eigenvalue + eps)``, each in both signs (so a ReLU after
+    it keeps all information). Set once from data by ``fit``; never trained."""
+
+    def __init__(self, channels: int, kernel: int, eps: float) -> None:
+        n = channels * kernel * kernel
+        super().__init__(channels, 2 * n, kernel, bias=False)
+        self.eps = float(eps)
+        self.weight.requires_grad_(False)
+        nn.init.zeros_(self.weight)
+
+    @torch.no_grad()
+    def fit(self, x: torch.Tensor) -> None:
+        """Set the filters from normalised images ``x`` (N, C, H, W)."""
+        c, k = self.in_channels, self.kernel_size[0]
+        patches = x.float().unfold(2, k, 1).unfold(3, k, 1)  # (N, C, H', W', k, k)
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * k * k).double()
+        patches = patches - patches.mean(0, keepdim=True)
+        cov = patches.T @ patches / max(1, len(patches) - 1)  # (c*k*k, c*k*k)
+        values, vectors = torch.linalg.eigh(cov)
+        filters = (vectors.T / torch.sqrt(values + self.eps)[:, None]).float()
+        filters = filters.view(-1, c, k, k)
+        self.weight.copy_(torch.cat([filters, -filters]))
+
+
+@register
+class WhitenType(LayerType):
+    # Frozen patch whitening (the CIFAR-10 speed records' first layer): a kernel x kernel conv
+    # whose filters are set from the training images' patch covariance, not learned.
+    kind = "whiten"
+    fields: ClassVar[dict[str, Any]] = {"kernel": 2, "eps": 5e-4}
+    needs_maps = True
+    explain = (
+        "Patch whitening: a frozen convolution whose kernels are set from the training "
+        "images so that neighbouring pixels become uncorrelated; it is never trained."
+    )
+
+    def check(self, f: Fields) -> None:
+        f.int("kernel")
+        f.number("eps", "a positive number", lambda v: v > 0)
+
+    def infer(self, spec, shape, where, path) -> Inferred:
+        c, h, w = shape
+        k = spec.params["kernel"]
+        ho, wo = h - k + 1, w - k + 1
+        if ho < 1 or wo < 1:
+            raise ConfigError(f"{where}: a {k}x{k} kernel does not fit the {h}x{w} input")
+        out = (2 * c * k * k, ho, wo)
+        params = 2 * c * k * k * c * k * k  # frozen: set from the data, not trained
+        return Inferred(out, params, 2 * c * k * k * out[0] * ho * wo)
+
+    def build(self, info: LayerInfo) -> nn.Module:
+        return Whiten(info.in_shape[0], info.spec.params["kernel"], info.spec.params["eps"])
