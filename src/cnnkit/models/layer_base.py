@@ -275,6 +275,9 @@ def layer_names(specs: Sequence[LayerSpec], by_index: bool) -> list[str]:
                 break
         taken.add(candidate)
         names.append(candidate)
+    if len(set(names)) < len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise ConfigError(f"name: {twice!r} names two layers; give each layer its own name")
     return names
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from cnnkit.errors import ConfigError
 from cnnkit.models.layer_base import Fields, Inferred, LayerInfo, LayerSpec, LayerType, register
 
-__all__ = ["GlobalAvgPool", "GlobalMaxPool", "Scale", "Whiten"]
+__all__ = ["GlobalAvgPool", "GlobalMaxPool", "Scale", "TFSameConv2d", "Whiten"]
 
 
 def _windows(where: str, shape: tuple[int, ...], k: int, s: int, pad: int, what: str):
@@ -36,6 +36,29 @@ def _windows(where: str, shape: tuple[int, ...], k: int, s: int, pad: int, what:
 # ------------------------------------------------------------------------ convolution
 
 
+class TFSameConv2d(nn.Conv2d):
+    """A convolution padded as TensorFlow's ``SAME``: output side ``ceil(side / stride)``,
+    the odd pixel of padding at the bottom and right. Networks ported from TensorFlow
+    (EfficientNet-Lite) need it to give the same outputs; the padding is fixed for the input
+    size the network was built for."""
+
+    def __init__(self, *args: Any, pads: tuple[int, int, int, int], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pads = pads  # (left, right, top, bottom), as F.pad takes them
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(nn.functional.pad(x, self.pads))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, tf_same_pads={self.pads}"
+
+
+def _tf_same(side: int, k: int, s: int) -> tuple[int, int]:
+    """(before, after) padding of TensorFlow's SAME along one side."""
+    total = max((math.ceil(side / s) - 1) * s + k - side, 0)
+    return total // 2, total - total // 2
+
+
 @register
 class Conv(LayerType):
     kind = "conv"
@@ -46,6 +69,7 @@ class Conv(LayerType):
         "stride": 1,
         "padding": "same",
         "bias": True,
+        "groups": 1,  # N: N independent convolutions over C/N maps each; depthwise: one per map
     }
     needs_maps = True
     explain = (
@@ -63,22 +87,50 @@ class Conv(LayerType):
             f["padding"] = k // 2
         elif f["padding"] == "valid":
             f["padding"] = 0
-        else:
+        elif f["padding"] != "tf_same":
             f.int("padding", lo=0)
         f.bool("bias")
+        if f["groups"] != "depthwise":
+            f.int("groups")
+
+    def groups(self, spec: LayerSpec, c: int, where: str) -> int:
+        p = spec.params
+        g = c if p["groups"] == "depthwise" else p["groups"]
+        if c % g or p["filters"] % g:
+            raise ConfigError(
+                f"{where}: groups: {g} groups must divide both the {c} input maps and the "
+                f"{p['filters']} filters"
+            )
+        return g
 
     def infer(self, spec: LayerSpec, shape, where, path) -> Inferred:
         p = spec.params
-        c = shape[0]
-        k, filters = p["kernel"], p["filters"]
-        _, ho, wo = _windows(where, shape, k, p["stride"], p["padding"], "kernel")
-        params = filters * c * k * k + (filters if p["bias"] else 0)
-        return Inferred((filters, ho, wo), params, 2 * c * k * k * filters * ho * wo)
+        c, h, w = shape
+        k, s, filters = p["kernel"], p["stride"], p["filters"]
+        g = self.groups(spec, c, where)
+        if p["padding"] == "tf_same":
+            ho, wo = math.ceil(h / s), math.ceil(w / s)
+        else:
+            _, ho, wo = _windows(where, shape, k, s, p["padding"], "kernel")
+        params = filters * (c // g) * k * k + (filters if p["bias"] else 0)
+        return Inferred((filters, ho, wo), params, 2 * (c // g) * k * k * filters * ho * wo)
 
     def build(self, info: LayerInfo) -> nn.Module:
-        p, c = info.spec.params, info.in_shape[0]
-        conv = nn.Conv2d(c, p["filters"], p["kernel"], p["stride"], p["padding"], bias=p["bias"])
-        nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / (c * p["kernel"] ** 2)))
+        p, (c, h, w) = info.spec.params, info.in_shape
+        k, s = p["kernel"], p["stride"]
+        g = self.groups(info.spec, c, "")
+        args = (c, p["filters"], k, s)
+        if p["padding"] != "tf_same":
+            conv = nn.Conv2d(*args, p["padding"], groups=g, bias=p["bias"])
+        else:
+            (left, right), (top, bottom) = _tf_same(w, k, s), _tf_same(h, k, s)
+            if left == right == top == bottom:  # symmetric: a plain padded convolution
+                conv = nn.Conv2d(*args, left, groups=g, bias=p["bias"])
+            else:
+                conv = TFSameConv2d(
+                    *args, groups=g, bias=p["bias"], pads=(left, right, top, bottom)
+                )
+        nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / (c // g * k * k)))
         if conv.bias is not None:
             nn.init.zeros_(conv.bias)
         return conv
@@ -389,3 +441,18 @@ class WhitenType(LayerType):
 
     def build(self, info: LayerInfo) -> nn.Module:
         return Whiten(info.in_shape[0], info.spec.params["kernel"], info.spec.params["eps"])
+
+
+# ------------------------------------------------------------------------ for backbones
+
+
+@register
+class ReLU6(LayerType):
+    kind = "relu6"
+    explain = (
+        "ReLU6 sets every negative value to 0 and caps values at 6 (MobileNet's activation: "
+        "a bounded range suits low-precision arithmetic)."
+    )
+
+    def build(self, info: LayerInfo) -> nn.Module:
+        return nn.ReLU6()

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from cnnkit.errors import ConfigError
+from cnnkit.models import blocks as _blocks  # noqa: F401  (registers the blocks)
 from cnnkit.models import layer_types as _layer_types  # noqa: F401  (registers the types)
 from cnnkit.models.layer_base import (
     ALIASES,
@@ -53,10 +54,33 @@ def parse_layers(raw: Any) -> list[LayerSpec]:
     return parse_list(raw)
 
 
+def _types(layers: list[LayerSpec]) -> list[str]:
+    """Every layer type in the list, looking inside sequences."""
+    out = []
+    for s in layers:
+        out += _types(list(s.params["layers"])) if s.type == "sequence" else [s.type]
+    return out
+
+
+def _ends_in_dense(layers: list[LayerSpec]) -> bool:
+    last = layers[-1]
+    if last.type == "sequence":
+        return _ends_in_dense(list(last.params["layers"]))
+    return last.type == "dense" or (
+        last.type == "scale" and len(layers) >= 2 and layers[-2].type == "dense"
+    )
+
+
 def with_head(layers: list[LayerSpec], classes: int) -> list[LayerSpec]:
-    """Size the last dense layer to ``classes``, appending flatten and dense when missing."""
+    """Size the last dense layer to ``classes``, appending flatten and dense when missing.
+
+    The last dense layer may sit at the end of a ``sequence`` (torchvision's ``classifier``)."""
     layers = list(layers)
     last = layers[-1]
+    if last.type == "sequence" and _ends_in_dense(list(last.params["layers"])):
+        inner = with_head(list(last.params["layers"]), classes)
+        layers[-1] = LayerSpec("sequence", {**last.params, "layers": tuple(inner)}, last.name)
+        return layers
     if last.type == "dense":
         units = last.params.get("units")
         if units not in (None, classes):
@@ -68,7 +92,7 @@ def with_head(layers: list[LayerSpec], classes: int) -> list[LayerSpec]:
         return layers
     if last.type == "scale" and len(layers) >= 2 and layers[-2].type == "dense":
         return [*with_head(layers[:-1], classes), last]
-    if not any(s.type in ("flatten", "gap", "gmp") for s in layers):
+    if not any(t in ("flatten", "gap", "gmp") for t in _types(layers)):
         layers.append(LayerSpec("flatten", {}))
     layers.append(LayerSpec("dense", {"units": classes}))
     return layers
