@@ -150,9 +150,26 @@ class TrainConfig:
     sync_bn: bool = False  # synchronise batchnorm statistics across processes (GPU)
     ema: float | None = None  # keep an exponential moving average of weights (e.g. 0.99)
     tta: bool = False  # validate on each image and its mirror image, averaged
+    # Starting weights: imagenet (the preset's published ones), a .pth/.safetensors file, a
+    # URL or a run directory (cnnkit.models.weights); None: random initialisation.
+    weights: str | None = None
+    weights_sha256: str | None = None  # the run records it; when given, the file must match
 
     def __post_init__(self) -> None:
         _positive_int("train", "epochs", self.epochs)
+        if self.weights is not None and (not isinstance(self.weights, str) or not self.weights):
+            raise _fail(
+                "train",
+                "weights",
+                self.weights,
+                "expected imagenet, a file, a URL or a run directory",
+            )
+        if self.weights_sha256 is not None and not (
+            isinstance(self.weights_sha256, str)
+            and len(self.weights_sha256) == 64
+            and all(c in "0123456789abcdef" for c in self.weights_sha256)
+        ):
+            raise _fail("train", "weights_sha256", self.weights_sha256, "expected 64 hex digits")
         if self.checkpoint_every is not None:
             _positive_int("train", "checkpoint_every", self.checkpoint_every)
         if self.ema is not None:

@@ -9,6 +9,7 @@ CLI prints ``str(error)`` on one line and exits non-zero; library users catch ``
     │   └── ImageError    one image cannot be decoded (corrupt, hostile, wrong format)
     ├── RunDirError       a path is not a usable run directory (missing or damaged files)
     ├── CheckpointError   a checkpoint is truncated, corrupt or unsafe to load
+    │   └── WeightsError  pretrained weights cannot be found, fetched, trusted or fitted
     └── ExportError       an exported model disagrees with the original or cannot be written
 """
 
@@ -22,6 +23,7 @@ __all__ = [
     "ExportError",
     "ImageError",
     "RunDirError",
+    "WeightsError",
     "first_line",
 ]
 
@@ -48,6 +50,10 @@ class RunDirError(CnnkitError):
 
 class CheckpointError(CnnkitError):
     """A checkpoint or weights file is damaged or unsafe."""
+
+
+class WeightsError(CheckpointError):
+    """Pretrained weights (``--weights``) are missing, unreachable, unsafe or do not fit."""
 
 
 class ExportError(CnnkitError):

@@ -31,6 +31,7 @@ from cnnkit.engine import autocast, batched_logits, resolve_device, resolve_prec
 from cnnkit.errors import CnnkitError, ConfigError, RunDirError
 from cnnkit.models.network import Whiten
 from cnnkit.models.registry import build_network, load_model_spec
+from cnnkit.models.weights import fit_config, load_pretrained, plan_weights, weights_record
 from cnnkit.training import distributed as dist
 from cnnkit.training import state as ckpt
 from cnnkit.training.augment import build_augmentation
@@ -149,6 +150,8 @@ def _train(
         config = RunConfig.from_dict(load_yaml(out / "config.yaml"))
     cfg = config.train
     spec = load_model_spec(config.model)
+    pretrained = plan_weights(cfg.weights, spec) if cfg.weights else None
+    config = fit_config(config, pretrained)  # the input size and channels the weights expect
     device = resolve_device(cfg.device)
     info = dist.setup(device.type)
     if device.type == "cuda" and info.enabled:
@@ -180,6 +183,9 @@ def _train(
     if not info.is_main:
         logging.getLogger("cnnkit").setLevel(logging.ERROR)
         data = prepare_data(config.data, image_size)
+    if pretrained is not None and pretrained.preprocessing is not None:  # fed as the weights were
+        pre = pretrained.preprocessing
+        data = dataclasses.replace(data, mean=pre.mean, std=pre.std)
     # What config.yaml records is the resolved run: the input size and channels really used.
     config = dataclasses.replace(
         config,
@@ -196,6 +202,12 @@ def _train(
 
     # ---------------------------------------------------------------- Network
     model = build_network(spec.layers, len(data.classes), data.channels, image_size)
+    if pretrained is not None and not resume and info.is_main:  # DDP copies rank 0's weights
+        sha256 = load_pretrained(
+            model, pretrained, data.classes, progress=progress, expect_sha256=cfg.weights_sha256
+        ).sha256
+        cfg = dataclasses.replace(cfg, weights_sha256=sha256)
+        config = dataclasses.replace(config, train=cfg)
     if cfg.sync_bn and info.enabled:
         if device.type != "cuda":
             raise ConfigError("train.sync_bn: synchronised batchnorm needs CUDA GPUs")
@@ -224,6 +236,7 @@ def _train(
         architecture=tuple(model.architecture()),
         model_name=spec.name,
         tta=cfg.tta,
+        weights=weights_record(cfg),
     )
     augment = build_augmentation(config.augment)
     run_fingerprint = fingerprint(config, data)
