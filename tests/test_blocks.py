@@ -291,3 +291,23 @@ def test_block_errors_name_layer_field_and_value(entries: list, message: str) ->
     with pytest.raises(ConfigError) as info:
         build_network(parse_layers(entries), 3, 4, 9)
     assert str(info.value) == message
+
+
+def test_grad_cam_reaches_a_layer_inside_a_group() -> None:
+    from cnnkit.inspection.gradcam import grad_cam
+
+    entries = [
+        {"sequence": {"name": "stem", "layers": [{"conv": {"filters": 4}}, "relu"]}},
+        {"basic_block": {"name": "block", "filters": 4}},
+    ]
+    net = _net(entries)
+    x = torch.randn(1, 4, 9, 9)
+    heat, chosen = grad_cam(net, x, layer="stem.1")
+    assert heat.shape == (9, 9) and heat.min() >= 0 and heat.max() == pytest.approx(1.0)
+    assert chosen == int(net(x)[0].argmax())
+    # The reference: the class score's gradient with respect to stem.1's maps, by autograd.
+    maps = net.layers["stem.1"](net.layers["stem.0"](x)).detach().requires_grad_(True)
+    score = net.forward_head(net.layers["block"](maps))[0, chosen]
+    (grads,) = torch.autograd.grad(score, maps)
+    cam = F.relu((grads.mean((2, 3), keepdim=True) * maps).sum(1))[0].detach()
+    torch.testing.assert_close(torch.from_numpy(heat), cam / cam.max(), rtol=1e-4, atol=1e-5)

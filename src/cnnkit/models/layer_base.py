@@ -154,6 +154,9 @@ class LayerType:
     explain: ClassVar[str] = ""
     # True when the input must be (C, H, W) feature maps, not a vector.
     needs_maps: ClassVar[bool] = False
+    # A group (``sequence``) defines ``flatten(spec, shape, where, path) -> [LayerInfo]``:
+    # its layers' infos stand in its place, and it has no module of its own.
+    flatten: ClassVar[Any] = None
 
     def check(self, f: Fields) -> None:
         """Validate and normalise ``f.values`` in place (fields are already known and filled)."""
@@ -301,9 +304,8 @@ def infer_list(
                 f"{here}: needs feature maps (C, H, W) as input, got a vector of {shape[0]} "
                 "after a flatten"
             )
-        flat = getattr(record, "flatten", None)
-        if flat is not None:  # a sequence: its layers stand in its place
-            inner = flat(spec, shape, here, full)
+        if record.flatten is not None:  # a sequence: its layers stand in its place
+            inner = record.flatten(spec, shape, here, full)
             infos += inner
             shape = inner[-1].out_shape
             continue
