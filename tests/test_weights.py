@@ -385,3 +385,49 @@ def test_the_cli_takes_weights_and_says_what_is_wrong_in_one_line(tiny_shapes, t
         "error: --weights nope.pth: not a file, URL or run directory, nor weights published "
         "for fast (none published)"
     )
+
+
+def test_a_url_is_downloaded_once_and_its_layout_recognised(published, server) -> None:
+    _, state, name = published
+    url = f"{server.url}/models/{name}"
+    plan = plan_weights(url, load_model_spec("resnet18"))
+    assert (plan.kind, plan.layout, plan.preprocessing.image_size) == ("url", "auto", 224)
+    net = build_network(_spec_layers(), 10, 3, 16)
+    load_pretrained(net, plan, progress=False)
+    load_pretrained(build_network(_spec_layers(), 10, 3, 16), plan, progress=False)
+    assert server.requests == [(f"/models/{name}", None)]
+    _assert_loaded(net, state, head=True)
+
+
+def test_the_weights_decide_the_input_unless_the_config_does(run_dir: Path) -> None:
+    from cnnkit.config import DataConfig, RunConfig
+    from cnnkit.models.weights import fit_config
+
+    plan = plan_weights(str(run_dir), load_model_spec("fast"))
+    fitted = fit_config(RunConfig(data=DataConfig(path="x")), plan)
+    assert (fitted.data.image_size, fitted.data.channels) == (32, "3")
+    given = fit_config(RunConfig(data=DataConfig(path="x", image_size=48, channels="1")), plan)
+    assert (given.data.image_size, given.data.channels) == (48, "1")
+    assert fit_config(given, None) is given
+
+
+def test_a_recorded_sha256_refuses_another_file(run_dir: Path) -> None:
+    plan = plan_weights(str(run_dir), load_model_spec("fast"))
+    net = build_network(load_model_spec("fast").layers, 3, 3, 32)
+    with pytest.raises(WeightsError, match=r"sha256 [0-9a-f]{16}\.\.\., the config expects 0000"):
+        load_pretrained(net, plan, expect_sha256="0" * 64)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("weights", "", "train.weights: expected imagenet, a file, a URL or a run directory"),
+        ("weights_sha256", "abc", "train.weights_sha256: expected 64 hex digits, got 'abc'"),
+    ],
+)
+def test_weights_settings_are_checked(field: str, value: str, message: str) -> None:
+    from cnnkit.config import TrainConfig
+    from cnnkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        TrainConfig(**{field: value})
