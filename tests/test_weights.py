@@ -370,6 +370,15 @@ def test_a_run_starts_from_weights_records_them_and_feeds_as_they_expect(
     assert meta["weights"] == {"source": str(run_dir), "sha256": sha}
     assert meta["mean"] == [0.5, 0.4, 0.3] and meta["std"] == [0.2, 0.25, 0.3]  # the weights'
     assert meta["image_size"] == 32 and meta["classes"] == ["circle", "square"]
+    # Resumed for one more epoch: the checkpoint's weights, still fed as the weights expect.
+    from cnnkit.config import RunConfig
+    from cnnkit.training.loop import train
+
+    config["train"]["epochs"] = 2
+    train(RunConfig.from_dict(config), out, resume=True, progress=False)
+    assert len((out / "metrics.csv").read_text().strip().splitlines()) == 3  # header + 2
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["mean"] == [0.5, 0.4, 0.3] and meta["weights"]["sha256"] == sha
 
 
 def test_the_cli_takes_weights_and_says_what_is_wrong_in_one_line(tiny_shapes, tmp_path) -> None:
