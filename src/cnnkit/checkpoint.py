@@ -52,6 +52,8 @@ class ModelMeta:
     model_name: str = ""
     tta: bool = False  # average each image's prediction with its mirror image's
     cnnkit_version: str = __version__
+    # Where the starting weights came from ({"source": "imagenet", "sha256": ...}), if any.
+    weights: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         self._check_sizes()
@@ -118,6 +120,7 @@ class ModelMeta:
             model_name=str(data.get("model_name", "")),
             tta=bool(data.get("tta", False)),
             cnnkit_version=str(data.get("cnnkit_version", "")),
+            weights=dict(data["weights"]) if data.get("weights") else None,
         )
 
 

@@ -167,9 +167,27 @@ class TrainConfig:
     tta: bool = False  # validate on each image and its mirror image, averaged
     threads: int | None = None  # torch's CPU threads; None: as many as the CPUs free to use
 
+    # Starting weights: imagenet (the preset's published ones), a .pth/.safetensors file, a
+    # URL or a run directory (cnnkit.models.weights); None: random initialisation.
+    weights: str | None = None
+    weights_sha256: str | None = None  # the run records it; when given, the file must match
+
     def __post_init__(self) -> None:
         _positive_int("train", "epochs", self.epochs)
         _at_most("train", "epochs", self.epochs, MAX_EPOCHS)
+        if self.weights is not None and (not isinstance(self.weights, str) or not self.weights):
+            raise _fail(
+                "train",
+                "weights",
+                self.weights,
+                "expected imagenet, a file, a URL or a run directory",
+            )
+        if self.weights_sha256 is not None and not (
+            isinstance(self.weights_sha256, str)
+            and len(self.weights_sha256) == 64
+            and all(c in "0123456789abcdef" for c in self.weights_sha256)
+        ):
+            raise _fail("train", "weights_sha256", self.weights_sha256, "expected 64 hex digits")
         if self.checkpoint_every is not None:
             _positive_int("train", "checkpoint_every", self.checkpoint_every)
         if self.ema is not None:

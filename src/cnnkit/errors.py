@@ -10,6 +10,7 @@ CLI prints ``str(error)`` on one line and exits non-zero; library users catch ``
     │       └── ImageTooLarge  refused for the memory or work decoding it would take
     ├── RunDirError       a path is not a usable run directory (missing or damaged files)
     ├── CheckpointError   a checkpoint is truncated, corrupt or unsafe to load
+    │   └── WeightsError  pretrained weights cannot be found, fetched, trusted or fitted
     ├── OutputError       an output path holds files cnnkit did not write, or cannot be written
     ├── ExportError       an exported model disagrees with the original or cannot be written
     └── MissingDependencyError  an optional package (an extra) is not installed
@@ -30,6 +31,7 @@ __all__ = [
     "MissingDependencyError",
     "OutputError",
     "RunDirError",
+    "WeightsError",
     "display_path",
     "first_line",
 ]
@@ -66,6 +68,10 @@ class CheckpointError(CnnkitError):
 
 class OutputError(CnnkitError):
     """An output path is taken by files cnnkit did not write, or cannot be written."""
+
+
+class WeightsError(CheckpointError):
+    """Pretrained weights (``--weights``) are missing, unreachable, unsafe or do not fit."""
 
 
 class ExportError(CnnkitError):

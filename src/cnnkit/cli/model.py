@@ -45,12 +45,20 @@ def model_summary(
 @model_app.command("list")
 @one_line_errors
 def model_list() -> None:
-    """The built-in presets."""
+    """The built-in presets, with parameters and FLOPs (one image, a 10-class head)."""
     from cnnkit.models.registry import list_presets, load_model_spec
+    from cnnkit.models.summary import summarize, with_units
 
     for name in list_presets():
         spec = load_model_spec(name)
-        out.print(f"{name:8s} input {spec.input_size}x{spec.input_size}  {spec.description}")
+        size = summarize(name, classes=10)
+        weights = f", weights: {', '.join(spec.pretrained)}" if spec.pretrained else ""
+        out.print(
+            f"{name:8s} input {spec.input_size}x{spec.input_size}, "
+            f"{with_units(size['total_params'])} parameters, "
+            f"{with_units(size['total_flops'])} FLOPs{weights}  {spec.description}",
+            markup=False,
+        )
         settings = spec.recommended_settings()
         if settings:  # what `cnnkit train --model NAME` uses unless told otherwise
             out.print(f"         recommended: {', '.join(settings)}", markup=False)

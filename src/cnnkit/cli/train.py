@@ -57,6 +57,10 @@ def train_cmd(
     label_smoothing: Annotated[float | None, typer.Option()] = None,
     weight_decay: Annotated[float | None, typer.Option()] = None,
     channels: Annotated[str | None, typer.Option(help="auto, 1 or 3.")] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(help="Start from imagenet, a .pth/.safetensors file, a URL or a run dir."),
+    ] = None,
     resize: Annotated[str | None, typer.Option(help="crop, squash or pad.")] = None,
     augment: Annotated[bool | None, typer.Option("--augment/--no-augment")] = None,
     hflip: Annotated[bool | None, typer.Option("--hflip/--no-hflip")] = None,
@@ -135,6 +139,7 @@ def train_cmd(
         "train.ema": ema,
         "train.tta": tta,
         "train.sync_bn": sync_bn,
+        "train.weights": str(weights) if weights is not None else None,
     }
     if resume is not None:
         if out_dir is not None and out_dir != resume:

@@ -67,7 +67,8 @@ def grad_cam(
         with torch.inference_mode(False), torch.enable_grad():
             h = x.detach().clone().float().to(device)
             activation = None
-            for name, module in model.layers.items():
+            for name in (info.name for info in model.infos):  # every layer, groups opened
+                module = model.layers[name]
                 if activation is not None:
                     h = module(h)
                     continue

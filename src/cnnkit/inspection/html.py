@@ -14,6 +14,7 @@ import numpy as np
 
 from cnnkit.inspection.maps import LayerOutput
 from cnnkit.inspection.render import data_uri, map_grid
+from cnnkit.models.layers import LAYER_TYPES, explain_layer
 
 __all__ = [
     "CSS",
@@ -52,34 +53,14 @@ figcaption { font-size: 13px; color: #5b6474; }
 nav a { margin-right: .8rem; }
 """
 
-# What each layer type does, in the learning material's words where it has them.
-LAYER_HELP = {
-    "conv": "A convolution slides each of its kernels over all the input maps and writes one "
-    "weighted sum per position: one new feature map per kernel.",
-    "batchnorm": "Batch normalisation rescales each map with the mean and variance learnt in "
-    "training, so the next layer sees values in a steady range.",
-    "relu": "ReLU (rectified linear unit) sets every negative value to 0.",
-    "gelu": "GELU is a smooth ReLU: large negative values become 0, small ones are damped.",
-    "maxpool": "Max pooling keeps only the largest value of each window: fewer values, the "
-    "strongest features stay.",
-    "avgpool": "Average pooling keeps the mean of each window: fewer values, smoothed.",
-    "dropout": "Dropout randomly drops values while training to prevent overfitting. When the "
-    "model predicts (eval mode) it is the identity: its output equals its input.",
-    "dropout2d": "Dropout randomly drops whole feature maps while training to prevent "
-    "overfitting. When the model predicts (eval mode) it is the identity: these maps equal the "
-    "layer before.",
-    "gap": "Global average pooling reduces each feature map to its mean: one number per map.",
-    "gmp": "Global max pooling reduces each feature map to its largest value: one number per "
-    "map (is this feature anywhere in the image?).",
-    "flatten": "Flattening lays the feature maps out as one vector for the fully connected layers.",
-    "dense": "A fully connected layer: every output is a weighted sum of all inputs.",
-    "scale": "Multiplies every value by a constant (it tempers the class scores).",
-}
+# What each layer type does, in the learning material's words where it has them: each layer
+# type's record says it (``LayerType.explain``), so a new type brings its own sentence.
+LAYER_HELP = {kind: record.explain for kind, record in LAYER_TYPES.items() if record.explain}
 
 
 def layer_help(kind: str, last: bool = False) -> str:
     """The explanation of a layer type; the last layer's output is the class scores."""
-    text = LAYER_HELP.get(kind, "")
+    text = explain_layer(kind)
     if last:
         text += " Its outputs are the class scores (logits); softmax turns them into probabilities."
     return text.strip()

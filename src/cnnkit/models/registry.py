@@ -65,6 +65,9 @@ class ModelSpec:
     # Training settings the model was designed with ({"train": {"epochs": 1}, ...}): they
     # replace cnnkit's defaults, and a config file or flag still overrides each of them.
     recommended: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, hash=False)
+    # Weights published for this network, by name (``imagenet``): where they come from and
+    # the preprocessing they expect (read by ``cnnkit.models.weights``).
+    pretrained: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, hash=False)
 
     def recommended_settings(self, skip: set[str] | frozenset[str] = frozenset()) -> list[str]:
         """``["train.epochs=1", ...]``, leaving out the dotted names in ``skip``."""
@@ -91,12 +94,10 @@ def _from_mapping(raw: Any, origin: str) -> ModelSpec:
         raw = {"layers": raw}
     if not isinstance(raw, dict):
         raise ConfigError(f"{origin}: expected a mapping with 'layers' (or a list of layers)")
-    unknown = sorted(set(raw) - {"name", "description", "input_size", "layers", "recommended"})
+    allowed = ("name", "description", "input_size", "layers", "recommended", "pretrained")
+    unknown = sorted(set(raw) - set(allowed))
     if unknown:
-        raise ConfigError(
-            f"{origin}: unknown field {unknown[0]!r} "
-            "(allowed: name, description, input_size, layers, recommended)"
-        )
+        raise ConfigError(f"{origin}: unknown field {unknown[0]!r} (allowed: {', '.join(allowed)})")
     size = raw.get("input_size", DEFAULT_INPUT_SIZE)
     if isinstance(size, bool) or not isinstance(size, int) or not 4 <= size <= 1024:
         raise ConfigError(f"{origin}: input_size: expected 4 to 1024 pixels, got {size!r}")
@@ -110,7 +111,16 @@ def _from_mapping(raw: Any, origin: str) -> ModelSpec:
         tuple(layers),
         str(raw.get("description", "")),
         _recommended(raw.get("recommended"), origin),
+        _pretrained(raw.get("pretrained"), origin),
     )
+
+
+def _pretrained(raw: Any, origin: str) -> dict[str, dict[str, Any]]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping) or not all(isinstance(v, Mapping) for v in raw.values()):
+        raise ConfigError(f"{origin}: pretrained: expected a mapping of weight names, got {raw!r}")
+    return {str(name): dict(values) for name, values in raw.items()}
 
 
 def _recommended(raw: Any, origin: str) -> dict[str, dict[str, Any]]:

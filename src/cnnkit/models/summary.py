@@ -8,7 +8,7 @@ from cnnkit.models.layers import infer_shapes, with_head
 from cnnkit.models.limits import check_budget
 from cnnkit.models.registry import load_model_spec
 
-__all__ = ["summarize"]
+__all__ = ["summarize", "with_units"]
 
 
 def summarize(
@@ -44,3 +44,11 @@ def summarize(
         "total_params": sum(r["params"] for r in rows),
         "total_flops": sum(r["flops"] for r in rows),
     }
+
+
+def with_units(n: float) -> str:
+    """``11.7M``, ``27.0k``, ``3.64G``: three significant figures and an SI prefix."""
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:.0f}"

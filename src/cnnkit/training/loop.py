@@ -32,6 +32,7 @@ from cnnkit.engine import autocast, batched_logits, resolve_device, resolve_prec
 from cnnkit.errors import CnnkitError, ConfigError, RunDirError
 from cnnkit.models.network import Whiten
 from cnnkit.models.registry import build_network, load_model_spec, resolve_model
+from cnnkit.models.weights import fit_config, load_pretrained, plan_weights, weights_record
 from cnnkit.threads import fit_threads, sample_cpus
 from cnnkit.training import distributed as dist
 from cnnkit.training import state as ckpt
@@ -166,6 +167,8 @@ def _train(
     config = resolve_model(config)  # model "auto": chosen from the data
     cfg = config.train
     spec = load_model_spec(config.model)
+    pretrained = plan_weights(cfg.weights, spec) if cfg.weights else None
+    config = fit_config(config, pretrained)  # the input size and channels the weights expect
     device = resolve_device(cfg.device)
     info = dist.setup(device.type)
     if device.type == "cuda" and info.enabled:
@@ -190,6 +193,9 @@ def _train(
     if not info.is_main:
         logging.getLogger("cnnkit").setLevel(logging.ERROR)
         data = prepare_data(config.data, image_size)
+    if pretrained is not None and pretrained.preprocessing is not None:  # fed as the weights were
+        pre = pretrained.preprocessing
+        data = dataclasses.replace(data, mean=pre.mean, std=pre.std)
     # What config.yaml records is the resolved run: the input size and channels really used,
     # and the data folder as an absolute path (the run directory works from anywhere).
     config = dataclasses.replace(
@@ -212,6 +218,12 @@ def _train(
 
     # ---------------------------------------------------------------- Network
     model = build_network(spec.layers, len(data.classes), data.channels, image_size)
+    if pretrained is not None and not resume and info.is_main:  # DDP copies rank 0's weights
+        sha256 = load_pretrained(
+            model, pretrained, data.classes, progress=progress, expect_sha256=cfg.weights_sha256
+        ).sha256
+        cfg = dataclasses.replace(cfg, weights_sha256=sha256)
+        config = dataclasses.replace(config, train=cfg)
     if cfg.sync_bn and info.enabled:
         if device.type != "cuda":
             raise ConfigError("train.sync_bn: synchronised batchnorm needs CUDA GPUs")
@@ -240,6 +252,7 @@ def _train(
         architecture=tuple(model.architecture()),
         model_name=spec.name,
         tta=cfg.tta,
+        weights=weights_record(cfg),
     )
     augment = build_augmentation(config.augment)
     run_fingerprint = fingerprint(config, data)
