@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import socket
 import threading
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from cnnkit.errors import WeightsError
+from cnnkit.errors import ConfigError, WeightsError
 from cnnkit.models import build_network, load_model_spec
 from cnnkit.models.weights import Preprocessing, load_pretrained, plan_weights
 
@@ -387,13 +388,41 @@ def test_the_cli_takes_weights_and_says_what_is_wrong_in_one_line(tiny_shapes, t
     from cnnkit.cli import app
 
     result = CliRunner().invoke(
-        app, ["train", str(tiny_shapes), "--out", str(tmp_path / "o"), "--weights", "nope.pth"]
+        app,
+        [
+            *("train", str(tiny_shapes), "--out", str(tmp_path / "o")),
+            *("--weights", "nope.pth", "--model", "fast"),
+        ],
     )
     assert result.exit_code == 1
     assert result.stderr.strip() == (
         "error: --weights nope.pth: not a file, URL or run directory, nor weights published "
         "for fast (none published)"
     )
+
+
+@pytest.mark.parametrize(
+    ("weights", "chosen", "refusal"),
+    [
+        ("imagenet", "efficientnet_lite0", None),
+        ("RUN", "fast", None),
+        ("nope.pth", None, "--weights nope.pth: not a file, URL, run directory or 'imagenet'"),
+        ("FILE", None, "say which network the weights are for with --model (e.g. "),
+        ("http://127.0.0.1:9/w.pth", None, "say which network the weights are for with --model"),
+    ],
+)
+def test_model_auto_with_weights_is_the_network_they_are_for(
+    run_dir: Path, tiny_shapes: Path, tmp_path: Path, weights: str, chosen, refusal
+) -> None:
+    from cnnkit.models.registry import resolve_run_config
+
+    source = {"RUN": str(run_dir), "FILE": str(run_dir / "model.safetensors")}.get(weights, weights)
+    overrides = {"data.path": str(tiny_shapes), "train.weights": source}
+    if refusal is None:
+        assert resolve_run_config(None, overrides).model == chosen
+    else:
+        with pytest.raises(ConfigError, match=re.escape(refusal)):
+            resolve_run_config(None, overrides)
 
 
 def test_a_url_is_downloaded_once_and_its_layout_recognised(published, server) -> None:

@@ -202,6 +202,8 @@ def resolve_model(config: RunConfig) -> RunConfig:
     ``resolve_run_config`` for the chosen preset's recommended ones."""
     if config.model != AUTO:
         return config
+    if config.train.weights is not None:
+        return _model_of_weights(config)
     from cnnkit.data.facts import measure_data  # (data and models are siblings: no cycle)
 
     if not config.data.path:
@@ -214,6 +216,48 @@ def resolve_model(config: RunConfig) -> RunConfig:
         model=choice.model,
         data=dataclasses.replace(config.data, image_size=choice.image_size),
     )
+
+
+DEFAULT_PRETRAINED = "efficientnet_lite0"  # its ImageNet weights install with cnnkit
+
+
+def _network_of_run(run: Path) -> str:
+    """The model (preset name or layer file) a run directory was trained with."""
+    import json
+
+    try:
+        if (run / "model.json").stat().st_size <= 16 << 20:
+            name = json.loads((run / "model.json").read_text()).get("model_name")
+            if name in list_presets():
+                return str(name)
+        if (run / "config.yaml").is_file():
+            return RunConfig.from_dict(load_yaml(run / "config.yaml")).model
+    except (OSError, ValueError, AttributeError, RecursionError, ConfigError) as exc:
+        raise ConfigError(f"--weights {run}: cannot tell its network ({exc})") from None
+    raise ConfigError(f"--weights {run}: cannot tell its network; name it with --model")
+
+
+def _model_of_weights(config: RunConfig) -> RunConfig:
+    """Model ``auto`` with starting weights: the network those weights are for (a run
+    directory's own model; ``imagenet``: the backbone whose weights need no download); a
+    file or URL must be told which network it fits."""
+    weights = config.train.weights or ""
+    run = Path(weights).expanduser()
+    if (run / "model.json").is_file():
+        model = _network_of_run(run)
+        log.info("model auto: %s, the network of the run whose weights start this one", model)
+    elif weights == "imagenet":
+        model = DEFAULT_PRETRAINED
+        log.info("model auto: %s, whose ImageNet weights come with cnnkit", model)
+    elif weights.startswith(("http://", "https://")) or run.is_file():
+        with_weights = [n for n in list_presets() if load_model_spec(n).pretrained]
+        raise ConfigError(
+            f"--weights {weights}: say which network the weights are for with --model "
+            f"(e.g. {', '.join(with_weights)})"
+        )
+    else:
+        raise ConfigError(f"--weights {weights}: not a file, URL, run directory or 'imagenet'")
+    return dataclasses.replace(config, model=model)
 
 
 def resolve_run_config(raw: Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> RunConfig:
