@@ -14,7 +14,7 @@ float32 CPU copy of the network (the pixel arithmetic is checked against that fo
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +31,17 @@ from cnnkit.inspection.maps import LayerOutput, layer_outputs, normalize_map
 from cnnkit.inspection.pixel import NoPixelRule, cpu_classifier, explain_value, find_layer
 from cnnkit.inspection.pixel_rules import PIXEL_RULES
 from cnnkit.inspection.render import vector_strip
+from cnnkit.models.network import Network
 from cnnkit.serve.explain import png_data_url
 from cnnkit.serve.uploads import ApiError, read_images
 
-__all__ = ["add_explore_routes", "map_detail", "overview", "validation_samples"]
+__all__ = [
+    "add_explore_routes",
+    "map_detail",
+    "overview",
+    "overview_json",
+    "validation_samples",
+]
 
 MAX_MAPS = 256  # maps per layer drawn in the overview
 MAX_VECTOR = 256  # a longer vector (a big flatten) is sent as a picture, not as numbers
@@ -60,11 +67,20 @@ def overview(classifier: Classifier, image: Any) -> dict[str, Any]:
     """Every layer's output for one image, as the overview draws it, and the probabilities:
     the softmax of this forward pass's logits (without a model's test-time mirror average)."""
     pixels, _, outputs = _forward(classifier, image)
+    return overview_json(classifier.model, pixels, outputs, classifier.classes)
+
+
+def overview_json(
+    model: Network, pixels: np.ndarray, outputs: list[LayerOutput], classes: Sequence[str]
+) -> dict[str, Any]:
+    """The overview's JSON from a forward pass already made: the input ``pixels`` (S, S, C)
+    uint8, each layer's maps as PNG data URLs (or its values), the class probabilities. The
+    live training page (``serve.live``) draws the same JSON after every epoch."""
     logits = outputs[-1].values.astype(np.float64)
     probs = np.exp(logits - logits.max())
     probs /= probs.sum()
     layers = []
-    for info, out in zip(classifier.model.infos, outputs, strict=True):
+    for info, out in zip(model.infos, outputs, strict=True):
         entry: dict[str, Any] = {
             "name": info.name,
             "type": info.spec.type,
@@ -88,11 +104,11 @@ def overview(classifier: Classifier, image: Any) -> dict[str, Any]:
         else:
             entry["strip"] = png_data_url(vector_strip(out.values))
         layers.append(entry)
-    classes = list(classifier.classes)
+    classes = list(classes)
     best = int(np.argmax(probs))
     return {
         "input": png_data_url(pixels),
-        "input_shape": list(classifier.model.in_shape),
+        "input_shape": list(model.in_shape),
         "classes": classes,
         "class": classes[best],
         "probabilities": probs.tolist(),

@@ -42,7 +42,7 @@ from cnnkit.training.outputs import (
     write_outputs,
     write_split_csv,
 )
-from cnnkit.training.session import prepare_run_dir, progress_bar, stop_on_signals
+from cnnkit.training.session import EpochHook, prepare_run_dir, progress_bar, stop_on_signals
 
 __all__ = ["TrainingInterrupted", "train"]
 
@@ -124,12 +124,22 @@ def train(
     progress: bool = True,
     resume: bool = False,
     force: bool = False,
+    on_epoch: EpochHook | None = None,
 ) -> TrainResult:
-    """Train ``config`` into the run directory ``out`` (or continue it with ``resume``)."""
+    """Train ``config`` into the run directory ``out`` (or continue it with ``resume``).
+
+    ``on_epoch(row, model, data)`` is called on rank 0 after each epoch's validation, with
+    the metrics row, the evaluated model and the data (``cnnkit train --live`` watches it)."""
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
         return _train(
-            config, out, overwrite=overwrite, progress=progress, resume=resume, force=force
+            config,
+            out,
+            overwrite=overwrite,
+            progress=progress,
+            resume=resume,
+            force=force,
+            on_epoch=on_epoch,
         )
     finally:  # --deterministic applies to this run only, not to the rest of the process
         if torch.are_deterministic_algorithms_enabled() != deterministic:
@@ -145,6 +155,7 @@ def _train(
     progress: bool,
     resume: bool,
     force: bool,
+    on_epoch: EpochHook | None = None,
 ) -> TrainResult:
     # ---------------------------------------------------------------- Setup
     session_start = time.perf_counter()
@@ -386,6 +397,8 @@ def _train(
                 "seconds": time.perf_counter() - epoch_start,
             }
             p.history.append(row)
+            if on_epoch is not None and info.is_main:
+                on_epoch(dict(row), evaluated, data)
             log.info(
                 "epoch %d/%d  train_loss %.4f  train_acc %.2f%%  val_loss %.4f  "
                 "val_acc %.2f%%  lr %.2e  %.1fs",
