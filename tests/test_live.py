@@ -4,6 +4,7 @@ training finished (or why it stopped) and the server goes away."""
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
@@ -21,7 +22,7 @@ from typer.testing import CliRunner
 
 from cnnkit.cli import app
 from cnnkit.data.images import to_model_input
-from cnnkit.inspection.maps import layer_outputs
+from cnnkit.inspection.maps import layer_outputs, normalize_maps
 from cnnkit.serve.live import LiveBoard, watch_training
 from cnnkit.training.loop import train
 from conftest import tiny_config
@@ -74,7 +75,10 @@ def test_the_page_gets_each_epoch_while_training_runs(tiny_shapes: Path, tmp_pat
             board.epoch_end(row, model, data)
             pixels = torch.from_numpy(np.asarray(data.val.images[0])[None].copy())
             outputs = layer_outputs(model, to_model_input(pixels, data.mean, data.std))
-            own_maps[row["epoch"]] = {o.name: (o.min, o.max) for o in outputs}
+            own_maps[row["epoch"]] = (
+                {o.name: (o.min, o.max) for o in outputs},
+                {o.name: o.values for o in outputs},
+            )
             # The page has this epoch before the next one starts: an update per epoch.
             assert arrived[row["epoch"]].wait(60), f"epoch {row['epoch']} never reached the page"
 
@@ -92,12 +96,17 @@ def test_the_page_gets_each_epoch_while_training_runs(tiny_shapes: Path, tmp_pat
         assert body["row"] == pytest.approx(result.history[epoch - 1])
         maps = body["maps"]  # the explorer's overview JSON, of this epoch's weights
         assert maps["epoch"] == epoch
-        assert [layer["name"] for layer in maps["layers"]] == list(own_maps[epoch])
+        ranges = own_maps[epoch][0]
+        assert [layer["name"] for layer in maps["layers"]] == list(ranges)
         for layer in maps["layers"]:
-            assert (layer["min"], layer["max"]) == pytest.approx(own_maps[epoch][layer["name"]])
-            if len(layer["out_shape"]) == 3:
-                assert len(layer["maps"]) == layer["out_shape"][0]
-                assert layer["maps"][0]["image"].startswith("data:image/png;base64,")
+            assert (layer["min"], layer["max"]) == pytest.approx(ranges[layer["name"]])
+            if len(layer["out_shape"]) == 3:  # each map normalised to 0-255 on its own
+                shape = layer["out_shape"]
+                grey = np.frombuffer(base64.b64decode(layer["grey"]), np.uint8).reshape(shape)
+                np.testing.assert_array_equal(
+                    grey, normalize_maps(own_maps[epoch][1][layer["name"]])
+                )
+                assert len(layer["ranges"]) == shape[0]
         assert sum(maps["probabilities"]) == pytest.approx(1.0)
     first, last = events[0]["data"]["maps"], events[epochs - 1]["data"]["maps"]
     assert first["input"] == last["input"]  # one fixed validation image

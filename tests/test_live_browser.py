@@ -19,7 +19,9 @@ pytestmark = [pytest.mark.browser, pytest.mark.usefixtures("single_thread")]
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]  # fmt: skip
-MAP_SOURCES = "() => [...document.querySelectorAll('#overview img.map')].map((i) => i.src)"
+MAP_PICTURES = (
+    "() => [...document.querySelectorAll('#overview canvas.map')].map((c) => c.toDataURL())"
+)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +74,7 @@ def test_the_live_page_draws_every_epoch_then_says_training_finished(
                 assert page.get_attribute("#overview", "data-epoch") == str(epoch)
                 assert f"Epoch {epoch} of {epochs} done" in page.text_content("#status")
                 assert page.locator("#loss-chart circle.val").count() == epoch
-                seen.append(page.evaluate(MAP_SOURCES))
+                seen.append(page.evaluate(MAP_PICTURES))
                 go_on[epoch].set()
         finally:
             for event in go_on.values():

@@ -38,6 +38,7 @@ from cnnkit.data.images import to_model_input
 from cnnkit.inspection.maps import LayerOutput, layer_outputs
 from cnnkit.models.network import Network
 from cnnkit.serve.app import SecurityHeaders, ServeSettings, web_dir
+from cnnkit.serve.explain import png_data_url
 from cnnkit.serve.explore import overview_json
 from cnnkit.serve.runner import background_server, check_address
 
@@ -71,6 +72,7 @@ class LiveBoard:
         self._snapshot: tuple[int, Network, np.ndarray, list[LayerOutput], tuple] | None = None
         self._rendered: tuple[int, dict[str, Any]] | None = None
         self._image: tuple[np.ndarray, str, str] | None = None  # pixels, true label, file name
+        self._input: str | None = None
         self._finished: str | None = None
         self._streams = 0  # event streams open now
 
@@ -125,7 +127,9 @@ class LiveBoard:
         count, model, pixels, outputs, classes = snapshot
         if rendered is not None and rendered[0] == count:
             return rendered[1]
-        body = overview_json(model, pixels, outputs, classes)
+        body = overview_json(
+            model, pixels, outputs, classes, grey=True, input_url=self._input_url(pixels)
+        )
         with self._lock:
             body["epoch"] = self._rows[count - 1].get("epoch")
         if self._image is not None:
@@ -133,6 +137,11 @@ class LiveBoard:
         with self._lock:
             self._rendered = (count, body)
         return body
+
+    def _input_url(self, pixels: np.ndarray) -> str:
+        if self._input is None:  # the image is fixed: its PNG is made once
+            self._input = png_data_url(pixels)
+        return self._input
 
     def state(self) -> dict[str, Any]:
         """Everything the page shows, as one JSON object."""

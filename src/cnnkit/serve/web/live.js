@@ -68,6 +68,34 @@ function shapeText(shape) {
   return shape.length === 3 ? `${shape[0]} maps of ${shape[1]}×${shape[2]}` : `${shape[0]} values`;
 }
 
+// A layer's maps arrive as one block of grey levels (maps x H x W, each map normalised to
+// 0-255 on its own) with each map's raw range; each map becomes a small canvas.
+function greyThumbs(layer) {
+  const bytes = Uint8Array.from(atob(layer.grey), (c) => c.charCodeAt(0));
+  const [h, w] = layer.out_shape.slice(1);
+  const grid = el("div", "thumbs");
+  grid.style.gridTemplateColumns = `repeat(${Math.min(6, Math.ceil(layer.ranges.length / 16))}, auto)`;
+  layer.ranges.forEach(([lo, hi], k) => {
+    const canvas = el("canvas", "map pixelated");
+    canvas.width = w;
+    canvas.height = h;
+    const image = canvas.getContext("2d").createImageData(w, h);
+    for (let i = 0; i < w * h; i++) {
+      const v = bytes[k * w * h + i];
+      image.data.set([v, v, v, 255], 4 * i);
+    }
+    canvas.getContext("2d").putImageData(image, 0, 0);
+    canvas.setAttribute("role", "img");
+    canvas.setAttribute("aria-label", `${layer.name} map ${k}, values ${fmt(lo)} to ${fmt(hi)}`);
+    canvas.title = canvas.getAttribute("aria-label");
+    grid.append(canvas);
+  });
+  const box = el("div");
+  box.append(grid);
+  if (layer.ranges.length < layer.out_shape[0]) box.append(el("p", "note", `first ${layer.ranges.length} of ${layer.out_shape[0]}`));
+  return box;
+}
+
 function drawMaps(maps) {
   const root = $("overview");
   root.replaceChildren();
@@ -86,19 +114,8 @@ function drawMaps(maps) {
     const column = el("section", "column");
     column.dataset.layer = layer.name;
     column.append(el("h3", "", layer.name), el("p", "note", `${layer.type} · ${shapeText(layer.out_shape)}`));
-    if (layer.maps) {
-      const grid = el("div", "thumbs");
-      grid.style.gridTemplateColumns = `repeat(${Math.min(6, Math.ceil(layer.maps.length / 16))}, auto)`;
-      layer.maps.forEach((m, k) => {
-        const thumb = el("figure", "live-thumb");
-        const tile = el("img", "pixelated map");
-        tile.src = m.image;
-        tile.alt = `${layer.name} map ${k}, values ${fmt(m.min)} to ${fmt(m.max)}`;
-        tile.title = tile.alt;
-        thumb.append(tile);
-        grid.append(thumb);
-      });
-      column.append(grid);
+    if (layer.grey) {
+      column.append(greyThumbs(layer));
     } else if (i === maps.layers.length - 1 && layer.values) {
       const list = el("ol", "bars classes");
       maps.classes.forEach((name, k) => {
@@ -112,9 +129,7 @@ function drawMaps(maps) {
       });
       column.append(list);
     } else {
-      const lo = layer.min;
-      const hi = layer.max;
-      column.append(el("p", "note", `values ${fmt(lo)} to ${fmt(hi)}`));
+      column.append(el("p", "note", `values ${fmt(layer.min)} to ${fmt(layer.max)}`));
     }
     root.append(column);
   });
