@@ -211,11 +211,11 @@ def inspect(
     return inspect_image(run_dir, image, out, layers=layers, class_name=class_name)
 
 
-def report(
-    run_dir: str | Path, data: str | Path | None = None, out: str | Path | None = None
-) -> Path:
-    """Write the run's self-contained ``report.html`` (into ``run_dir`` unless ``out``) and
-    return its path; ``data`` scores another labelled folder, labelled as other data."""
-    from cnnkit.report import write_report
+def __getattr__(name: str) -> Any:
+    """``cnnkit.report``: the module of that name, which is also the function
+    ``cnnkit.report(run_dir, data=None, out=None)`` (see ``cnnkit.report.write_report``)."""
+    if name == "report":
+        import importlib
 
-    return write_report(run_dir, data, out)
+        return importlib.import_module("cnnkit.report")
+    raise AttributeError(f"module 'cnnkit' has no attribute {name!r}")

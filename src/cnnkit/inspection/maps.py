@@ -29,6 +29,20 @@ class LayerOutput:
     min: float
     max: float
 
+    def __repr__(self) -> str:
+        shape = self.values.shape
+        what = f"{shape[0]} maps of {shape[1]}x{shape[2]}" if self.is_map else f"{shape[0]} values"
+        values = f"values {self.min:.4g} to {self.max:.4g}"
+        return f"LayerOutput({self.name} ({self.type}): {what}, {values})"
+
+    def _repr_png_(self) -> bytes:
+        """The maps as a grid (each normalised on its own), or the vector as a strip."""
+        from cnnkit.inspection.render import map_grid, png_bytes, vector_strip
+
+        if self.is_map:
+            return png_bytes(map_grid(self.values, cols=min(len(self.values), 8)))
+        return png_bytes(vector_strip(self.values))
+
     @property
     def is_map(self) -> bool:
         """True for spatial feature maps, False for vectors (after flatten or global pooling)."""
