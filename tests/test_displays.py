@@ -62,6 +62,18 @@ def test_classifier_says_model_classes_and_input_and_shows_its_layers(classifier
     assert "3: circle, square, triangle" in cells(html)
 
 
+def test_an_exported_classifier_says_so(classifier) -> None:
+    from cnnkit.export.runtime import OnnxClassifier
+
+    onnx = OnnxClassifier.__new__(OnnxClassifier)  # without onnxruntime: only what repr reads
+    onnx.path, onnx.meta = Path("shapes.onnx"), classifier.meta
+    onnx.device, onnx.precision = torch.device("cpu"), "fp32"
+    short(repr(onnx))
+    assert repr(onnx).startswith("OnnxClassifier(shapes.onnx, 3 classes: circle, square, ")
+    assert "no PyTorch network" in repr(onnx)
+    assert "cnnkit classifier: shapes.onnx" in onnx._repr_html_()
+
+
 def test_a_prediction_shows_its_image_and_bars(classifier, triangle: Path) -> None:
     (pred,) = classifier.predict(triangle)
     text = repr(pred)

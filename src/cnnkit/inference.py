@@ -161,12 +161,20 @@ class Classifier:
     def __repr__(self) -> str:
         meta = self.meta
         classes = ", ".join(meta.classes[:8]) + (", ..." if len(meta.classes) > 8 else "")
-        params = sum(p.numel() for p in self.model.parameters())
         return (
-            f"Classifier({meta.model_name or 'custom'}, {len(meta.classes)} classes: "
-            f"{classes}; input {meta.image_size}x{meta.image_size}x{meta.channels} "
-            f"({meta.resize}); {params:,} parameters; {self.device.type}, {self.precision})"
+            f"{type(self).__name__}({self._what()}, {len(meta.classes)} classes: {classes}; "
+            f"input {meta.image_size}x{meta.image_size}x{meta.channels} ({meta.resize}); "
+            f"{self._size()}; {self.device.type}, {self.precision})"
         )
+
+    def _what(self) -> str:
+        path = getattr(self, "path", None)  # an exported file (``OnnxClassifier``)
+        return str(path) if path is not None else self.meta.model_name or "custom"
+
+    def _size(self) -> str:
+        if self.model is None:
+            return "no PyTorch network"
+        return f"{sum(p.numel() for p in self.model.parameters()):,} parameters"
 
     def _repr_html_(self) -> str:
         from cnnkit.inspection.html import fragment, model_table, table
@@ -178,8 +186,8 @@ class Classifier:
                       f"resized by {meta.resize}"),
             ("runs on", f"{self.device.type}, {self.precision}"),
         ]  # fmt: skip
-        name = meta.model_name or "custom"
-        return fragment(f"cnnkit classifier: {name}", table(None, facts) + model_table(self.model))
+        layers = model_table(self.model) if self.model is not None else ""
+        return fragment(f"cnnkit classifier: {self._what()}", table(None, facts) + layers)
 
 
 def _describe(image: object) -> str:
