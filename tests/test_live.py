@@ -8,10 +8,12 @@ import base64
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -216,3 +218,29 @@ def test_ctrl_c_still_stops_a_live_run_with_a_checkpoint(tiny_shapes, tmp_path) 
     assert events[-1]["data"]["message"].startswith("Training stopped: interrupted by SIGINT")
     assert is_closed(url)
     assert (run / "checkpoints").is_dir()
+
+
+def wakeups(name: str) -> int:
+    """Voluntary context switches so far of this process's thread called ``name``."""
+    (thread,) = [t for t in threading.enumerate() if t.name == name]
+    status = Path(f"/proc/self/task/{thread.native_id}/status").read_text()
+    return int(re.search(r"voluntary_ctxt_switches:\s+(\d+)", status).group(1))
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux's /proc")
+def test_the_server_sleeps_while_a_page_waits_for_the_next_epoch() -> None:
+    # Training shares the GIL with the server's thread: between epochs that thread must not
+    # wake up (uvicorn's own loop looks for a stop ten times a second; a polling stream too).
+    events: list[dict] = []
+    with watch_training(1) as board:
+        reader = threading.Thread(target=read_events, args=(board.url + "/events", events, {}))
+        reader.start()
+        while not board.streams:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        before = wakeups("cnnkit-server")
+        time.sleep(1.0)
+        woke = wakeups("cnnkit-server") - before
+    reader.join(30)
+    assert woke <= 2, f"the server's thread woke {woke} times in a second"
+    assert [e["event"] for e in events] == ["finished"]  # and still answered at the end

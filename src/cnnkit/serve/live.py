@@ -46,7 +46,6 @@ __all__ = ["LiveBoard", "announce_url", "create_live_app", "watch_training"]
 
 log = logging.getLogger("cnnkit")
 
-POLL_S = 0.1  # how often an open event stream looks for a new epoch
 KEEP_ALIVE_S = 15.0  # a comment line on a quiet stream, so proxies keep it open
 DELIVERY_WAIT_S = 3.0  # at the end, how long open pages get to receive the last event
 NO_STORE = {"cache-control": "no-store"}
@@ -75,6 +74,10 @@ class LiveBoard:
         self._input: str | None = None
         self._finished: str | None = None
         self._streams = 0  # event streams open now
+        # The streams sleep until the training thread says something changed: no polling, so
+        # the server's thread never competes with training for the GIL between epochs.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._changed: asyncio.Event | None = None
 
     # ---------------------------------------------------------------- the training thread
 
@@ -97,12 +100,26 @@ class LiveBoard:
             self._rows.append({k: _finite(v) for k, v in row.items()})
             if snapshot is not None:
                 self._snapshot = (len(self._rows), *snapshot)
+        self._wake()
 
     def finish(self, message: str) -> None:
         """Training ended: the pages say ``message`` and their event streams close."""
         with self._lock:
             if self._finished is None:
                 self._finished = message
+        self._wake()
+
+    def _wake(self) -> None:
+        """Tell the waiting streams (on the server's loop) that there is news."""
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
+                loop.call_soon_threadsafe(self._notify)
+
+    def _notify(self) -> None:  # on the server's loop
+        if self._changed is not None:
+            self._changed.set()
+        self._changed = asyncio.Event()
 
     # ---------------------------------------------------------------- the server thread
 
@@ -156,10 +173,13 @@ class LiveBoard:
     async def events(self, after: int = 0) -> AsyncIterator[str]:
         """Server-sent events: each epoch after the first ``after``, then ``finished``."""
         self._streams += 1
+        if self._loop is None:
+            self._loop, self._changed = asyncio.get_running_loop(), asyncio.Event()
         try:
             yield "retry: 1000\n\n"
-            sent, quiet_since = max(0, after), time.monotonic()
+            sent = max(0, after)
             while True:
+                changed = self._changed  # taken before reading: a later change sets it
                 finished = self.finished  # read before the rows: none can follow it
                 rows = self.rows()
                 while sent < len(rows):
@@ -168,15 +188,16 @@ class LiveBoard:
                     if sent == len(rows):  # the maps go with the newest epoch only
                         body["maps"] = await asyncio.to_thread(self.maps)
                     yield f"id: {sent}\nevent: epoch\ndata: {json.dumps(body)}\n\n"
-                    quiet_since = time.monotonic()
                 if finished is not None:
                     body = {"message": finished, "epochs_run": len(rows)}
                     yield f"event: finished\ndata: {json.dumps(body)}\n\n"
                     return
-                if time.monotonic() - quiet_since > KEEP_ALIVE_S:
-                    yield ": waiting for the next epoch\n\n"
-                    quiet_since = time.monotonic()
-                await asyncio.sleep(POLL_S)
+                if sent == len(rows):  # nothing new: sleep until there is (or a keep-alive)
+                    assert changed is not None
+                    try:
+                        await asyncio.wait_for(changed.wait(), KEEP_ALIVE_S)
+                    except TimeoutError:
+                        yield ": waiting for the next epoch\n\n"
         finally:
             self._streams -= 1
 
@@ -237,7 +258,7 @@ def watch_training(
     if port:
         check_address("127.0.0.1", port)
     board = LiveBoard(epochs, title)
-    with background_server(create_live_app(board), "127.0.0.1", port) as url:
+    with background_server(create_live_app(board), "127.0.0.1", port, quiet=True) as url:
         board.url = f"{url}/live"
         if announce is not None:
             announce(board.url)
