@@ -4,14 +4,24 @@ Both modes run ``cnnkit.training.loop.train`` on the same generated shapes with 
 settings (benchlib's: default precision, batch 64, vertical flips). ``live`` also serves the
 page (``serve.live.watch_training``, its ``epoch_end`` as the loop's ``on_epoch`` hook) and a
 page is watching: a separate process follows ``/live/events`` as a browser would, so the
-server renders every epoch's feature maps and JSON while the next epoch trains. Two figures
-per window: the loop's ``images_per_second`` (training steps only: what a busy server thread
-would slow down) and images per second of the whole ``train`` call (steps, validation, the
-hook's forward pass of one image, saving). The modes alternate (off, live, live, off, ...),
-after one untimed warm-up window each; each figure is the median of ``--repeats`` windows.
+server renders every epoch's feature maps and JSON while the next epoch trains. Two measurements:
+
+- windows: whole runs with and without the page, alternating (off, live, live, off, ...)
+  after one untimed warm-up window each; per mode the median over ``--repeats`` windows of
+  the loop's ``images_per_second`` (training steps only) and of images per second of the
+  whole ``train`` call (validation, the hook and saving included). On a shared machine the
+  load of other processes changes between windows far more than the page costs.
+- paired epochs: one run of ``--paired-epochs`` epochs with the page watching, whose hook
+  hands over every other epoch only, so the page's work (maps, JSON, sending) happens during
+  the even epochs and not during the odd ones. Each even epoch is compared with the odd one
+  that follows it, seconds apart, which cancels most of the drift in the machine's load;
+  the estimate of the cost is the median extra time of an epoch with the page's work beside
+  it plus the hook's own time (on the training thread, between epochs), over the median
+  epoch without either.
+
 Usage::
 
-    .venv/bin/python bench/live.py [--quick] [--repeats 7] [--epochs 3] [--preset fast]
+    .venv/bin/python bench/live.py [--quick] [--repeats 7] [--epochs 3] [--paired-epochs 31]
 """
 
 from __future__ import annotations
@@ -54,36 +64,53 @@ def server_cpu_seconds() -> float:
     return total
 
 
-def window(preset: str, folder: Path, out: Path, epochs: int, cache: Path, live: bool) -> dict:
-    """One training run; with ``live``, the page is served and watched by another process."""
+def run_config(preset: str, folder: Path, epochs: int, cache: Path) -> Any:
     from cnnkit.config import AugmentConfig, DataConfig, RunConfig, TrainConfig
-    from cnnkit.serve.live import watch_training
-    from cnnkit.training.loop import train
 
-    config = RunConfig(
+    return RunConfig(
         model=preset,
         data=DataConfig(path=str(folder), cache_dir=str(cache)),
         augment=AugmentConfig(vflip=True),
         train=TrainConfig(epochs=epochs),
     )
+
+
+def watch(board: Any) -> subprocess.Popen:
+    """A page in its own process, connected before training starts (as a user's would be)."""
+    watcher = subprocess.Popen(
+        [sys.executable, "-c", WATCHER, board.url + "/events"], stdout=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 60
+    while not board.streams and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return watcher
+
+
+def timed_hook(board: Any, seconds: list[float], every: int = 1) -> Any:
+    """``board.epoch_end`` for every ``every``-th epoch (from the first), timed."""
+
+    def hook(row: dict, model: Any, data: Any) -> None:
+        if (row["epoch"] - 1) % every == 0:
+            start = time.perf_counter()
+            board.epoch_end(row, model, data)
+            seconds.append(time.perf_counter() - start)
+
+    return hook
+
+
+def window(preset: str, folder: Path, out: Path, epochs: int, cache: Path, live: bool) -> dict:
+    """One training run; with ``live``, the page is served and watched by another process."""
+    from cnnkit.serve.live import watch_training
+    from cnnkit.training.loop import train
+
+    config = run_config(preset, folder, epochs, cache)
     hook_seconds: list[float] = []
     watcher = None
     with watch_training(epochs) if live else contextlib.nullcontext() as board:
         hook = None
         if board is not None:
-            watcher = subprocess.Popen(
-                [sys.executable, "-c", WATCHER, board.url + "/events"],
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            deadline = time.monotonic() + 60  # the page is open before training starts,
-            while not board.streams and time.monotonic() < deadline:  # as a user's would be
-                time.sleep(0.05)
-
-            def hook(row: dict, model: Any, data: Any) -> None:
-                start = time.perf_counter()
-                board.epoch_end(row, model, data)
-                hook_seconds.append(time.perf_counter() - start)
+            watcher = watch(board)
+            hook = timed_hook(board, hook_seconds)
 
         start = time.perf_counter()
         result = train(config, out, overwrite=True, progress=False, on_epoch=hook)
@@ -104,17 +131,51 @@ def window(preset: str, folder: Path, out: Path, epochs: int, cache: Path, live:
     return record
 
 
+def paired_epochs(preset: str, folder: Path, out: Path, epochs: int, cache: Path) -> dict:
+    """One run whose page gets every other epoch: even epochs run beside the page's work."""
+    from cnnkit.serve.live import watch_training
+    from cnnkit.training.loop import train
+
+    hook_seconds: list[float] = []
+    with watch_training(epochs) as board:
+        watcher = watch(board)
+        hook = timed_hook(board, hook_seconds, every=2)
+        config = run_config(preset, folder, epochs, cache)
+        result = train(config, out, overwrite=True, progress=False, on_epoch=hook)
+        server_cpu = server_cpu_seconds()
+    out_text, _ = watcher.communicate(timeout=60)
+    seconds = {row["epoch"]: row["seconds"] for row in result.history}
+    pairs = [(seconds[e], seconds[e + 1]) for e in range(2, epochs, 2) if e + 1 in seconds]
+    beside = median([a for a, _ in pairs])  # epochs with the page's work beside them
+    alone = median([b for _, b in pairs])
+    extra = median([a - b for a, b in pairs])  # paired: the load drifts less within a pair
+    hook = median(hook_seconds)
+    return {
+        "epochs": epochs,
+        "pairs": len(pairs),
+        "epoch_seconds_beside_the_page_median": round(beside, 4),
+        "epoch_seconds_alone_median": round(alone, 4),
+        "extra_seconds_per_epoch_median": round(extra, 4),
+        "hook_ms_median": round(1000 * hook, 3),
+        "server_cpu_ms_per_page_epoch": round(1000 * server_cpu / len(hook_seconds), 3),
+        "estimated_slower_percent": round(100 * (extra + hook) / alone, 2),
+        "page_epoch_events": int(out_text.strip() or 0),
+        "pairs_seconds": [[round(a, 4), round(b, 4)] for a, b in pairs],
+    }
+
+
 def main() -> None:
     # ------------------------------------------------------------------------------- Setup
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=7, help="timed windows per mode")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per window")
     parser.add_argument("--count", type=int, default=400, help="shapes per class")
+    parser.add_argument("--paired-epochs", type=int, default=31, help="epochs of the paired run")
     parser.add_argument("--preset", default="fast")
     parser.add_argument("--quick", action="store_true", help="1 window of 1 epoch, 20 per class")
     args = parser.parse_args()
     if args.quick:
-        args.repeats, args.epochs, args.count = 1, 1, 20
+        args.repeats, args.epochs, args.count, args.paired_epochs = 1, 1, 20, 5
     info = machine()
     folder = shapes_folder(args.count)
     cache = fresh_dir(BENCH_DIR / "cache-live")
@@ -134,6 +195,10 @@ def main() -> None:
             log(f"window {repeat + 1}/{args.repeats} {mode}: "
                 f"{record['steps_images_per_second']:.0f} img/s (steps), "
                 f"{record['call_images_per_second']:.0f} img/s (whole call)")  # fmt: skip
+
+    log(f"paired epochs: one run of {args.paired_epochs}, the page gets every other epoch")
+    paired = paired_epochs(args.preset, folder, runs / "paired", args.paired_epochs, cache)
+    log(f"paired: {paired['estimated_slower_percent']}% slower (estimate)")
 
     # -------------------------------------------------------------------------- Evaluation
     def figure(mode: str, key: str) -> float:
@@ -173,6 +238,7 @@ def main() -> None:
                 median([w["wall_seconds"] for w in windows["off"]]) / args.epochs, 3
             ),
             "page_got_every_epoch": all(n == args.epochs for n in events),
+            "paired_epochs": paired,
             "target": "at most 3% lower throughput with --live",
         }
     )
