@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from cnnkit.errors import ConfigError
 from cnnkit.inspection import LayerOutput, layer_outputs, normalize_map
+from cnnkit.inspection.maps import normalize_maps
 from cnnkit.models import build_network, parse_layers
 
 EVERY_TYPE = [
@@ -162,3 +163,18 @@ def test_normalize_handles_empty_and_non_finite() -> None:
     out = normalize_map(np.array([np.nan, 0.0, 10.0, np.inf]))
     np.testing.assert_array_equal(out, [0, 0, 255, 0])
     assert not normalize_map(np.array([np.nan, np.nan])).any()
+
+
+def test_normalize_maps_is_normalize_map_of_each_map_at_once() -> None:
+    rng = np.random.default_rng(3)
+    maps = rng.normal(size=(6, 5, 4)) * 100
+    maps[1] = 7.0  # constant
+    maps[2, 0, 0], maps[2, 1, 1] = np.nan, -np.inf  # non-finite values: the map's minimum
+    maps[3] = np.nan  # nothing finite
+    maps[4] = 0.0
+    out = normalize_maps(maps)
+    assert out.dtype == np.uint8 and out.shape == maps.shape
+    for k in range(len(maps)):
+        np.testing.assert_array_equal(out[k], normalize_map(maps[k]))
+    assert out[0].min() == 0 and out[0].max() == 255 and not out[1].any() and not out[3].any()
+    assert normalize_maps(np.zeros((0, 3, 3))).shape == (0, 3, 3)

@@ -7,10 +7,16 @@ The Python API mirrors the CLI::
     model = cnnkit.load("runs/shapes")
     model.predict(["circle.png"])[0].label
     cnnkit.evaluate("runs/shapes", "shapes/").accuracy
+
+See inside it: ``cnnkit.explain_conv()`` (the learning material's worked example),
+``cnnkit.explain_pixel(run, image, layer, map, at)``, ``cnnkit.inspect(run, image, out)`` and
+``cnnkit.report(run)``. In Jupyter the objects these return show themselves as tables and
+pictures, and ``cnnkit.train`` draws a progress bar.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,8 +35,11 @@ from cnnkit.errors import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from cnnkit.evaluation import EvalResult
-    from cnnkit.inference import Classifier
+    from cnnkit.inference import Classifier, ImageInput
+    from cnnkit.inspection import ConvExplanation, InspectResult, PixelExplanation
     from cnnkit.training.loop import TrainResult
 
 __all__ = [
@@ -44,8 +53,12 @@ __all__ = [
     "RunDirError",
     "__version__",
     "evaluate",
+    "explain_conv",
+    "explain_pixel",
     "generate_shapes",
+    "inspect",
     "load",
+    "report",
     "train",
 ]
 
@@ -58,8 +71,9 @@ def train(
     seed: int = 0,
     augment: bool | None = None,
     overwrite: bool = False,
-    progress: bool = False,
+    progress: bool | None = None,
     config: str | Path | None = None,
+    live: bool = False,
     **options: Any,
 ) -> TrainResult:
     """Train on a folder of images; ``options`` are any ``cnnkit train`` setting by name.
@@ -67,6 +81,9 @@ def train(
     Settings left out come from the config file, then from the model's recommended settings
     (``augment=None``: augmentation as the model recommends, on by default). ``model="auto"``
     picks the preset and input size from the data; ``threads=N`` fixes torch's CPU threads.
+    ``progress=None`` draws a progress bar in a Jupyter notebook and nothing elsewhere.
+    ``live=True`` serves a page on 127.0.0.1 (its address is printed) that shows the curves
+    and one validation image's feature maps after every epoch, as ``cnnkit train --live``.
     """
     import dataclasses
 
@@ -98,7 +115,20 @@ def train(
         overrides[f"{section}.{name}"] = value
     # The model's recommended settings, then the config file, then the arguments.
     cfg = resolve_run_config(load_yaml(config) if config else None, overrides)
-    result = _train(cfg, out, overwrite=overwrite, progress=progress)
+    if progress is None:
+        from cnnkit.console import in_notebook
+
+        progress = in_notebook()
+    watch: Any = contextlib.nullcontext()
+    if live and os.environ.get("RANK", "0") == "0":
+        from cnnkit.serve.live import announce_url, watch_training
+
+        watch = watch_training(
+            cfg.train.epochs, title=f"{out} ({cfg.model})", announce=announce_url
+        )
+    with watch as board:
+        on_epoch = board.epoch_end if board is not None else None
+        result = _train(cfg, out, overwrite=overwrite, progress=progress, on_epoch=on_epoch)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes the report
         from cnnkit.report import try_write_report
 
@@ -129,3 +159,69 @@ def generate_shapes(
     from cnnkit.data.shapes import generate_shapes as _generate
 
     return _generate(out, count=count, size=size, seed=seed, overwrite=overwrite)
+
+
+def explain_conv(
+    image: Any = None,
+    kernel: Any = None,
+    *,
+    stride: int = 1,
+    padding: str = "border",
+    pad_value: float = 0.0,
+    relu: bool = True,
+) -> ConvExplanation:
+    """The learning material's convolution, step by step: with no arguments its 6x6 image and
+    3x3 kernel (the first sum is 155); any 2-D ``image`` and ``kernel`` work the same way.
+
+    ``padding="border"`` computes where the kernel fits and frames the map with
+    ``pad_value``, as the material does; ``"zero"`` pads the image first (``padding: same``).
+    """
+    from cnnkit.inspection.explain import explain_conv as _explain_conv
+
+    return _explain_conv(
+        image, kernel, stride=stride, padding=padding, pad_value=pad_value, relu=relu
+    )
+
+
+def explain_pixel(
+    model: str | Path | Classifier,
+    image: ImageInput,
+    layer: str,
+    map: int,
+    at: Sequence[int] | None = None,
+) -> PixelExplanation:
+    """The arithmetic behind one value of a trained model for one image: patch x kernel, the
+    products summed, bias, activation and 0-255 display value for a convolution (pooling,
+    batchnorm and dense layers likewise), checked against the model's own forward pass.
+
+    ``model`` is a run directory or ``cnnkit.load(...)``'s classifier; ``at`` is
+    (row, column) in the map, or None for a layer that outputs a vector.
+    """
+    from cnnkit.inspection.pixel import explain_pixel as _explain_pixel
+
+    return _explain_pixel(model, image, layer, map, at)
+
+
+def inspect(
+    run_dir: str | Path,
+    image: str | Path,
+    out: str | Path,
+    *,
+    layers: Sequence[str] | None = None,
+    class_name: str | None = None,
+) -> InspectResult:
+    """Every layer's feature maps, the kernels, Grad-CAM and the probabilities for one image,
+    written to ``out`` (``index.html`` and PNGs) and returned (``cnnkit inspect``)."""
+    from cnnkit.inspection.walkthrough import inspect_image
+
+    return inspect_image(run_dir, image, out, layers=layers, class_name=class_name)
+
+
+def __getattr__(name: str) -> Any:
+    """``cnnkit.report``: the module of that name, which is also the function
+    ``cnnkit.report(run_dir, data=None, out=None)`` (see ``cnnkit.report.write_report``)."""
+    if name == "report":
+        import importlib
+
+        return importlib.import_module("cnnkit.report")
+    raise AttributeError(f"module 'cnnkit' has no attribute {name!r}")

@@ -7,10 +7,11 @@ messages print as plain lines on stderr, above any progress bar, which shares th
 from __future__ import annotations
 
 import logging
+import sys
 
 from rich.console import Console
 
-__all__ = ["console", "setup_logging"]
+__all__ = ["console", "in_notebook", "setup_logging"]
 
 console = Console(stderr=True, highlight=False)
 
@@ -33,3 +34,10 @@ def setup_logging(verbose: bool = True) -> None:
     if not any(isinstance(h, _ConsoleHandler) for h in logger.handlers):
         logger.addHandler(_ConsoleHandler())
     logger.propagate = False
+
+
+def in_notebook() -> bool:
+    """Whether this code runs in a Jupyter kernel (IPython's shell there has a kernel)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return getattr(shell, "kernel", None) is not None

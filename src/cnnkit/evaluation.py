@@ -54,6 +54,25 @@ class EvalResult:
     scored: str = ""  # in words, e.g. "validation part of /data/shapes"
     saved_to: Path | None = None  # the folder the results were written to
 
+    def __repr__(self) -> str:
+        what = self.scored or "images"
+        return (
+            f"EvalResult({what}: {self.count} images, accuracy {100 * self.accuracy:.2f}%, "
+            f"loss {self.loss:.4f}, {len(self.classes)} classes)"
+        )
+
+    def _repr_html_(self) -> str:
+        from cnnkit.inspection.html import confusion_table, esc, fragment, per_class_table
+
+        body = (
+            f"<p>{esc(self.scored or 'images')}: {self.count} images, accuracy "
+            f"<b>{100 * self.accuracy:.2f}%</b>, loss {self.loss:.4f}.</p>"
+            + per_class_table(self.per_class)
+            + "<p class='note'>Confusion matrix (rows: true class, columns: predicted).</p>"
+            + confusion_table(self.classes, self.confusion)
+        )
+        return fragment("Evaluation", body)
+
     @property
     def is_validation(self) -> bool:
         """Whether these are the run's own validation images (what training measured)."""

@@ -26,7 +26,14 @@ from cnnkit.engine import batched_logits, resolve_device, resolve_precision
 from cnnkit.errors import DataError, ImageError
 from cnnkit.models.network import Network
 
-__all__ = ["Classifier", "Prediction", "expand_inputs", "inference_precision", "load"]
+__all__ = [
+    "Classifier",
+    "Prediction",
+    "array_image",
+    "expand_inputs",
+    "inference_precision",
+    "load",
+]
 
 ImageInput = Source | Image.Image | np.ndarray
 
@@ -37,6 +44,26 @@ def inference_precision(precision: str, device: torch.device) -> str:
     return resolve_precision("fp32" if precision == "auto" else precision, device)
 
 
+def array_image(image: np.ndarray) -> Image.Image:
+    """An array as a picture: uint8 as it is; floats in [0, 1] scaled to 0-255; other numbers
+    taken as pixel values. (H, W), (H, W, 1), (H, W, 3) or (H, W, 4)."""
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+        raise ImageError(
+            f"array of shape {image.shape}: expected (H, W), (H, W, 1), (H, W, 3) or (H, W, 4)"
+        )
+    if image.dtype == np.uint8:
+        arr = image
+    else:
+        values = np.nan_to_num(image.astype(np.float64))
+        if image.dtype.kind == "f" and values.size and values.max() <= 1.0:
+            values = values * 255.0
+        arr = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+    mode = {1: "L", 3: "RGB", 4: "RGBA"}[arr.shape[2]]
+    return Image.fromarray(arr[:, :, 0] if mode == "L" else arr, mode=mode)
+
+
 @dataclass(frozen=True)
 class Prediction:
     """The model's answer for one image."""
@@ -45,6 +72,33 @@ class Prediction:
     label: str
     confidence: float
     probabilities: dict[str, float] = field(default_factory=dict)
+    # What was classified (a path, bytes, a PIL image or an array), for Jupyter's picture of
+    # it; a reference only, so a long list of predictions holds no copies of the images.
+    image: object = field(default=None, repr=False, compare=False)
+
+    def __repr__(self) -> str:
+        top = ", ".join(f"{c} {100 * p:.1f}%" for c, p in self.top(3))
+        more = (
+            f", {len(self.probabilities) - 3} more classes" if len(self.probabilities) > 3 else ""
+        )
+        return f"Prediction({self.source!r}: {self.label}; {top}{more})"
+
+    def _repr_html_(self) -> str:
+        from cnnkit.inspection.html import bars, esc, fragment, picture
+
+        shown = ""
+        if self.image is not None:
+            try:  # the whole image, fitted into a square (it may be gone or unreadable now)
+                image = self.image
+                image = array_image(image) if isinstance(image, np.ndarray) else image
+                shown = picture(load_image(image, 128, 3, "pad"), self.source, 128)
+            except (ImageError, OSError, ValueError):
+                shown = "<p class='note'>(the image cannot be read any more)</p>"
+        body = (
+            f"<div class='row'>{shown}<div><p>{esc(self.label)} "
+            f"({100 * self.confidence:.1f}%)</p>{bars(self.probabilities)}</div></div>"
+        )
+        return fragment(f"Prediction for {self.source}", body)
 
     def top(self, k: int) -> list[tuple[str, float]]:
         return sorted(self.probabilities.items(), key=lambda kv: -kv[1])[:k]
@@ -80,22 +134,7 @@ class Classifier:
     def preprocess(self, image: ImageInput) -> np.ndarray:
         """One image to the uint8 ``(S, S, C)`` array the model is fed."""
         if isinstance(image, np.ndarray):
-            if image.ndim == 2:
-                image = image[:, :, None]
-            if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
-                raise ImageError(
-                    f"array of shape {image.shape}: expected (H, W), (H, W, 1), "
-                    "(H, W, 3) or (H, W, 4)"
-                )
-            if image.dtype == np.uint8:
-                arr = image
-            else:  # floats in [0, 1] are scaled to 0-255; other numbers are taken as pixels
-                values = np.nan_to_num(image.astype(np.float64))
-                if image.dtype.kind == "f" and values.size and values.max() <= 1.0:
-                    values = values * 255.0
-                arr = np.clip(np.rint(values), 0, 255).astype(np.uint8)
-            mode = {1: "L", 3: "RGB", 4: "RGBA"}[arr.shape[2]]
-            image = Image.fromarray(arr[:, :, 0] if mode == "L" else arr, mode=mode)
+            image = array_image(image)
         return load_image(image, self.meta.image_size, self.meta.channels, self.meta.resize)
 
     def logits(self, batch: np.ndarray) -> torch.Tensor:
@@ -128,16 +167,48 @@ class Classifier:
         if isinstance(images, str | Path | bytes | Image.Image | np.ndarray):
             images = [images]
         probs = self.predict_proba(images)
-        return [self._prediction(_describe(im), p) for im, p in zip(images, probs, strict=True)]
+        return [self._prediction(_describe(im), p, im) for im, p in zip(images, probs, strict=True)]
 
-    def _prediction(self, source: str, probs: np.ndarray) -> Prediction:
+    def _prediction(self, source: str, probs: np.ndarray, image: object = None) -> Prediction:
         best = int(np.argmax(probs))
         return Prediction(
             source=source,
             label=self.classes[best],
             confidence=float(probs[best]),
             probabilities={c: float(p) for c, p in zip(self.classes, probs, strict=True)},
+            image=image,
         )
+
+    def __repr__(self) -> str:
+        meta = self.meta
+        classes = ", ".join(meta.classes[:8]) + (", ..." if len(meta.classes) > 8 else "")
+        return (
+            f"{type(self).__name__}({self._what()}, {len(meta.classes)} classes: {classes}; "
+            f"input {meta.image_size}x{meta.image_size}x{meta.channels} ({meta.resize}); "
+            f"{self._size()}; {self.device.type}, {self.precision})"
+        )
+
+    def _what(self) -> str:
+        path = getattr(self, "path", None)  # an exported file (``OnnxClassifier``)
+        return str(path) if path is not None else self.meta.model_name or "custom"
+
+    def _size(self) -> str:
+        if self.model is None:
+            return "no PyTorch network"
+        return f"{sum(p.numel() for p in self.model.parameters()):,} parameters"
+
+    def _repr_html_(self) -> str:
+        from cnnkit.inspection.html import fragment, model_table, table
+
+        meta = self.meta
+        facts = [
+            ("classes", f"{len(meta.classes)}: {', '.join(meta.classes)}"),
+            ("input", f"{meta.image_size}x{meta.image_size}, {meta.channels} channel(s), "
+                      f"resized by {meta.resize}"),
+            ("runs on", f"{self.device.type}, {self.precision}"),
+        ]  # fmt: skip
+        layers = model_table(self.model) if self.model is not None else ""
+        return fragment(f"cnnkit classifier: {self._what()}", table(None, facts) + layers)
 
 
 def _describe(image: object) -> str:

@@ -21,7 +21,15 @@ from cnnkit.data.dataset import PreparedData
 from cnnkit.data.images import load_image, to_model_input
 from cnnkit.errors import CnnkitError
 from cnnkit.evaluation import EvalResult
-from cnnkit.inspection.html import confusion_table, esc, maps_html, scores_table, table
+from cnnkit.inspection.html import (
+    confusion_table,
+    esc,
+    maps_html,
+    model_table,
+    per_class_table,
+    scores_table,
+    table,
+)
 from cnnkit.inspection.maps import LayerOutput, layer_outputs
 from cnnkit.inspection.render import data_uri, display_scale, upscale
 from cnnkit.models.network import Network
@@ -187,24 +195,7 @@ def _config(run: Run) -> str:
 
 
 def _model(run: Run) -> str:
-    rows = [
-        (
-            info.name,
-            info.spec.type,
-            " x ".join(map(str, info.out_shape)),
-            f"{info.params:,}",
-            f"{info.flops:,}",
-        )
-        for info in run.model.infos
-    ]
-    total_p = sum(i.params for i in run.model.infos)
-    total_f = sum(i.flops for i in run.model.infos)
-    rows.append(("total", "", "", f"{total_p:,}", f"{total_f:,}"))
-    shape = " x ".join(map(str, run.model.in_shape))
-    return (
-        f"<p>Input {shape}. FLOPs count one image's forward pass (a multiply-add is two).</p>"
-        + table(("layer", "type", "output shape", "parameters", "FLOPs"), rows)
-    )
+    return model_table(run.model)
 
 
 def _augmented(run: Run) -> str:
@@ -271,14 +262,10 @@ def _confusion(run: Run) -> str:
 
 def _per_class(run: Run) -> str:
     ev = _need_evaluation(run)
-    rows = [
-        (r["class"], f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", r["support"])
-        for r in ev.per_class
-    ]
     return (
         "<p>Precision: of the images predicted as the class, the share that are. Recall: of "
         "the class's images, the share found. F1: their harmonic mean.</p>"
-        + table(("class", "precision", "recall", "F1", "support"), rows)
+        + per_class_table(ev.per_class)
     )
 
 

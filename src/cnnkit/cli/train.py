@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -93,6 +94,9 @@ def train_cmd(
         int | None, typer.Option(help="Launch N data-parallel processes through torchrun.")
     ] = None,
     quiet: Annotated[bool, typer.Option(help="Only warnings and the result.")] = False,
+    live: Annotated[
+        bool, typer.Option("--live", help="Watch it in the browser (127.0.0.1, a free port).")
+    ] = False,
 ) -> None:
     """Train a CNN on a folder of images and write a run directory."""
     from cnnkit.models.registry import resolve_run_config
@@ -159,14 +163,16 @@ def train_cmd(
             cfg = resolve_run_config(load_yaml(config) if config else None, flags)
     except TypeError as exc:
         raise ConfigError(str(exc)) from None
-    result = train(
-        cfg,
-        out_dir,
-        overwrite=overwrite,
-        progress=not quiet,
-        resume=resume is not None,
-        force=force,
-    )
+    with _watched(live, cfg, out_dir) as board:
+        result = train(
+            cfg,
+            out_dir,
+            overwrite=overwrite,
+            progress=not quiet,
+            resume=resume is not None,
+            force=force,
+            on_epoch=board.epoch_end if board is not None else None,
+        )
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun only rank 0 reports
     s = result.summary()
@@ -185,6 +191,15 @@ def train_cmd(
     report = try_write_report(out_dir, result.data, result.val_logits)
     if report is not None:
         out.print(f"report: {report}", markup=False)
+
+
+def _watched(live: bool, cfg: RunConfig, out_dir: Path) -> Any:
+    """``--live``: the live page's board while training runs (rank 0 only), else nothing."""
+    if not live or os.environ.get("RANK", "0") != "0":
+        return contextlib.nullcontext()
+    from cnnkit.serve.live import announce_url, watch_training
+
+    return watch_training(cfg.train.epochs, title=f"{out_dir} ({cfg.model})", announce=announce_url)
 
 
 def _without_nproc(argv: list[str]) -> list[str]:

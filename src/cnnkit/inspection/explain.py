@@ -148,6 +148,22 @@ def _number(value: float) -> float | int:
     return int(value) if float(value).is_integer() else float(value)
 
 
+def _worked(title: str, text: str, result: np.ndarray) -> str:
+    """A worked example for a notebook: the text, and the result as a 0-255 picture."""
+    from cnnkit.inspection.html import esc, fragment, picture
+    from cnnkit.inspection.maps import normalize_map
+    from cnnkit.inspection.render import display_scale, upscale
+
+    grey = upscale(normalize_map(result), display_scale(max(result.shape), target=96))
+    shown = picture(grey, "the result normalised to 0-255")
+    body = (
+        f"<div class='row'><pre>{esc(text)}</pre><figure>{shown}<figcaption class='note'>"
+        "The result normalised to 0-255 (its minimum black, its maximum white), as an "
+        "image.</figcaption></figure></div>"
+    )
+    return fragment(title, body)
+
+
 # ----------------------------------------------------------------------------- convolution
 
 
@@ -189,6 +205,23 @@ class ConvExplanation:
     result: np.ndarray  # (Ho, Wo) the weighted sums
     padded: np.ndarray  # the feature map: border -> result framed by pad_value; zero -> result
     relu: np.ndarray | None  # max(padded, 0), or None with relu=False
+
+    def __repr__(self) -> str:
+        (h, w), (kh, kw) = self.image.shape, self.kernel.shape
+        first = format_number(self.steps[0].sum) if self.steps else "-"
+        return (
+            f"ConvExplanation({h}x{w} image, {kh}x{kw} kernel, stride {self.stride}, "
+            f"{self.padding} padding: {len(self.steps)} sums, the first {first}; "
+            f"feature map {self.padded.shape[0]}x{self.padded.shape[1]})"
+        )
+
+    def _repr_html_(self) -> str:
+        """The worked example as ``cnnkit explain conv`` prints it, with the feature map
+        drawn as the material says to see it: normalised to 0-255."""
+        from cnnkit.inspection.explain_text import render_conv
+
+        final = self.relu if self.relu is not None else self.padded
+        return _worked("A convolution, step by step", render_conv(self), final)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -317,6 +350,18 @@ class PoolExplanation:
     stride: int
     steps: tuple[PoolStep, ...]
     result: np.ndarray  # (Ho, Wo)
+
+    def __repr__(self) -> str:
+        (h, w), (ho, wo) = self.feature_map.shape, self.result.shape
+        return (
+            f"PoolExplanation({h}x{w} map, {self.size}x{self.size} max pooling, stride "
+            f"{self.stride}: {len(self.steps)} windows -> {ho}x{wo})"
+        )
+
+    def _repr_html_(self) -> str:
+        from cnnkit.inspection.explain_text import render_pool
+
+        return _worked("Max pooling, window by window", render_pool(self), self.result)
 
     def to_dict(self) -> dict[str, Any]:
         return {

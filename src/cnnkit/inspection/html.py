@@ -1,14 +1,16 @@
-"""Small HTML helpers shared by the inspect pages and the run report.
+"""Small HTML helpers shared by the inspect pages, the run report and Jupyter's displays.
 
 Pages are plain HTML with inline CSS: no scripts, no external URLs, so they open from disk
 with no server and no network. Every piece of text that comes from the user (file names,
-class names, config values) goes through ``esc``.
+class names, config values) goes through ``esc``. ``fragment`` wraps the same tables and
+pictures for a notebook cell (``_repr_html_``), with its style scoped to the fragment.
 """
 
 from __future__ import annotations
 
 import html
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -16,14 +18,22 @@ from cnnkit.inspection.maps import LayerOutput
 from cnnkit.inspection.render import data_uri, map_grid
 from cnnkit.models.layers import LAYER_TYPES, explain_layer
 
+if TYPE_CHECKING:
+    from cnnkit.models.network import Network
+
 __all__ = [
     "CSS",
     "LAYER_HELP",
+    "bars",
     "confusion_table",
     "esc",
+    "fragment",
     "layer_help",
     "maps_html",
+    "model_table",
     "page",
+    "per_class_table",
+    "picture",
     "scores_table",
     "table",
 ]
@@ -143,3 +153,68 @@ def scores_table(
         rows.append(cells)
     header = ("class", "score") + (("probability", "") if probabilities is not None else ())
     return table(header, rows, raw=True)
+
+
+def model_table(model: Network) -> str:
+    """Every layer's output shape, parameters and FLOPs, with the totals and the input."""
+    rows = [
+        (info.name, info.spec.type, " x ".join(map(str, info.out_shape)),
+         f"{info.params:,}", f"{info.flops:,}")
+        for info in model.infos
+    ]  # fmt: skip
+    total_p = sum(i.params for i in model.infos)
+    total_f = sum(i.flops for i in model.infos)
+    rows.append(("total", "", "", f"{total_p:,}", f"{total_f:,}"))
+    shape = " x ".join(map(str, model.in_shape))
+    return (
+        f"<p>Input {shape}. FLOPs count one image's forward pass (a multiply-add is two).</p>"
+        + table(("layer", "type", "output shape", "parameters", "FLOPs"), rows)
+    )
+
+
+def per_class_table(per_class: Sequence[Mapping[str, object]]) -> str:
+    """Per-class precision, recall, F1 and support (``EvalResult.per_class``)."""
+    rows = [
+        (r["class"], f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", r["support"])
+        for r in per_class
+    ]
+    return table(("class", "precision", "recall", "F1", "support"), rows)
+
+
+def picture(image: np.ndarray | bytes, alt: str, width: int | None = None) -> str:
+    """An embedded PNG (a uint8 array or PNG bytes), drawn ``width`` CSS pixels wide."""
+    size = f" width='{width}'" if width else ""
+    return f"<img src='{data_uri(image)}' alt='{esc(alt)}'{size}>"
+
+
+def bars(probabilities: Mapping[str, float], most: int = 10) -> str:
+    """The largest ``most`` probabilities as labelled horizontal bars, largest first."""
+    top = sorted(probabilities.items(), key=lambda kv: -kv[1])[:most]
+    rows = "".join(
+        f"<tr><td>{esc(name)}</td><td class='bar'><span style='width: {100 * p:.1f}%'></span>"
+        f"</td><td>{100 * p:.1f}%</td></tr>"
+        for name, p in top
+    )
+    more = len(probabilities) - len(top)
+    note = f"<p class='note'>and {more} more classes</p>" if more > 0 else ""
+    return f"<table class='bars'><tbody>{rows}</tbody></table>{note}"
+
+
+NOTEBOOK_CSS = """
+.cnnkit table { border-collapse: collapse; margin: .3rem 0; font-variant-numeric: tabular-nums; }
+.cnnkit th, .cnnkit td { border: 1px solid #d8dce4; padding: .1rem .5rem; text-align: right; }
+.cnnkit th:first-child, .cnnkit td:first-child { text-align: left; }
+.cnnkit img { image-rendering: pixelated; border: 1px solid #d8dce4; }
+.cnnkit .note { color: #5b6474; font-size: 90%; }
+.cnnkit .row { display: flex; flex-wrap: wrap; gap: 1rem; align-items: flex-start; }
+.cnnkit td.bar { width: 12rem; }
+.cnnkit td.bar span { display: block; height: .8rem; background: #1f6feb; }
+.cnnkit pre { font-size: 90%; }
+"""
+
+
+def fragment(title: str, body: str) -> str:
+    """A notebook cell's display: a heading and ``body``, styled only inside itself."""
+    return (
+        f"<div class='cnnkit'><style>{NOTEBOOK_CSS}</style><p><b>{esc(title)}</b></p>{body}</div>"
+    )

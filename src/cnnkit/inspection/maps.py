@@ -16,7 +16,7 @@ import torch
 from cnnkit.errors import ConfigError
 from cnnkit.models.network import Network
 
-__all__ = ["LayerOutput", "layer_outputs", "normalize_map"]
+__all__ = ["LayerOutput", "layer_outputs", "normalize_map", "normalize_maps"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,20 @@ class LayerOutput:
     values: np.ndarray  # float32 (C, H, W) or (N,)
     min: float
     max: float
+
+    def __repr__(self) -> str:
+        shape = self.values.shape
+        what = f"{shape[0]} maps of {shape[1]}x{shape[2]}" if self.is_map else f"{shape[0]} values"
+        values = f"values {self.min:.4g} to {self.max:.4g}"
+        return f"LayerOutput({self.name} ({self.type}): {what}, {values})"
+
+    def _repr_png_(self) -> bytes:
+        """The maps as a grid (each normalised on its own), or the vector as a strip."""
+        from cnnkit.inspection.render import map_grid, png_bytes, vector_strip
+
+        if self.is_map:
+            return png_bytes(map_grid(self.values, cols=min(len(self.values), 8)))
+        return png_bytes(vector_strip(self.values))
 
     @property
     def is_map(self) -> bool:
@@ -44,17 +58,28 @@ def normalize_map(x: np.ndarray | torch.Tensor) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().float().cpu().numpy()
     arr = np.asarray(x, dtype=np.float64)
-    if arr.size == 0:
+    return normalize_maps(arr.reshape(1, -1)).reshape(arr.shape)
+
+
+def normalize_maps(x: np.ndarray) -> np.ndarray:
+    """``normalize_map`` of each ``x[k]`` on its own, all at once: ``(C, ...)`` -> uint8.
+
+    One vectorised pass instead of a call per map (a layer of hundreds of maps, after every
+    epoch on the live training page); ``normalize_map`` is this with a single map."""
+    arr = np.asarray(x, dtype=np.float64)
+    if arr.ndim == 0 or arr.size == 0:
         return np.zeros(arr.shape, dtype=np.uint8)
-    finite = np.isfinite(arr)
-    if not finite.any():
-        return np.zeros(arr.shape, dtype=np.uint8)
-    lo, hi = float(arr[finite].min()), float(arr[finite].max())
-    if hi <= lo:
-        return np.zeros(arr.shape, dtype=np.uint8)
-    arr = np.where(finite, arr, lo)
-    scaled = (arr - lo) * (255.0 / (hi - lo))
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    flat = arr.reshape(arr.shape[0], -1)  # (C, values)
+    finite = np.isfinite(flat)
+    everywhere = bool(finite.all())  # the usual case: no masking needed
+    lo = (flat if everywhere else np.where(finite, flat, np.inf)).min(axis=1, keepdims=True)
+    hi = (flat if everywhere else np.where(finite, flat, -np.inf)).max(axis=1, keepdims=True)
+    drawn = hi > lo  # False for a constant map and for one without a finite value
+    lo, span = np.where(drawn, lo, 0.0), np.where(drawn, hi - lo, 1.0)
+    scaled = ((flat if everywhere else np.where(finite, flat, lo)) - lo) * (255.0 / span)
+    out = np.clip(np.rint(scaled, out=scaled), 0, 255, out=scaled).astype(np.uint8)
+    out[~drawn[:, 0]] = 0
+    return out.reshape(arr.shape)
 
 
 @torch.no_grad()

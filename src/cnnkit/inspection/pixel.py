@@ -91,6 +91,32 @@ class PixelExplanation:
     def difference(self) -> float:
         return abs(self.value - self.model_value)
 
+    def __repr__(self) -> str:
+        where = f"row {self.at[0]}, column {self.at[1]}" if self.at is not None else "a vector"
+        label = f" ({self.label})" if self.label else ""
+        after = (
+            f", after {self.activation} {format_number(self.post_activation)}"
+            if self.post_activation is not None
+            else ""
+        )
+        return (
+            f"PixelExplanation({self.layer} ({self.type}), map {self.map}{label}, {where}: "
+            f"{format_number(self.value)} (the model's {format_number(self.model_value)})"
+            f"{after}, display {self.display_value})"
+        )
+
+    def _repr_html_(self) -> str:
+        """The worked arithmetic as ``cnnkit explain pixel`` prints it, in a notebook cell."""
+        from cnnkit.inspection.html import esc, fragment
+
+        check = "equals" if self.matches else "DIFFERS FROM"
+        body = (
+            f"<pre>{esc(render_pixel(self))}</pre><p class='note'>The arithmetic {check} the "
+            f"model's own forward pass (difference {self.difference:.1e}, float32 tolerance "
+            f"{self.tolerance:.1e}).</p>"
+        )
+        return fragment(f"Why {self.layer} has this value", body)
+
     @property
     def matches(self) -> bool:
         """The arithmetic equals the forward pass within float32 tolerance."""

@@ -20,7 +20,15 @@ from cnnkit.errors import ConfigError
 from cnnkit.files import write_folder
 from cnnkit.inference import Classifier, load
 from cnnkit.inspection.gradcam import default_cam_layer, grad_cam
-from cnnkit.inspection.html import esc, layer_help, page, scores_table, table
+from cnnkit.inspection.html import (
+    esc,
+    fragment,
+    layer_help,
+    page,
+    picture,
+    scores_table,
+    table,
+)
 from cnnkit.inspection.maps import LayerOutput, layer_outputs
 from cnnkit.inspection.render import (
     display_scale,
@@ -55,6 +63,44 @@ class InspectResult:
     @property
     def index(self) -> Path:
         return self.out / "index.html"
+
+    def __repr__(self) -> str:
+        sure = 100 * self.probabilities[self.predicted]
+        return (
+            f"InspectResult({self.predicted} ({sure:.1f}%); {len(self.layers)} layers, "
+            f"Grad-CAM for {self.cam_class} from {self.cam_layer}; {self.index})"
+        )
+
+    def _repr_html_(self) -> str:
+        """The page's pictures, read back from the PNGs it wrote, for a notebook cell."""
+        probs = sorted(self.probabilities.items(), key=lambda kv: -kv[1])
+        figures = [
+            (name, caption) for name, caption in
+            (("input.png", "the image as the model sees it"),
+             ("gradcam.png", f"Grad-CAM for {self.cam_class} (from {self.cam_layer})"))
+            if (self.out / name).is_file()
+        ]  # fmt: skip
+        head = "".join(
+            f"<figure>{picture((self.out / n).read_bytes(), c, 192)}"
+            f"<figcaption class='note'>{esc(c)}</figcaption></figure>"
+            for n, c in figures
+        )
+        head += table(("class", "probability"), [(c, f"{100 * p:.2f}%") for c, p in probs])
+        layers = []
+        for rec in self.layers:
+            file = self.out / str(rec["maps_png"])
+            if file.is_file():
+                shape = " x ".join(map(str, rec["out_shape"]))
+                layers.append(
+                    f"<p>{esc(rec['name'])} ({esc(rec['type'])}): {shape}, values "
+                    f"{rec['min']:.4g} to {rec['max']:.4g}</p>"
+                    + picture(file.read_bytes(), f"output of {rec['name']}")
+                )
+        body = (
+            f"<p>Predicted <b>{esc(self.predicted)}</b>. The whole walk-through: "
+            f"{esc(self.index)}</p><div class='row'>{head}</div>" + "".join(layers)
+        )
+        return fragment("Inside the network", body)
 
 
 def select_layers(names: Sequence[str], wanted: Sequence[str] | None) -> list[str]:

@@ -45,7 +45,7 @@ from cnnkit.training.outputs import (
     write_outputs,
     write_split_csv,
 )
-from cnnkit.training.session import claim_run_dir, progress_bar, stop_on_signals
+from cnnkit.training.session import EpochHook, claim_run_dir, progress_bar, stop_on_signals
 
 __all__ = ["TrainingInterrupted", "train"]
 
@@ -127,8 +127,12 @@ def train(
     progress: bool = True,
     resume: bool = False,
     force: bool = False,
+    on_epoch: EpochHook | None = None,
 ) -> TrainResult:
-    """Train ``config`` into the run directory ``out`` (or continue it with ``resume``)."""
+    """Train ``config`` into the run directory ``out`` (or continue it with ``resume``).
+
+    ``on_epoch(row, model, data)`` is called on rank 0 after each epoch's validation, with
+    the metrics row, the evaluated model and the data (``cnnkit train --live`` watches it)."""
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
         with contextlib.ExitStack() as run_dir:  # locked until the run ends, however it ends
@@ -140,6 +144,7 @@ def train(
                 resume=resume,
                 force=force,
                 run_dir=run_dir,
+                on_epoch=on_epoch,
             )
     finally:  # --deterministic applies to this run only, not to the rest of the process
         if torch.are_deterministic_algorithms_enabled() != deterministic:
@@ -156,6 +161,7 @@ def _train(
     resume: bool,
     force: bool,
     run_dir: contextlib.ExitStack,
+    on_epoch: EpochHook | None = None,
 ) -> TrainResult:
     # ---------------------------------------------------------------- Setup
     session_start = time.perf_counter()
@@ -405,6 +411,8 @@ def _train(
                 "seconds": time.perf_counter() - epoch_start,
             }
             p.history.append(row)
+            if on_epoch is not None and info.is_main:
+                on_epoch(dict(row), evaluated, data)
             log.info(
                 "epoch %d/%d  train_loss %.4f  train_acc %.2f%%  val_loss %.4f  "
                 "val_acc %.2f%%  lr %.2e  %.1fs",

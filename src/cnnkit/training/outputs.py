@@ -69,6 +69,23 @@ class TrainResult:
     # Validation logits (N, classes) of the saved weights, when this session computed them.
     val_logits: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
+    def __repr__(self) -> str:
+        return (
+            f"TrainResult({self.run_dir}: best validation accuracy {100 * self.best_val_acc:.2f}% "
+            f"at epoch {self.best_epoch} of {self.epochs_run}, {self.wall_seconds:.1f}s, "
+            f"{self.images_per_second:,.0f} img/s, {self.precision} on {self.device})"
+        )
+
+    def _repr_html_(self) -> str:
+        from cnnkit.inspection.html import fragment, picture, table
+
+        facts = [(k, v) for k, v in self.summary().items() if v is not None]
+        curves = Path(self.run_dir) / "curves.png"
+        drawn = picture(curves.read_bytes(), "curves", 560) if curves.is_file() else ""
+        return fragment(
+            f"Training run {self.run_dir}", f"<div class='row'>{table(None, facts)}{drawn}</div>"
+        )
+
     def summary(self) -> dict[str, object]:
         return {
             "best_val_acc": self.best_val_acc,

@@ -1,18 +1,22 @@
 """What a training session needs around the loop: its run directory (locked, with a record of
-what it writes), its progress bar and its stop signals (SIGINT/SIGTERM end it at the next
-step, with a checkpoint)."""
+what it writes), its progress bar (an HTML one in a Jupyter notebook), its stop signals
+(SIGINT/SIGTERM end it at the next step, with a checkpoint) and the type of its end-of-epoch
+hook."""
 
 from __future__ import annotations
 
 import errno
 import logging
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from cnnkit.console import console
+from torch import nn
+
+from cnnkit.console import console, in_notebook
+from cnnkit.data.dataset import PreparedData
 from cnnkit.errors import RunDirError
 from cnnkit.files import (
     LOCK,
@@ -25,9 +29,13 @@ from cnnkit.files import (
     temporary_names,
 )
 
-__all__ = ["RUN_OUTPUTS", "claim_run_dir", "progress_bar", "stop_on_signals"]
+__all__ = ["RUN_OUTPUTS", "EpochHook", "claim_run_dir", "progress_bar", "stop_on_signals"]
 
 log = logging.getLogger("cnnkit")
+
+# Called at the end of each epoch with the metrics row, the evaluated model and the data; it
+# runs on the training thread, so it must hand the work over and return quickly.
+EpochHook = Callable[[dict[str, Any], nn.Module, PreparedData], None]
 
 
 # What a training run writes into its run directory, recorded before it writes them (so a
@@ -137,6 +145,11 @@ def _clear(out: Path, overwrite: bool) -> None:
 
 
 def progress_bar(enabled: bool) -> Any:
+    """rich's bar in a terminal; in a Jupyter notebook an HTML one that needs no widgets."""
+    if enabled and in_notebook():
+        from cnnkit.training.notebook import NotebookProgress
+
+        return NotebookProgress()
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
