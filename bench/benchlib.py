@@ -71,20 +71,22 @@ def median(values: Sequence[float]) -> float:
 # -------------------------------------------------------------------------------- data
 
 
-def shapes_folder(count: int, size: int = 128, seed: int = 0) -> Path:
+def shapes_folder(count: int, size: int = 128, seed: int = 0, style: str = "cnnkit") -> Path:
     """The generated circles/squares/triangles, ``count`` per class; made once, then reused.
 
     Written to a temporary name and renamed, so a half-written folder is never reused; the
-    name carries the drawing's version, so a changed drawing is generated afresh.
+    name carries the drawing's version (and a style other than cnnkit's), so a changed
+    drawing is generated afresh.
     """
     from cnnkit.data.shapes import SHAPES_VERSION, generate_shapes
 
-    folder = BENCH_DIR / f"shapes-v{SHAPES_VERSION}-{count}x{size}-s{seed}"
+    styled = "" if style == "cnnkit" else f"-{style}"
+    folder = BENCH_DIR / f"shapes-v{SHAPES_VERSION}{styled}-{count}x{size}-s{seed}"
     if not folder.is_dir():
-        log(f"generating {3 * count} shapes ({size}x{size}) in {folder}")
+        log(f"generating {3 * count} {style} shapes ({size}x{size}) in {folder}")
         tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        generate_shapes(tmp, count=count, size=size, seed=seed)
+        generate_shapes(tmp, count=count, size=size, seed=seed, style=style)
         tmp.rename(folder)
     return folder
 
