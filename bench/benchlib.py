@@ -16,7 +16,8 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,20 +72,22 @@ def median(values: Sequence[float]) -> float:
 # -------------------------------------------------------------------------------- data
 
 
-def shapes_folder(count: int, size: int = 128, seed: int = 0) -> Path:
+def shapes_folder(count: int, size: int = 128, seed: int = 0, style: str = "cnnkit") -> Path:
     """The generated circles/squares/triangles, ``count`` per class; made once, then reused.
 
     Written to a temporary name and renamed, so a half-written folder is never reused; the
-    name carries the drawing's version, so a changed drawing is generated afresh.
+    name carries the drawing's version (and a style other than cnnkit's), so a changed
+    drawing is generated afresh.
     """
     from cnnkit.data.shapes import SHAPES_VERSION, generate_shapes
 
-    folder = BENCH_DIR / f"shapes-v{SHAPES_VERSION}-{count}x{size}-s{seed}"
+    styled = "" if style == "cnnkit" else f"-{style}"
+    folder = BENCH_DIR / f"shapes-v{SHAPES_VERSION}{styled}-{count}x{size}-s{seed}"
     if not folder.is_dir():
-        log(f"generating {3 * count} shapes ({size}x{size}) in {folder}")
+        log(f"generating {3 * count} {style} shapes ({size}x{size}) in {folder}")
         tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        generate_shapes(tmp, count=count, size=size, seed=seed)
+        generate_shapes(tmp, count=count, size=size, seed=seed, style=style)
         tmp.rename(folder)
     return folder
 
@@ -159,7 +162,11 @@ def cnnkit_train(
 
 
 def run_child(
-    cmd: Sequence[str], env: dict[str, str], stdout: Path, stderr: Path | None = None
+    cmd: Sequence[str],
+    env: dict[str, str],
+    stdout: Path,
+    stderr: Path | None = None,
+    usage: dict[str, float] | None = None,
 ) -> tuple[int, float, float]:
     """Run ``cmd`` to completion: (exit code, wall seconds, peak RSS in MB of that child).
 
@@ -167,16 +174,72 @@ def run_child(
     start-up and imports. Peak RSS is ``ru_maxrss`` from ``os.wait4`` on this one child,
     unlike ``RUSAGE_CHILDREN``, which is a maximum over every child so far. Output goes to
     files (``stderr`` None: into ``stdout``), so a full pipe can never stall the child.
+    ``usage``, when given, receives the child's ``cpu_seconds`` (user + system).
     """
     with open(stdout, "w") as out, open(stderr or os.devnull, "w") as err:
         start = time.perf_counter()
         proc = subprocess.Popen(
             cmd, env=env, stdout=out, stderr=err if stderr else subprocess.STDOUT
         )
-        _, status, usage = os.wait4(proc.pid, 0)
+        _, status, rusage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, wall, usage.ru_maxrss / 1024  # Linux: KiB
+    if usage is not None:
+        usage["cpu_seconds"] = rusage.ru_utime + rusage.ru_stime
+    return proc.returncode, wall, rusage.ru_maxrss / 1024  # Linux: KiB
+
+
+@dataclass
+class Contender:
+    """One command of an alternating comparison, and how to read the result of a run."""
+
+    command: list[str]
+    out: Path  # run directory (cnnkit) or JSON output (peer): removed before every run
+    read: Callable[[Path], dict[str, object]]  # out -> the figures of the run
+    env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    cold_cache: Path | None = None  # emptied before every run: every image decoded again
+    warm_up: bool = True  # also run in the unkept first round
+
+
+def alternate(contenders: dict[str, Contender], repeats: int) -> dict[str, list[dict]]:
+    """Run every contender once per round, ``repeats`` rounds after one unkept round (it
+    fills the warm caches, the OS file cache and Python's bytecode caches; contenders
+    without ``warm_up`` sit it out), the order turning by one each round so that changing
+    load falls on all of them alike."""
+    runs: dict[str, list[dict]] = {label: [] for label in contenders}
+    labels = list(contenders)
+    for round_ in range(repeats + 1):
+        turn = round_ % len(labels)
+        for label in labels[turn:] + labels[:turn]:
+            c = contenders[label]
+            if round_ == 0 and not c.warm_up:
+                continue
+            if c.cold_cache is not None:
+                fresh_dir(c.cold_cache)
+            if c.out.is_dir():
+                shutil.rmtree(c.out)
+            c.out.unlink(missing_ok=True)
+            output = c.out.with_name(c.out.name + ".log")
+            output.parent.mkdir(parents=True, exist_ok=True)
+            load = round(os.getloadavg()[0], 2)
+            json_out = c.out if c.out.suffix == ".json" else output
+            stderr = output if json_out != output else None
+            usage: dict[str, float] = {}
+            rc, wall, rss = run_child(c.command, c.env, json_out, stderr, usage)
+            if rc != 0:
+                sys.stderr.write(output.read_text()[-3000:])
+                raise SystemExit(f"error: {label} exited with {rc} ({output})")
+            row = {
+                "wall_seconds": round(wall, 2),
+                "cpu_seconds": round(usage["cpu_seconds"], 2),
+                "peak_rss_mb": round(rss, 1),
+                "load": load,
+            }
+            row.update(c.read(c.out))
+            log(f"{label} ({'unkept' if round_ == 0 else round_}): {row}")
+            if round_:
+                runs[label].append(row)
+    return runs
 
 
 def cnnkit_command() -> list[str]:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from cnnkit.config import AugmentConfig
-from cnnkit.training.augment import build_augmentation
+from cnnkit.training.augment import affine_matrices, build_augmentation, warp_affine
 
 OFF = {"hflip": False, "vflip": False, "shear": 0.0, "rotate": 0.0, "scale": 0.0}
 
@@ -90,3 +91,42 @@ def test_a_shift_with_mirroring_keeps_both_and_tiny_shifts_change_nothing() -> N
     # 0.01 of 16 pixels rounds to no shift at all: only the mirroring remains
     z = build_augmentation(AugmentConfig(**{**OFF, "hflip": True, "translate": 0.01}))(x)
     assert all(torch.equal(z[i], x[i]) or torch.equal(z[i], x[i].flip(2)) for i in range(32))
+
+
+# --------------------------------------------------- the warp against kornia, its reference
+
+
+def _warp_parameters(n: int, h: int, w: int) -> tuple[torch.Tensor, ...]:
+    torch.manual_seed(n + h + w)
+    shift = torch.randn(n, 2) * 3
+    center = torch.tensor([(w - 1) / 2, (h - 1) / 2]).expand(n, 2)
+    flips = torch.where(torch.rand(n, 2) < 0.5, -1.0, 1.0)
+    scale = (1 + torch.randn(n, 2) * 0.1) * flips
+    return shift, center, scale, torch.randn(n) * 20, torch.randn(n) * 0.2
+
+
+@pytest.mark.parametrize(("n", "h", "w"), [(16, 24, 20), (4, 64, 64), (3, 7, 5)])
+def test_matrices_and_warp_are_kornias(n: int, h: int, w: int) -> None:
+    from kornia.geometry import transform as kornia  # the reference (a dev dependency)
+
+    shift, center, scale, angle, shear = _warp_parameters(n, h, w)
+    ours = affine_matrices(shift, center, scale, angle, shear)
+    theirs = kornia.get_affine_matrix2d(shift, center, scale, angle, shear, torch.zeros_like(shear))
+    # the same products of the same float32 factors, only grouped differently
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-5)
+    x = torch.randn(n, 3, h, w)
+    expected = kornia.warp_affine(x, theirs[:, :2], (h, w), align_corners=False)
+    # Both sample the same positions, computed in float32 in a different order: a few ulps of
+    # a coordinate up to 64 (~1e-5 px) times a neighbour difference up to 2 max|x| (~8).
+    torch.testing.assert_close(warp_affine(x, ours), expected, rtol=0, atol=1e-3)
+
+
+def test_identity_matrix_warps_to_the_image_and_a_shift_moves_it() -> None:
+    x = torch.randn(2, 3, 9, 11)
+    eye = torch.eye(3).expand(2, 3, 3)
+    torch.testing.assert_close(warp_affine(x, eye), x, rtol=0, atol=1e-5)
+    right = eye.clone()
+    right[:, 0, 2] = 2.0  # two pixels to the right, 0 in the uncovered columns
+    y = warp_affine(x, right)
+    torch.testing.assert_close(y[..., 2:], x[..., :-2], rtol=0, atol=1e-5)
+    assert torch.equal(y[..., :2], torch.zeros_like(y[..., :2]))

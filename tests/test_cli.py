@@ -85,6 +85,20 @@ def test_data_shapes(tmp_path: Path) -> None:
         assert (tmp_path / "s" / path.relative_to(reference)).read_bytes() == path.read_bytes()
 
 
+def test_data_shapes_material_style(tmp_path: Path) -> None:
+    result = invoke(
+        "data", "shapes", tmp_path / "m", "--count", 2, "--size", 32, "--style", "material"
+    )
+    assert result.exit_code == 0, result.output
+    reference = generate_shapes(tmp_path / "ref", count=2, size=32, style="material")
+    for path in reference.rglob("*.png"):
+        assert (tmp_path / "m" / path.relative_to(reference)).read_bytes() == path.read_bytes()
+    assert_one_error(
+        invoke("data", "shapes", tmp_path / "x", "--style", "photo"),
+        "style: expected one of cnnkit, material, got 'photo'",
+    )
+
+
 def test_data_shapes_bad_arguments(tmp_path: Path) -> None:
     assert_one_error(
         invoke("data", "shapes", tmp_path, "--count", 0), "count: expected a positive integer"

@@ -231,6 +231,12 @@ def test_channel_stats_match_numpy(small_set: Path) -> None:
     np.testing.assert_allclose(data.std, x.std(axis=(0, 1, 2)), atol=1e-6)
     flat = np.zeros((3, 2, 2, 1), np.uint8)
     assert channel_stats(flat) == ([0.0], [0.001])  # a constant image: std floored
+    # uint8 images are counted per value; other dtypes go through floats: the same figures
+    # (each rounded to 6 decimals, so they may differ in the last one)
+    many = np.random.default_rng(0).integers(0, 256, (7, 5, 5, 3), dtype=np.uint8)
+    np.testing.assert_allclose(
+        channel_stats(many), channel_stats(many.astype(np.float32)), rtol=0, atol=1.01e-6
+    )
     with pytest.raises(DataError, match="no images"):
         channel_stats(flat[:0])
 

@@ -103,3 +103,57 @@ def test_unknown_shape() -> None:
         ConfigError, match=r"^unknown shape 'hexagon', expected one of circle, square, triangle$"
     ):
         draw_shape("hexagon", 16, np.random.default_rng(0))
+
+
+# ------------------------------------------------------- the learning material's drawing
+
+
+def _box(image: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """The non-white pixels of ``image`` (H, W, 3) and their bounding box (y0, x0, y1, x1)."""
+    mask = (image != 255).any(axis=2)
+    ys, xs = np.nonzero(mask)
+    return mask, (ys.min(), xs.min(), ys.max(), xs.max())
+
+
+@pytest.mark.parametrize("kind", SHAPE_CLASSES)
+def test_material_style_is_one_dark_upright_shape_on_white(kind: str) -> None:
+    for seed in range(6):
+        image = np.asarray(draw_shape(kind, 128, np.random.default_rng(seed), "material"))
+        mask, (y0, x0, y1, x1) = _box(image)
+        colours = np.unique(image.reshape(-1, 3), axis=0)
+        assert len(colours) == 2  # white and one fill colour: no smoothing, no second shape
+        fill = colours[(colours != 255).any(axis=1)][0]
+        assert fill.max() <= 200  # each channel 0-200: darker than the white around it
+        assert y0 == x0 and 10 <= x0 <= 40 and y1 == x1 and 60 <= x1 <= 101  # the box
+        share = mask[y0 : y1 + 1, x0 : x1 + 1].mean()  # of its box the shape fills
+        if kind == "square":
+            assert share == 1.0
+        elif kind == "circle":
+            assert share == pytest.approx(np.pi / 4, abs=0.05)
+        else:  # corners at the box's top-left, bottom-right and top-right: above the diagonal
+            assert share == pytest.approx(0.5, abs=0.06)
+            below = np.tril(mask[y0 : y1 + 1, x0 : x1 + 1], k=-2)
+            assert not below.any()
+
+
+def test_material_style_scales_with_the_size_and_differs_from_cnnkits() -> None:
+    small = np.asarray(draw_shape("square", 64, np.random.default_rng(0), "material"))
+    big = np.asarray(draw_shape("square", 128, np.random.default_rng(0), "material"))
+    small_box, big_box = _box(small)[1], _box(big)[1]
+    assert all(abs(s - b / 2) <= 1 for s, b in zip(small_box, big_box, strict=True))
+    ours = np.asarray(draw_shape("square", 64, np.random.default_rng(0)))
+    assert not np.array_equal(small, ours)
+
+
+def test_generate_shapes_material_style(tmp_path: Path) -> None:
+    a = _files(generate_shapes(tmp_path / "a", count=3, size=32, seed=5, style="material"))
+    b = _files(generate_shapes(tmp_path / "b", count=3, size=32, seed=5, style="material"))
+    c = _files(generate_shapes(tmp_path / "c", count=3, size=32, seed=5))
+    assert a == b and a.keys() == c.keys() and all(a[n] != c[n] for n in a)
+    with pytest.raises(
+        ConfigError, match=r"^style: expected one of cnnkit, material, got 'photo'$"
+    ):
+        generate_shapes(tmp_path / "d", count=2, size=16, style="photo")
+    assert not (tmp_path / "d").exists()  # nothing written before the check
+    with pytest.raises(ConfigError, match=r"^style: expected one of cnnkit, material"):
+        draw_shape("circle", 16, np.random.default_rng(0), "photo")

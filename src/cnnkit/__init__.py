@@ -152,13 +152,19 @@ def evaluate(run_dir: str | Path, data: str | Path, split: str = "auto") -> Eval
 
 
 def generate_shapes(
-    out: str | Path, count: int = 400, size: int = 128, seed: int = 0, overwrite: bool = False
+    out: str | Path,
+    count: int = 400,
+    size: int = 128,
+    seed: int = 0,
+    overwrite: bool = False,
+    style: str = "cnnkit",
 ) -> Path:
     """Write the circles, squares and triangles data set to ``out`` (a folder holding files
-    cnnkit did not write is refused unless ``overwrite``)."""
+    cnnkit did not write is refused unless ``overwrite``); ``style="material"`` draws them as
+    the learning material does (one dark upright shape on white)."""
     from cnnkit.data.shapes import generate_shapes as _generate
 
-    return _generate(out, count=count, size=size, seed=seed, overwrite=overwrite)
+    return _generate(out, count=count, size=size, seed=seed, overwrite=overwrite, style=style)
 
 
 def explain_conv(

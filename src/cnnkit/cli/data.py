@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from cnnkit.cli._app import data_app, one_line_errors, out
 
@@ -21,6 +20,13 @@ def data_shapes(
     count: Annotated[int, typer.Option(help="Images per class.")] = 400,
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 128,
     seed: Annotated[int, typer.Option(help="Same seed, same images.")] = 0,
+    style: Annotated[
+        str,
+        typer.Option(
+            help="cnnkit (turned shapes on random backgrounds) or material (one dark upright "
+            "shape on white, as the learning material draws them)."
+        ),
+    ] = "cnnkit",
     overwrite: Annotated[
         bool, typer.Option(help="Write into a folder that holds files cnnkit did not write.")
     ] = False,
@@ -28,7 +34,7 @@ def data_shapes(
     """Generate the running example: circles, squares and triangles."""
     from cnnkit.data.shapes import SHAPE_CLASSES, generate_shapes
 
-    generate_shapes(out_dir, count=count, size=size, seed=seed, overwrite=overwrite)
+    generate_shapes(out_dir, count=count, size=size, seed=seed, overwrite=overwrite, style=style)
     out.print(
         f"wrote {count * len(SHAPE_CLASSES)} images ({', '.join(SHAPE_CLASSES)}) to {out_dir}"
     )
@@ -47,6 +53,8 @@ def data_check(
     if as_json:
         out.print_json(json.dumps(report.to_dict()))
         return
+    from rich.table import Table
+
     table = Table(title=f"{report.root}")
     table.add_column("class")
     for split in report.counts:

@@ -6,7 +6,6 @@ import json
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from cnnkit.cli._app import model_app, one_line_errors, out
 
@@ -29,6 +28,8 @@ def model_summary(
     if as_json:
         out.print_json(json.dumps(info))
         return
+    from rich.table import Table
+
     table = Table(title=f"{info['name']}: input {tuple(info['input_shape'])}")
     for col in ("layer", "output shape", "parameters", "FLOPs"):
         table.add_column(col, justify="left" if col == "layer" else "right")

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
 from cnnkit.cli._app import app, console, one_line_errors, out
+from cnnkit.cli._process import heavy_imports
 from cnnkit.config import RunConfig, load_yaml, merge_overrides
 from cnnkit.errors import ConfigError, display_path
 
@@ -99,9 +99,11 @@ def train_cmd(
     ] = False,
 ) -> None:
     """Train a CNN on a folder of images and write a run directory."""
-    from cnnkit.models.registry import resolve_run_config
-    from cnnkit.training.loop import train
-    from cnnkit.training.outputs import stop_message
+    with heavy_imports():
+        from cnnkit.models.registry import resolve_run_config
+        from cnnkit.report import try_write_report
+        from cnnkit.training.loop import train
+        from cnnkit.training.outputs import stop_message
 
     if nproc is not None:
         from cnnkit.training.distributed import launch_torchrun
@@ -185,8 +187,6 @@ def train_cmd(
     stopped = stop_message(result.stopped_because, result.best_val_acc, cfg.train.patience)
     if stopped:
         out.print(stopped, markup=False)
-    from cnnkit.report import try_write_report
-
     # a failure is a warning: the model is already saved
     report = try_write_report(out_dir, result.data, result.val_logits)
     if report is not None:
@@ -235,7 +235,8 @@ def evaluate_cmd(
     quiet: Annotated[bool, typer.Option(help="Only warnings and the result.")] = False,
 ) -> None:
     """Accuracy, per-class precision/recall/F1, confusion matrix, most confident mistakes."""
-    from cnnkit.evaluation import evaluate
+    with heavy_imports():
+        from cnnkit.evaluation import evaluate
 
     result = evaluate(run_dir, data, split)
     if as_json:
@@ -251,6 +252,8 @@ def print_evaluation(result: Any) -> None:
     out.print(
         f"accuracy {100 * result.accuracy:.2f}% on {result.count} images (loss {result.loss:.4f})"
     )
+    from rich.table import Table
+
     scores = Table(title="per class")
     for col in ("class", "precision", "recall", "F1", "support"):
         scores.add_column(col, justify="left" if col == "class" else "right")
@@ -289,8 +292,10 @@ def predict_cmd(
 ) -> None:
     """Class and probabilities for each image, preprocessed exactly as in training."""
     from cnnkit.errors import ImageError
-    from cnnkit.export import load_predictor
-    from cnnkit.inference import expand_inputs
+
+    with heavy_imports():
+        from cnnkit.export import load_predictor
+        from cnnkit.inference import expand_inputs
 
     if top_k < 1:
         raise ConfigError(f"--top-k: expected a positive integer, got {top_k}")
