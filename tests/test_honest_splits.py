@@ -26,7 +26,7 @@ from cnnkit.data.folder import stratified_split
 from cnnkit.data.shapes import generate_shapes
 from cnnkit.errors import DataError
 from cnnkit.evaluation import evaluate
-from cnnkit.report import build_report
+from cnnkit.reporting import build_report
 from cnnkit.training.loop import train
 from conftest import tiny_config
 

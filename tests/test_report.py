@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 import cnnkit
 import cnnkit.data.dataset as dataset_mod
-import cnnkit.report as report_mod
+import cnnkit.reporting as report_mod
 from cnnkit.checkpoint import load_model
 from cnnkit.cli import app
 from cnnkit.config import RunConfig, load_yaml
@@ -27,7 +27,7 @@ from cnnkit.data.shapes import generate_shapes
 from cnnkit.errors import RunDirError
 from cnnkit.inference import Classifier
 from cnnkit.plots import kernel_figure
-from cnnkit.report import DATA_SECTIONS, SECTIONS, build_report, try_write_report, write_report
+from cnnkit.reporting import DATA_SECTIONS, SECTIONS, build_report, try_write_report, write_report
 
 IMG_SRC = re.compile(r"<img[^>]*\ssrc=['\"]([^'\"]*)['\"]")
 
@@ -155,12 +155,12 @@ def test_training_writes_the_report(tmp_path: Path) -> None:
 
 
 def test_a_failing_report_keeps_the_model(tmp_path: Path, monkeypatch, caplog) -> None:
-    import cnnkit.report
+    import cnnkit.reporting
 
     def broken(*_args, **_kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(cnnkit.report, "build_report", broken)
+    monkeypatch.setattr(cnnkit.reporting, "build_report", broken)
     data = generate_shapes(tmp_path / "data", count=12, size=16, seed=4)
     with caplog.at_level(logging.WARNING, logger="cnnkit"):
         cnnkit.train(data, tmp_path / "run", epochs=1, image_size=16, batch_size=8)

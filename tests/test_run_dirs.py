@@ -21,7 +21,7 @@ from cnnkit.errors import ConfigError, RunDirError
 from cnnkit.evaluation import evaluate
 from cnnkit.export import export_pt2
 from cnnkit.files import LOCK, MANIFEST, OwnerLock, recorded
-from cnnkit.report import write_report
+from cnnkit.reporting import write_report
 from cnnkit.training.loop import train
 from cnnkit.training.outputs import fingerprint
 from conftest import tiny_config
@@ -70,7 +70,7 @@ def test_two_trainings_into_one_folder_and_a_kill(
     options = ["--image-size", "16", "--batch-size", "4", "--device", "cpu", "--quiet"]
     command = [sys.executable, "-m", "cnnkit", "train", str(tiny_shapes), "--out", str(run)]
     first = subprocess.Popen(
-        [*command, "--epochs", "1000", *options],
+        [*command, "--epochs", "1000", "--patience", "0", *options],
         env=env,
         stderr=subprocess.PIPE,
         text=True,

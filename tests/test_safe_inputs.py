@@ -29,7 +29,7 @@ from cnnkit.data.jpeg import count_scans
 from cnnkit.errors import CheckpointError, ImageTooLarge, RunDirError, display_path
 from cnnkit.export.graph import META_KEY, meta_from_metadata
 from cnnkit.models.registry import build_network, load_model_spec
-from cnnkit.report import write_report
+from cnnkit.reporting import write_report
 from cnnkit.training.loop import train
 from conftest import model_meta, tiny_config
 from hostile_files import many_scans_jpeg

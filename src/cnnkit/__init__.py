@@ -130,7 +130,7 @@ def train(
         on_epoch = board.epoch_end if board is not None else None
         result = _train(cfg, out, overwrite=overwrite, progress=progress, on_epoch=on_epoch)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes the report
-        from cnnkit.report import try_write_report
+        from cnnkit.reporting import try_write_report
 
         # a failure is a warning: the model is already saved
         try_write_report(out, result.data, result.val_logits)
@@ -223,11 +223,12 @@ def inspect(
     return inspect_image(run_dir, image, out, layers=layers, class_name=class_name)
 
 
-def __getattr__(name: str) -> Any:
-    """``cnnkit.report``: the module of that name, which is also the function
-    ``cnnkit.report(run_dir, data=None, out=None)`` (see ``cnnkit.report.write_report``)."""
-    if name == "report":
-        import importlib
+def report(
+    run_dir: str | Path, data: str | Path | None = None, out: str | Path | None = None
+) -> Path:
+    """Write the run's self-contained ``report.html`` (into ``run_dir`` unless ``out``) and
+    return its path; ``data`` scores another labelled folder, labelled as other data
+    (``cnnkit report``)."""
+    from cnnkit.reporting import write_report
 
-        return importlib.import_module("cnnkit.report")
-    raise AttributeError(f"module 'cnnkit' has no attribute {name!r}")
+    return write_report(run_dir, data, out)

@@ -18,7 +18,7 @@ from cnnkit.data.shapes import SHAPE_CLASSES, SHAPES_VERSION, draw_shape, genera
 from cnnkit.evaluation import EvalResult, evaluate, evaluate_images
 from cnnkit.files import write_file
 from cnnkit.inference import Prediction, load
-from cnnkit.report import try_write_report
+from cnnkit.reporting import try_write_report
 from cnnkit.training.loop import TrainResult, train
 
 __all__ = ["DEMO_CONFIG", "DemoReport", "demo_data", "run_demo"]

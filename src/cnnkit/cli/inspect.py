@@ -144,7 +144,7 @@ def report_cmd(
     ] = False,
 ) -> None:
     """One self-contained report.html: config, model, curves, scores, mistakes, feature maps."""
-    from cnnkit.report import write_report
+    from cnnkit.reporting import write_report
 
     path = write_report(run_dir, data, out_file, overwrite=overwrite)
     out.print(f"report: {path}", markup=False)

@@ -101,7 +101,7 @@ def train_cmd(
     """Train a CNN on a folder of images and write a run directory."""
     with heavy_imports():
         from cnnkit.models.registry import resolve_run_config
-        from cnnkit.report import try_write_report
+        from cnnkit.reporting import try_write_report
         from cnnkit.training.loop import train
         from cnnkit.training.outputs import stop_message
 

@@ -16,8 +16,6 @@ import contextlib
 import csv
 import json
 import logging
-import sys
-import types
 from pathlib import Path
 
 import torch
@@ -164,20 +162,3 @@ def _read_metrics(path: Path) -> list[dict[str, float]]:
             except ValueError:
                 continue
     return [r for r in rows if {"epoch", "train_loss", "val_loss"} <= r.keys()]
-
-
-class _CallableModule(types.ModuleType):
-    """This module is also the public function ``cnnkit.report(...)``: a package attribute
-    cannot be both a submodule and a function (importing the submodule replaces the
-    attribute), so the module itself answers the call."""
-
-    def __call__(
-        self, run_dir: str | Path, data: str | Path | None = None, out: str | Path | None = None
-    ) -> Path:
-        """Write the run's self-contained ``report.html`` (into ``run_dir`` unless ``out``)
-        and return its path; ``data`` scores another labelled folder, labelled as other
-        data (``cnnkit report``)."""
-        return write_report(run_dir, data, out)
-
-
-sys.modules[__name__].__class__ = _CallableModule
