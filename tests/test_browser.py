@@ -7,9 +7,7 @@ on 127.0.0.1 at a free port, serving the session's trained run.
 
 from __future__ import annotations
 
-import contextlib
 import io
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -17,19 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from browser import launch_chromium, serving
 from cnnkit.data.shapes import draw_shape
 from cnnkit.serve import background_server, create_app
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 ALL_MAPS_LOADED = """() => {
   const maps = [...document.querySelectorAll('#layers img.map')];
   return maps.length > 0 && maps.every((img) => img.complete && img.naturalWidth > 0);
@@ -50,28 +41,7 @@ PHONE = {
 
 @pytest.fixture(scope="module")
 def browser():
-    if not CHROMIUM.exists():
-        pytest.skip(f"needs {CHROMIUM} (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
-        )
-        yield chromium
-        chromium.close()
-
-
-@contextlib.contextmanager
-def serving(source: Path) -> Iterator[str]:
-    """A real server for ``source`` (run directory or export), ready to answer."""
-    with background_server(create_app(source)) as url:
-        with httpx.Client(base_url=url, timeout=10) as client:
-            for _ in range(500):
-                if client.get("/readyz").status_code == 200:
-                    break
-            else:
-                pytest.fail("the server never became ready")
-        yield url
+    yield from launch_chromium()
 
 
 @pytest.fixture(scope="module")

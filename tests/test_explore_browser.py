@@ -18,50 +18,26 @@ import pytest
 import torch
 from PIL import Image
 
+from browser import FAKE_CAMERA, launch_chromium, serving
 from cnnkit.checkpoint import load_model
 from cnnkit.data.images import to_model_input
 from cnnkit.data.shapes import draw_shape
-from cnnkit.serve import background_server, create_app
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--use-fake-device-for-media-stream",  # a generated video instead of a camera
-    "--use-fake-ui-for-media-stream",  # and no permission prompt
-]
 READ_PARTS = """() => Object.fromEntries([...document.querySelectorAll('#pixel-view [data-part]')]
     .map((n) => [n.dataset.part, [n.textContent, n.dataset.value]]))"""
 
 
 @pytest.fixture(scope="module")
 def browser():
-    if not CHROMIUM.exists():
-        pytest.skip(f"needs {CHROMIUM} (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
-        )
-        yield chromium
-        chromium.close()
+    yield from launch_chromium(FAKE_CAMERA)
 
 
 @pytest.fixture(scope="module")
 def base_url(fast_trained_run, browser):
     run, _ = fast_trained_run
-    with background_server(create_app(run)) as url:
-        with httpx.Client(base_url=url, timeout=10) as client:
-            for _ in range(500):
-                if client.get("/readyz").status_code == 200:
-                    break
-            else:
-                pytest.fail("the server never became ready")
+    with serving(run) as url:
         yield url
 
 

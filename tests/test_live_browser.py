@@ -10,15 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from browser import launch_chromium
 from cnnkit.serve.live import watch_training
 from cnnkit.training.loop import train
 from conftest import tiny_config
 
 pytestmark = [pytest.mark.browser, pytest.mark.usefixtures("single_thread")]
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]  # fmt: skip
 MAP_PICTURES = (
     "() => [...document.querySelectorAll('#overview canvas.map')].map((c) => c.toDataURL())"
 )
@@ -26,15 +24,7 @@ MAP_PICTURES = (
 
 @pytest.fixture(scope="module")
 def browser():
-    if not CHROMIUM.exists():
-        pytest.skip(f"needs {CHROMIUM} (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
-        )
-        yield chromium
-        chromium.close()
+    yield from launch_chromium()
 
 
 def test_the_live_page_draws_every_epoch_then_says_training_finished(
