@@ -290,3 +290,30 @@ def test_phone_width(browser, base_url, shots) -> None:
     page.screenshot(path=str(shots / "explore-phone.png"))
     assert problems == []
     page.close()
+
+
+def test_a_drawing_and_a_dropped_file_are_explored(browser, base_url, tmp_path) -> None:
+    page, problems = open_explorer(browser, base_url, viewport={"width": 1100, "height": 900})
+    box = page.locator("#canvas").bounding_box()
+    page.mouse.move(box["x"] + 20, box["y"] + 20)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] - 20, box["y"] + box["height"] - 20, steps=8)
+    page.mouse.up()
+    page.click("#use-drawing")
+    page.wait_for_selector("#status:has-text('drawing.png:')", timeout=30_000)
+    assert page.locator("#overview .column").count() > 1
+
+    image = shape_png(tmp_path / "dropped.png", "square")
+    page.evaluate(
+        """(bytes) => {
+            const file = new File([new Uint8Array(bytes)], "dropped.png", {type: "image/png"});
+            const transfer = new DataTransfer();
+            transfer.items.add(file);
+            document.getElementById("dropzone").dispatchEvent(
+                new DragEvent("drop", {dataTransfer: transfer, bubbles: true}));
+        }""",
+        list(image.read_bytes()),
+    )
+    page.wait_for_selector("#status:has-text('dropped.png:')", timeout=30_000)
+    assert problems == []
+    page.close()

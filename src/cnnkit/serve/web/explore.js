@@ -279,8 +279,8 @@ function setUpMapCanvas() {
 }
 
 document.addEventListener("DOMContentLoaded", () => {
-  setUpDropzone();
-  setUpCanvas();
+  setUpDropzone(analyse);
+  setUpCanvas(analyse, "use-drawing");
   setUpCamera();
   setUpSamples();
   setUpMapCanvas();
