@@ -156,6 +156,7 @@ def build_model(s: Session, data: PreparedData, resume: bool, progress: bool) ->
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     _fit_whitening(model, data)
     model = model.to(s.device, memory_format=torch.channels_last)
+    dist.broadcast_module(s.info, model)  # the weights rank 0 loaded, on every rank
     ema = None
     if cfg.ema:
         ema = torch.optim.swa_utils.AveragedModel(
