@@ -66,7 +66,8 @@ def test_features_are_the_pooled_output_of_the_frozen_layers(images, tmp_path) -
 
 def test_a_second_look_computes_nothing_and_new_images_alone(images, tmp_path) -> None:
     net, root = _net(), tmp_path / "cache"
-    first, computed = _extractor(net, root).features(ImageArray(images.images[:4], images.labels[:4], images.paths[:4]))  # fmt: skip
+    four = ImageArray(images.images[:4], images.labels[:4], images.paths[:4])
+    first, computed = _extractor(net, root).features(four)
     assert computed == 4
     again, computed = _extractor(net, root).features(images)  # two more images, in a new run
     assert computed == 2

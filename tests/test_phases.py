@@ -11,7 +11,6 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +28,7 @@ from cnnkit.training import optim
 from cnnkit.training import state as ckpt
 from cnnkit.training.loop import TrainingInterrupted, train
 from cnnkit.training.phases import Phases, make_optimizer, make_schedule
+from interrupt import interrupt_at
 
 HEAD = "dense1"  # fast's classification layer
 
@@ -186,20 +186,6 @@ def test_pretrained_presets_recommend_fine_tuning_only_from_weights(tmp_path, ca
 # ----------------------------------------------------------------------- resume, processes
 
 
-def _interrupt_at(monkeypatch: pytest.MonkeyPatch, steps: set[int]) -> None:
-    """SIGINT this process right after the optimizer steps numbered in ``steps`` (counted
-    over the whole run, this session)."""
-    real, count = optim.Schedule.step, [0]
-
-    def step(self: optim.Schedule) -> None:
-        real(self)
-        count[0] += 1
-        if count[0] in steps:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(optim.Schedule, "step", step)
-
-
 def test_a_run_interrupted_in_each_phase_resumes_bit_identical(
     fast_trained_run, small: Path, tmp_path: Path, single_thread: None
 ) -> None:
@@ -211,11 +197,11 @@ def test_a_run_interrupted_in_each_phase_resumes_bit_identical(
     train(config, tmp_path / "whole", progress=False)
     run = tmp_path / "cut"
     with pytest.MonkeyPatch.context() as patch:  # 6 steps an epoch: one cut in each phase
-        _interrupt_at(patch, {9})
+        interrupt_at(patch, {9})
         with pytest.raises(TrainingInterrupted):
             train(config, run, progress=False)
     with pytest.MonkeyPatch.context() as patch:
-        _interrupt_at(patch, {6})  # the resumed session's 6th step: epoch 3, step 3
+        interrupt_at(patch, {6})  # the resumed session's 6th step: epoch 3, step 3
         with pytest.raises(TrainingInterrupted):
             train(None, run, resume=True, progress=False)
     train(None, run, resume=True, progress=False)

@@ -4,8 +4,7 @@ what the shortcut brings there, then the activation after the addition.
 
 The block's own layers run on the block's real input (float32, as in the forward pass), so
 the two addends are the model's own numbers; the sum and the activation are recomputed in
-float64. Each sub-layer's arithmetic is the rule of its own type (``cnnkit explain pixel
---layer layer1.0.conv1``).
+float64.
 """
 
 from __future__ import annotations
