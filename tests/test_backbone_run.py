@@ -97,6 +97,18 @@ def test_evaluate_and_predict(run: Path, image: Path, tiny_shapes: Path) -> None
     assert json.loads(result.stdout)["label"] in ("circle", "square", "triangle")
 
 
+def test_bf16_prediction_runs_the_folded_copy(run: Path, tiny_shapes: Path) -> None:
+    from cnnkit.inference import expand_inputs
+    from cnnkit.models.fold import FastNetwork
+
+    files = expand_inputs([tiny_shapes])
+    fast = cnnkit.load(run, precision="bf16")
+    p16, p32 = fast.predict_proba(files), cnnkit.load(run).predict_proba(files)
+    assert isinstance(fast._fast, FastNetwork)
+    assert np.abs(p16 - p32).max() < 0.1  # bf16: 8 significant bits over 20 layers
+    assert (p16.argmax(1) == p32.argmax(1)).mean() >= 0.9
+
+
 @pytest.mark.parametrize("fmt", ["onnx", "pt2"])
 def test_exports_verify_and_predict_as_the_run(
     run: Path, image: Path, tmp_path: Path, fmt: str

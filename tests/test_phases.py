@@ -232,3 +232,25 @@ def test_two_processes_fine_tune_in_phases(fast_trained_run, small: Path, tmp_pa
     # Rank 0 filled the cache (the image, its mirror image) and rank 1 found it: computed
     # from the weights rank 0 loaded, not from rank 1's random ones (another key)
     assert len(list((tmp_path / "cache" / "features").glob("*.npz"))) == 2
+
+
+def test_a_run_from_before_the_fine_tune_settings_still_resumes(
+    tiny_shapes: Path, tmp_path: Path, single_thread: None
+) -> None:
+    from cnnkit.training import loop
+    from cnnkit.training.outputs import fingerprint
+
+    def as_before(*args: object) -> dict:
+        old = fingerprint(*args)  # type: ignore[arg-type]
+        for name in ("freeze_epochs", "backbone_lr_factor", "freeze_bn"):
+            del old["settings"][f"train.{name}"]
+        return old
+
+    config = _config(tiny_shapes, epochs=1, batch_size=4)
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, image_size=16))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop, "fingerprint", as_before)
+        train(config, tmp_path / "run", progress=False)
+    longer = dataclasses.replace(config, train=dataclasses.replace(config.train, epochs=2))
+    result = train(longer, tmp_path / "run", resume=True, progress=False)
+    assert [row["epoch"] for row in result.history] == [1, 2]
