@@ -63,6 +63,25 @@ NETWORKS = {
         "dense",
         {"scale": {"factor": 0.25}},
     ],
+    # backbones' blocks: TensorFlow's SAME with its odd pad after (kernel 4: 1 before, 2
+    # after), ReLU6, residual blocks with identity, projection and no shortcut
+    "blocks": [
+        {"conv": {"filters": 8, "kernel": 4, "padding": "tf_same", "bias": False}},
+        "batchnorm",
+        "relu6",
+        {"inverted_residual": {"filters": 8, "expand": 2}},
+        {"inverted_residual": {"filters": 6, "expand": 2, "stride": 2, "padding": "tf_same"}},
+        {"basic_block": {"filters": 6}},
+        {"bottleneck": {"filters": 2, "stride": 2}},
+        {
+            "residual": {
+                "layers": [{"conv": {"filters": 8, "kernel": 1}}, "gelu"],
+                "shortcut": "identity",
+                "activation": "relu",
+            }
+        },
+        "gap",
+    ],
 }
 
 
@@ -182,12 +201,28 @@ def test_a_strided_dilated_grouped_conv() -> None:
         assert abs(ex.value - float(out[k][at])) <= ex.tolerance
 
 
+def test_every_value_inside_the_blocks_equals_the_forward_pass() -> None:
+    net, x = build("blocks")
+    with torch.no_grad():
+        maps = {n: t[0].double().numpy() for n, t in net.feature_maps(x, inner=True)}
+    outputs = layer_outputs(net, x)
+    inner = [i for info in net.infos for i in info.inner]
+    assert {i.spec.type for i in inner} >= {"conv", "batchnorm", "relu", "relu6", "gelu"}
+    for info in inner:
+        for k, at in positions(info.out_shape):
+            ex = explain_value(net, x, info.name, k, at, outputs=outputs)
+            assert ex.model_value == maps[info.name][k][at]
+            assert ex.matches, (info.name, k, at, ex.value, ex.model_value)
+            for step in ex.after:
+                assert step["value"] == pytest.approx(step["model_value"], rel=1e-5, abs=1e-6)
+
+
 def test_unknown_layer_types_are_refused_not_guessed() -> None:
     net, x = build("gap")
     info = net.infos[1]
-    net.infos[1] = dataclasses.replace(info, spec=LayerSpec("residual", {}))
+    net.infos[1] = dataclasses.replace(info, spec=LayerSpec("attention", {}))
     with pytest.raises(
-        NoPixelRule, match="layer gap1: no pixel explanation for layer type 'residual' yet"
+        NoPixelRule, match="layer gap1: no pixel explanation for layer type 'attention' yet"
     ):
         explain_value(net, x, "gap1", 0)
 

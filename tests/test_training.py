@@ -349,14 +349,18 @@ def test_muon_trains_the_filters_and_adamw_the_rest(shapes_dir: Path, tmp_path: 
 
 def test_the_muon_group_holds_the_trainable_filters_only() -> None:
     from cnnkit.models.registry import build_network, load_model_spec
+    from cnnkit.training.phases import Phases, make_optimizer
+
+    def _optimizer(model, cfg):
+        return make_optimizer(model, cfg, Phases.plan(cfg, model))
 
     model = build_network(load_model_spec("cifar").layers, 10, 3, 32)
-    opt = loop_mod._optimizer(model, dataclasses.replace(RunConfig().train, optimizer="muon"))
+    opt = _optimizer(model, dataclasses.replace(RunConfig().train, optimizer="muon"))
     (muon,) = [g for g in opt.param_groups if g["muon"]]
     convs = [m.weight for m in model.modules() if type(m).__name__ == "Conv2d"]
     assert len(muon["params"]) == len(convs) == 6  # the frozen whitening filters are not in it
     assert muon["lr"] == RunConfig().train.muon_lr
     others = [p for g in opt.param_groups if not g["muon"] for p in g["params"]]
     assert len(others) + len(muon["params"]) == len(list(model.parameters()))
-    plain = loop_mod._optimizer(model, RunConfig().train)
+    plain = _optimizer(model, RunConfig().train)
     assert not any(g["muon"] for g in plain.param_groups)

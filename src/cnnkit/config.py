@@ -171,6 +171,14 @@ class TrainConfig:
     # URL or a run directory (cnnkit.models.weights); None: random initialisation.
     weights: str | None = None
     weights_sha256: str | None = None  # the run records it; when given, the file must match
+    # Fine-tuning from ``weights`` (``cnnkit.training.phases``): the first ``freeze_epochs``
+    # of the ``epochs`` train only the layers after the backbone's global pooling (the new
+    # head) on features computed once per image and cached; the epochs after them train the
+    # whole network, the backbone at ``lr * backbone_lr_factor``, its batchnorm statistics
+    # kept as the weights had them when ``freeze_bn``. Without weights nothing is frozen.
+    freeze_epochs: int = 0
+    backbone_lr_factor: float = 1.0
+    freeze_bn: bool = False
 
     def __post_init__(self) -> None:
         _positive_int("train", "epochs", self.epochs)
@@ -188,11 +196,16 @@ class TrainConfig:
             and all(c in "0123456789abcdef" for c in self.weights_sha256)
         ):
             raise _fail("train", "weights_sha256", self.weights_sha256, "expected 64 hex digits")
+        frozen = self.freeze_epochs
+        if isinstance(frozen, bool) or not isinstance(frozen, int) or frozen < 0:
+            raise _fail("train", "freeze_epochs", frozen, "expected 0 or more epochs")
+        _at_most("train", "freeze_epochs", self.freeze_epochs, MAX_EPOCHS)
+        _number("train", "backbone_lr_factor", self.backbone_lr_factor, 1e-6, 10.0)
         if self.checkpoint_every is not None:
             _positive_int("train", "checkpoint_every", self.checkpoint_every)
         if self.ema is not None:
             _number("train", "ema", self.ema, 0.0, 0.99999)
-        for name in ("deterministic", "sync_bn", "tta"):
+        for name in ("deterministic", "sync_bn", "tta", "freeze_bn"):
             _bool("train", name, getattr(self, name))
         _positive_int("train", "batch_size", self.batch_size)
         _at_most("train", "batch_size", self.batch_size, MAX_BATCH_SIZE)

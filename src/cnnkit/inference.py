@@ -3,10 +3,12 @@
 Images go through ``load_image`` and ``to_model_input``, the same two functions training uses,
 with the size, channels, resize mode, mean and std stored in the run directory.
 
-Prediction runs in fp32 unless bf16 is asked for (``precision="bf16"``): training may use bf16
-autocast for speed, but a run directory must give the same answer as its ONNX and pt2 exports
-(fp32 graphs) and as the server, and bf16 moves probabilities by up to about 1e-2, enough to
-flip the top-1 of an image near a class boundary.
+Prediction runs in fp32 unless bf16 is asked for (``precision="bf16"``: then through a copy
+of the network with batchnorm folded in, activations fused and bf16 throughout, as fast as
+a CPU with native bf16 runs it). Training may use bf16 autocast for speed, but a run
+directory must give the same answer as its ONNX and pt2 exports (fp32 graphs) and as the
+server, and bf16 moves probabilities by up to about 1e-2, enough to flip the top-1 of an
+image near a class boundary.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from cnnkit.data.folder import _images_in
 from cnnkit.data.images import IMAGE_SUFFIXES, Source, load_image
 from cnnkit.engine import batched_logits, resolve_device, resolve_precision
 from cnnkit.errors import DataError, ImageError
+from cnnkit.models.fold import inference_copy
 from cnnkit.models.network import Network
 
 __all__ = [
@@ -126,6 +129,7 @@ class Classifier:
         self.precision = inference_precision(precision, self.device)
         self.model = model.to(self.device, memory_format=torch.channels_last).eval()
         self.meta = meta
+        self._fast: torch.nn.Module | None = None  # bf16: models.fold's copy, made once
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -138,9 +142,15 @@ class Classifier:
         return load_image(image, self.meta.image_size, self.meta.channels, self.meta.resize)
 
     def logits(self, batch: np.ndarray) -> torch.Tensor:
-        """Logits for preprocessed uint8 images ``(N, S, S, C)``."""
+        """Logits for preprocessed uint8 images ``(N, S, S, C)``. In bf16 (asked for speed)
+        through a copy with batchnorm folded in and activations fused (``models.fold``)."""
+        model = self.model
+        if self.precision == "bf16":
+            if self._fast is None:
+                self._fast = inference_copy(self.model, self.device, "bf16")
+            model = self._fast
         return batched_logits(
-            self.model,
+            model,
             batch,
             self.meta.mean,
             self.meta.std,

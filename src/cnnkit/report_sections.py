@@ -309,6 +309,8 @@ def _kernels(run: Run) -> str:
     weight = run.model.layers[conv.name].weight.detach().float().cpu().numpy()  # (F, C, k, k)
     shown = weight[:MAX_KERNELS, :MAX_KERNEL_INPUTS]  # (F', C', k, k)
     first = conv is run.model.infos[0]  # its input channels are the image's
+    source = (run.meta.weights or {}).get("source")  # pretrained: learnt from far more images
+    started = f" They started as the {esc(source)} weights' kernels." if source else ""
     figure = kernel_figure(shown, rgb=first and run.meta.channels == 3)
     count = f"first {len(shown)} of {len(weight)}" if len(shown) < len(weight) else len(weight)
     inputs = (
@@ -328,7 +330,7 @@ def _kernels(run: Run) -> str:
         f"<p>The {count} kernels of {esc(conv.name)} ({weight.shape[2]}x{weight.shape[3]}), "
         f"numbered. Each shows {per_channel}, on one colour scale for the whole layer centred "
         f"on zero: blue negative, white zero, red positive, from {-figure.limit:.3g} to "
-        f"+{figure.limit:.3g} (the bar below).</p>"
+        f"+{figure.limit:.3g} (the bar below).{started}</p>"
         + _img(figure.image, f"kernels of {conv.name}", "photo")
     )
 

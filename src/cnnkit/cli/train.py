@@ -62,6 +62,17 @@ def train_cmd(
         str | None,
         typer.Option(help="Start from imagenet, a .pth/.safetensors file, a URL or a run dir."),
     ] = None,
+    freeze_epochs: Annotated[
+        int | None,
+        typer.Option(help="With --weights: first epochs train the new head alone (cached)."),
+    ] = None,
+    backbone_lr_factor: Annotated[
+        float | None, typer.Option(help="After them: the backbone's share of the lr.")
+    ] = None,
+    freeze_bn: Annotated[
+        bool | None,
+        typer.Option("--freeze-bn/--no-freeze-bn", help="Keep the weights' batchnorm statistics."),
+    ] = None,
     resize: Annotated[str | None, typer.Option(help="crop, squash or pad.")] = None,
     augment: Annotated[bool | None, typer.Option("--augment/--no-augment")] = None,
     hflip: Annotated[bool | None, typer.Option("--hflip/--no-hflip")] = None,
@@ -146,6 +157,9 @@ def train_cmd(
         "train.tta": tta,
         "train.sync_bn": sync_bn,
         "train.weights": str(weights) if weights is not None else None,
+        "train.freeze_epochs": freeze_epochs,
+        "train.backbone_lr_factor": backbone_lr_factor,
+        "train.freeze_bn": freeze_bn,
     }
     if resume is not None:
         if out_dir is not None and out_dir != resume:

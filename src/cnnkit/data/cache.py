@@ -37,7 +37,7 @@ from cnnkit.data.images import GREY_MODES, decode_image
 from cnnkit.errors import DataError, ImageError
 from cnnkit.files import OwnerLock
 
-__all__ = ["DecodedImages", "decode_cached", "default_cache_root"]
+__all__ = ["DecodedImages", "decode_cached", "default_cache_root", "file_stamp"]
 
 log = logging.getLogger("cnnkit")
 CACHE_VERSION = 1
@@ -73,17 +73,27 @@ class DecodedImages:
         return len(self.labels)
 
 
+def _stat_stamp(name: str) -> str:
+    try:
+        st = os.stat(name)
+        return f"{st.st_size}|{st.st_mtime_ns}"
+    except OSError:
+        return "missing"
+
+
+def file_stamp(path: str) -> str:
+    """``absolute path|size|mtime`` of an image file (``missing`` for the last two when it
+    cannot be read): what identifies its contents in cnnkit's caches without reading it."""
+    name = os.path.abspath(path)
+    return f"{name}|{_stat_stamp(name)}"
+
+
 def _file_stamps(files: ImageList) -> bytes:
     """Every file's absolute path, label, size and mtime, one line each: what a cache holds."""
     lines = []
     for path, label in zip(files.paths, files.labels, strict=True):
         name = os.path.abspath(path)  # string arithmetic only: no per-file resolve()
-        try:
-            st = os.stat(name)
-            stamp = f"{st.st_size}|{st.st_mtime_ns}"
-        except OSError:
-            stamp = "missing"
-        lines.append(f"{name}|{label}|{stamp}\n")
+        lines.append(f"{name}|{label}|{_stat_stamp(name)}\n")
     return "".join(lines).encode("utf-8", "surrogateescape")  # names need not be UTF-8
 
 

@@ -38,6 +38,7 @@ from cnnkit.errors import ConfigError
 from cnnkit.inference import Classifier, ImageInput, load
 from cnnkit.inspection.explain import format_number
 from cnnkit.inspection.maps import LayerOutput, layer_outputs, normalize_map
+from cnnkit.inspection.pixel_inner import find_inner, inner_value
 from cnnkit.inspection.pixel_rules import (
     ACTIVATIONS,
     PIXEL_RULES,
@@ -199,7 +200,12 @@ def find_layer(network: Network, layer: str) -> int:
     """The index of the layer called ``layer`` (a clear error naming the choices)."""
     names = [info.name for info in network.infos]
     if layer not in names:
-        raise ConfigError(f"layer: unknown layer {layer!r}, expected one of: {', '.join(names)}")
+        inside = " (or a layer inside a block, as cnnkit model summary lists them)" * any(
+            info.inner for info in network.infos
+        )
+        raise ConfigError(
+            f"layer: unknown layer {layer!r}, expected one of: {', '.join(names)}{inside}"
+        )
     return names.index(layer)
 
 
@@ -221,6 +227,8 @@ def explain_value(
     ``pixels`` (uint8 ``(H, W, C)``), ``mean`` and ``std`` let the first layer show the image's
     own pixel values; ``classes`` names the outputs; ``outputs`` reuses a forward pass.
     """
+    if layer not in (i.name for i in network.infos) and (found := find_inner(network, layer)):
+        return _inner(network, x, *found, map, at, outputs)
     index = find_layer(network, layer)
     info = network.infos[index]
     rule = PIXEL_RULES.get(info.spec.type)
@@ -279,6 +287,19 @@ def explain_value(
         display_max=float(drawn.max()),
         label=label,
     )
+
+
+def _inner(network, x, block_index, info, map, at, outputs) -> PixelExplanation:
+    """A layer inside a block (``pixel_inner``), as a ``PixelExplanation``."""
+    position = _check_position(info.name, info.out_shape, map, at)
+    outputs = outputs if outputs is not None else layer_outputs(network, x)
+    got = inner_value(network, x, block_index, info, map, position, outputs)
+    return PixelExplanation(
+        layer=info.name, type=info.spec.type, index=block_index, map=map, at=position,
+        in_shape=tuple(info.in_shape), out_shape=tuple(info.out_shape),
+        tolerance=RELATIVE_TOLERANCE * got.pop("scale") + 1e-30, lines=tuple(got.pop("lines")),
+        after=tuple(got.pop("after")), **got,
+    )  # fmt: skip
 
 
 def _check_position(

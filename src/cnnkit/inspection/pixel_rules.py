@@ -144,12 +144,17 @@ def _value_at(array: np.ndarray, index: int, at: tuple[int, int] | None) -> floa
 
 Scalar = Callable[[nn.Module, int, float], tuple[float, float, str]]
 POSITIONWISE: dict[str, Scalar] = {}  # value -> (result, scale, formula), one position at a time
-ACTIVATIONS = frozenset({"relu", "gelu"})
+ACTIVATIONS = frozenset({"relu", "relu6", "gelu"})
 
 
 def _relu(_: nn.Module, __: int, x: float) -> tuple[float, float, str]:
     y = max(x, 0.0)
     return y, abs(x), f"ReLU({_num(x)}) = max(0, {_num(x)}) = {_num(y)}"
+
+
+def _relu6(_: nn.Module, __: int, x: float) -> tuple[float, float, str]:
+    y = min(max(x, 0.0), 6.0)
+    return y, abs(x), f"ReLU6({_num(x)}) = min(max(0, {_num(x)}), 6) = {_num(y)}"
 
 
 def _gelu(module: nn.Module, _: int, x: float) -> tuple[float, float, str]:
@@ -203,6 +208,7 @@ def _batchnorm(module: nn.Module, channel: int, x: float) -> tuple[float, float,
 
 POSITIONWISE.update(
     relu=_relu,
+    relu6=_relu6,
     gelu=_gelu,
     dropout=_identity,
     dropout2d=_identity,
@@ -213,7 +219,7 @@ POSITIONWISE.update(
 
 @pixel_rule(*POSITIONWISE)
 def positionwise_value(ctx: PixelContext) -> Arithmetic:
-    """ReLU, GELU, dropout, scale and batchnorm: the same position of the same map, one
+    """ReLU, ReLU6, GELU, dropout, scale and batchnorm: the same position of the same map, one
     formula. Batchnorm's formula carries the learnt numbers (running mean and variance,
     gamma, beta, eps)."""
     kind = ctx.info.spec.type
@@ -229,4 +235,4 @@ def positionwise_value(ctx: PixelContext) -> Arithmetic:
     return Arithmetic(y, scale, parts, lines)
 
 
-from cnnkit.inspection import pixel_windows  # noqa: E402, F401 - registers the other rules
+from cnnkit.inspection import pixel_blocks, pixel_windows  # noqa: E402, F401 - the other rules

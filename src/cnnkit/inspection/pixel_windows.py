@@ -35,7 +35,12 @@ SHOWN_CONTRIBUTIONS = 10  # dense inputs listed, largest |weight x input| first
 
 
 def _conv_padding(conv: nn.Conv2d, kh: int, kw: int) -> tuple[int, int]:
-    """Zeros before the first row and column (torch's ``"same"`` puts the odd one after)."""
+    """Zeros before the first row and column (torch's ``"same"`` and TensorFlow's ``SAME``,
+    a ``TFSameConv2d``'s ``pads``, put the odd one after)."""
+    pads = getattr(conv, "pads", None)
+    if pads is not None:  # (left, right, top, bottom), added before the convolution's own
+        own = _pair(conv.padding) if not isinstance(conv.padding, str) else (0, 0)
+        return pads[2] + own[0], pads[0] + own[1]
     if conv.padding == "valid":
         return 0, 0
     if conv.padding == "same":

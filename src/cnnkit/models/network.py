@@ -63,6 +63,14 @@ class Network(nn.Module):
         for info in self.infos[start:stop]:
             yield self.layers[info.name]
 
+    def run_layers(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The layers ``infos[start:stop]`` on ``x``, the output of ``infos[start - 1]``:
+        ``run_layers(x, 0, head_start + 1)`` gives the pooled features ``(B, D)`` that the
+        classification layers see, ``run_layers(v, head_start + 1)`` their class scores."""
+        for module in self._modules_in_order(start, stop):
+            x = module(x)
+        return x
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) images -> (B, C', H', W') the last feature maps."""
         for module in self._modules_in_order(0, self.head_start):

@@ -68,12 +68,25 @@ class ModelSpec:
     # Weights published for this network, by name (``imagenet``): where they come from and
     # the preprocessing they expect (read by ``cnnkit.models.weights``).
     pretrained: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, hash=False)
+    # Training settings for a run that starts from weights (``train.weights``): fine-tuning
+    # (``training.phases``). They replace ``recommended``'s, section by section, field by field.
+    finetune: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, hash=False)
 
-    def recommended_settings(self, skip: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    def settings(self, from_weights: bool = False) -> dict[str, dict[str, Any]]:
+        """The recommended settings by section, with ``finetune``'s over them when the run
+        starts from weights."""
+        out = {section: dict(values) for section, values in self.recommended.items()}
+        for section, values in (self.finetune if from_weights else {}).items():
+            out.setdefault(section, {}).update(values)
+        return out
+
+    def recommended_settings(
+        self, skip: set[str] | frozenset[str] = frozenset(), from_weights: bool = False
+    ) -> list[str]:
         """``["train.epochs=1", ...]``, leaving out the dotted names in ``skip``."""
         return [
             f"{section}.{name}={value}"
-            for section, values in self.recommended.items()
+            for section, values in self.settings(from_weights).items()
             for name, value in values.items()
             if f"{section}.{name}" not in skip
         ]
@@ -94,7 +107,9 @@ def _from_mapping(raw: Any, origin: str) -> ModelSpec:
         raw = {"layers": raw}
     if not isinstance(raw, dict):
         raise ConfigError(f"{origin}: expected a mapping with 'layers' (or a list of layers)")
-    allowed = ("name", "description", "input_size", "layers", "recommended", "pretrained")
+    allowed = (
+        "name", "description", "input_size", "layers", "recommended", "pretrained", "finetune",
+    )  # fmt: skip
     unknown = sorted(set(raw) - set(allowed))
     if unknown:
         raise ConfigError(f"{origin}: unknown field {unknown[0]!r} (allowed: {', '.join(allowed)})")
@@ -112,6 +127,7 @@ def _from_mapping(raw: Any, origin: str) -> ModelSpec:
         str(raw.get("description", "")),
         _recommended(raw.get("recommended"), origin),
         _pretrained(raw.get("pretrained"), origin),
+        _recommended(raw.get("finetune"), origin, "finetune"),
     )
 
 
@@ -123,22 +139,22 @@ def _pretrained(raw: Any, origin: str) -> dict[str, dict[str, Any]]:
     return {str(name): dict(values) for name, values in raw.items()}
 
 
-def _recommended(raw: Any, origin: str) -> dict[str, dict[str, Any]]:
+def _recommended(raw: Any, origin: str, key: str = "recommended") -> dict[str, dict[str, Any]]:
     """Validated recommended settings: each must make a valid config section."""
     if raw is None:
         return {}
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"{origin}: recommended: expected a mapping of sections, got {raw!r}")
+        raise ConfigError(f"{origin}: {key}: expected a mapping of sections, got {raw!r}")
     unknown = sorted(set(raw) - set(RECOMMENDABLE))
     if unknown:
         raise ConfigError(
-            f"{origin}: recommended: unknown section {unknown[0]!r}, "
+            f"{origin}: {key}: unknown section {unknown[0]!r}, "
             f"expected {' or '.join(RECOMMENDABLE)}"
         )
     try:
         RunConfig.from_dict(dict(raw))  # every field known, every value in range
     except ConfigError as exc:
-        raise ConfigError(f"{origin}: recommended: {exc}") from None
+        raise ConfigError(f"{origin}: {key}: {exc}") from None
     return {section: dict(values or {}) for section, values in raw.items()}
 
 
@@ -210,11 +226,15 @@ def resolve_model(config: RunConfig) -> RunConfig:
         raise ConfigError("model auto chooses from the data: data.path is required")
     facts = measure_data(config.data.path, config.data.val_split)
     choice = choose_model(facts, config.data.image_size, config.data.channels)
+    if config.train.weights:  # weights that do not exist are the one line such a run prints
+        from cnnkit.models.weights import plan_weights  # (it imports this module)
+
+        plan_weights(config.train.weights, load_model_spec(choice.model))
     log.info("%s", choice.describe())
+    # Starting from weights, the input size is theirs unless given (``weights.fit_config``).
+    size = config.data.image_size if config.train.weights else choice.image_size
     return dataclasses.replace(
-        config,
-        model=choice.model,
-        data=dataclasses.replace(config.data, image_size=choice.image_size),
+        config, model=choice.model, data=dataclasses.replace(config.data, image_size=size)
     )
 
 
@@ -279,16 +299,19 @@ def resolve_run_config(raw: Mapping[str, Any] | None, overrides: Mapping[str, An
         overrides = {**overrides, "model": model}
         raw = {**raw, "model": model}
     defaults = None
+    train_raw = raw.get("train") if isinstance(raw.get("train"), Mapping) else {}
+    from_weights = bool(overrides.get("train.weights") or train_raw.get("weights"))
     if isinstance(model, str):  # (anything else: from_dict below says what is wrong)
         spec = load_model_spec(model)
-        defaults = RunConfig.from_dict({"model": model, **spec.recommended})
+        defaults = RunConfig.from_dict({"model": model, **spec.settings(from_weights)})
         given = {f"{sec}.{k}" for sec in RECOMMENDABLE for k in (raw.get(sec) or {})}
         given |= {k for k, v in overrides.items() if v is not None}
-        applied = spec.recommended_settings(skip=given)
+        applied = spec.recommended_settings(skip=given, from_weights=from_weights)
         if applied:
-            log.info("%s's recommended settings: %s", spec.name, ", ".join(applied))
+            what = " for fine-tuning" if from_weights and spec.finetune else ""
+            log.info("%s's recommended settings%s: %s", spec.name, what, ", ".join(applied))
     config = merge_overrides(RunConfig.from_dict(raw, defaults=defaults), overrides)
-    if chosen is not None and config.data.image_size is None:
+    if chosen is not None and config.data.image_size is None and not from_weights:
         config = dataclasses.replace(
             config, data=dataclasses.replace(config.data, image_size=chosen.data.image_size)
         )

@@ -160,6 +160,16 @@ def broadcast_buffers(info: DistInfo, module: nn.Module) -> None:
                 dist.broadcast(buffer, src=0)
 
 
+def broadcast_module(info: DistInfo, module: nn.Module) -> None:
+    """Give every rank rank 0's parameters and buffers, in place: the starting weights that
+    rank 0 alone loaded, before anything (a frozen backbone's features) is computed from
+    them. DDP does the same when it wraps a module, but only for what it wraps."""
+    if info.enabled:
+        with _waiting_for_others(info, "receiving rank 0's weights"):
+            for tensor in [*module.parameters(), *module.buffers()]:
+                dist.broadcast(tensor.data, src=0)
+
+
 def all_sum(info: DistInfo, values: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over all ranks (returned; the input is left as it was)."""
     if not info.enabled:

@@ -1,43 +1,40 @@
 """The training loop: one plain function, in sections, for CPU, one GPU and torchrun alike.
 
-Setup -> Run directory -> Data -> Network -> Optimiser -> Resume -> Epochs -> Save.
+Setup -> Data -> Network -> Optimiser -> Resume -> Epochs -> Save; ``_train`` calls one
+function per section, in that order.
 
 The hot path works on whole batches: uint8 images gathered by index from the decode cache,
 normalised and augmented as one tensor, channels_last, bf16 autocast where the hardware runs it
-natively. Losses and accuracies are summed on the device and read once per progress update,
-not once per step. Under torchrun every rank trains on its shard of each global batch; only
-rank 0 prints and writes files.
+natively; or, in the head epochs of a fine-tune (``training.phases``), the frozen backbone's
+cached features. Losses and accuracies are summed on the device and read once per progress
+update, not once per step. Under torchrun every rank trains on its shard of each global
+batch; only rank 0 prints and writes files. Time is accounted in ``Clock``, interrupts end
+the run in ``_checkpoint``, and ``_end_epoch`` is where each epoch is judged.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
-import random
 import signal
-import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from cnnkit.checkpoint import ModelMeta, atomic_write, save_model
-from cnnkit.config import RunConfig, TrainConfig, load_yaml
-from cnnkit.data.dataset import PreparedData, prepare_data
-from cnnkit.data.images import to_model_input
-from cnnkit.engine import autocast, batched_logits, resolve_device, resolve_precision
-from cnnkit.errors import CnnkitError, ConfigError, RunDirError
-from cnnkit.models.network import Whiten
-from cnnkit.models.registry import build_network, load_model_spec, resolve_model
-from cnnkit.models.weights import fit_config, load_pretrained, plan_weights, weights_record
-from cnnkit.threads import fit_threads, sample_cpus
+from cnnkit.checkpoint import atomic_write, save_model
+from cnnkit.config import RunConfig, TrainConfig
+from cnnkit.data.dataset import PreparedData
+from cnnkit.engine import autocast
+from cnnkit.errors import CnnkitError
+from cnnkit.threads import fit_threads
 from cnnkit.training import distributed as dist
 from cnnkit.training import state as ckpt
-from cnnkit.training.augment import build_augmentation
-from cnnkit.training.optim import Optimizer, Schedule, constant, cosine, linear, one_cycle
+from cnnkit.training.optim import Optimizer, Schedule
 from cnnkit.training.outputs import (
     TrainResult,
     check_resumable,
@@ -45,78 +42,18 @@ from cnnkit.training.outputs import (
     write_outputs,
     write_split_csv,
 )
-from cnnkit.training.session import EpochHook, claim_run_dir, progress_bar, stop_on_signals
+from cnnkit.training.phases import Phases, make_optimizer, make_schedule, set_mode
+from cnnkit.training.session import Clock, EpochBar, EpochHook, Meter, stop_on_signals
+from cnnkit.training.setup import Model, Session, build_model, load_data, setup
+from cnnkit.training.stages import Stage, build_stage
 
-__all__ = ["TrainingInterrupted", "train"]
+__all__ = ["TrainResult", "TrainingInterrupted", "train"]
 
 log = logging.getLogger("cnnkit")
 
 
 class TrainingInterrupted(CnnkitError):
     """SIGINT or SIGTERM arrived; a checkpoint was saved and the run can be resumed."""
-
-
-def _optimizer(model: nn.Module, cfg: TrainConfig) -> Optimizer:
-    # No weight decay on biases and batchnorm parameters (1-D tensors), as is standard.
-    # Muon steps the convolution filters (4-D) at its own rate, the rest as AdamW.
-    params = list(model.parameters())
-    muon = cfg.optimizer == "muon"
-    filters = [p for p in params if muon and p.ndim == 4 and p.requires_grad]
-    taken = {id(p) for p in filters}
-    decay = [p for p in params if p.ndim > 1 and id(p) not in taken]
-    no_decay = [p for p in params if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay}]
-    if filters:
-        groups.append({"params": filters, "lr": cfg.muon_lr, "muon": True})
-    return Optimizer(groups, cfg.optimizer, cfg.lr, betas=(0.9, 0.99), momentum=cfg.momentum)
-
-
-def _schedule(opt: Optimizer, cfg: TrainConfig, total_steps: int) -> Schedule:
-    factor = {"onecycle": one_cycle, "cosine": cosine, "linear": linear}.get(cfg.schedule)
-    return Schedule(opt, factor(total_steps) if factor else constant)
-
-
-def _validate(
-    model: nn.Module,
-    data: PreparedData,
-    device: torch.device,
-    precision: str,
-    info: dist.DistInfo,
-    tta: bool,
-) -> tuple[float, float, torch.Tensor | None]:
-    """(mean cross-entropy, accuracy) over the whole validation split, all ranks together,
-    and in a single process the logits ``(N, classes)`` (the report reuses the best epoch's)."""
-    idx = np.arange(info.rank, len(data.val), info.world_size)
-    sums = torch.zeros(3, dtype=torch.float64)
-    logits = None
-    if len(idx):
-        images = data.val.images[idx] if info.enabled else data.val.images
-        logits = batched_logits(model, images, data.mean, data.std, device, precision, tta=tta)
-        labels = torch.from_numpy(np.asarray(data.val.labels[idx]))
-        loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
-        sums += torch.tensor(
-            [loss.item(), (logits.argmax(1) == labels).sum().item(), len(idx)], dtype=torch.float64
-        )
-    sums = dist.all_sum(info, sums.to(device)).cpu()
-    if sums[2] == 0:
-        return float("nan"), float("nan"), None
-    return float(sums[0] / sums[2]), float(sums[1] / sums[2]), None if info.enabled else logits
-
-
-def _fit_whitening(model: nn.Module, data: PreparedData, sample: int = 5000) -> None:
-    """Set each frozen whitening layer from the training images that reach it."""
-    whitens = [name for name, m in model.layers.items() if isinstance(m, Whiten)]
-    if not whitens:
-        return
-    idx = np.linspace(0, len(data.train) - 1, num=min(sample, len(data.train))).astype(np.int64)
-    x = to_model_input(data.train.batch(idx)[0], data.mean, data.std)  # (N, C, S, S)
-    with torch.no_grad():
-        for name, module in model.layers.items():
-            if isinstance(module, Whiten):
-                module.fit(x)
-            x = module(x)
-            if name == whitens[-1]:
-                break
 
 
 def train(
@@ -136,26 +73,37 @@ def train(
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
         with contextlib.ExitStack() as run_dir:  # locked until the run ends, however it ends
-            return _train(
-                config,
-                out,
-                overwrite=overwrite,
-                progress=progress,
-                resume=resume,
-                force=force,
-                run_dir=run_dir,
-                on_epoch=on_epoch,
-            )
+            return _train(config, Path(out), overwrite, progress, resume, force, run_dir, on_epoch)
     finally:  # --deterministic applies to this run only, not to the rest of the process
         if torch.are_deterministic_algorithms_enabled() != deterministic:
             # (only when changed: the call imports torch._inductor, over a second)
             torch.use_deterministic_algorithms(deterministic)
 
 
+@dataclass
+class Run:
+    """Everything the epochs work with, settled by the sections before them."""
+
+    s: Session
+    data: PreparedData
+    m: Model
+    phases: Phases
+    opt: Optimizer
+    sched: Schedule
+    criterion: nn.Module
+    steps: int  # per epoch
+    global_batch: int
+    fingerprint: dict
+    on_epoch: EpochHook | None = None  # rank 0, after each epoch's validation
+
+    @property
+    def cfg(self) -> TrainConfig:
+        return self.s.cfg
+
+
 def _train(
     config: RunConfig | None,
-    out: str | Path,
-    *,
+    out: Path,
     overwrite: bool,
     progress: bool,
     resume: bool,
@@ -163,299 +111,259 @@ def _train(
     run_dir: contextlib.ExitStack,
     on_epoch: EpochHook | None = None,
 ) -> TrainResult:
-    # ---------------------------------------------------------------- Setup
-    session_start = time.perf_counter()
-    out = Path(out)
-    if config is None:
-        if not resume:
-            raise RunDirError("train: a config is required unless resuming")
-        config = RunConfig.from_dict(load_yaml(out / "config.yaml"))
-    config = resolve_model(config)  # model "auto": chosen from the data
-    cfg = config.train
-    spec = load_model_spec(config.model)
-    pretrained = plan_weights(cfg.weights, spec) if cfg.weights else None
-    config = fit_config(config, pretrained)  # the input size and channels the weights expect
-    device = resolve_device(cfg.device)
-    info = dist.setup(device.type)
-    if device.type == "cuda" and info.enabled:
-        device = torch.device("cuda", info.local_rank)
-    precision = resolve_precision(cfg.precision, device)
-    if info.is_main:
-        run_dir.enter_context(claim_run_dir(out, overwrite, resume))
-    dist.barrier(info)
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True)
-    cpu_before = sample_cpus()  # what other work uses while the data loads: see fit_threads
-    # Augmentation and dropout draw from the global RNG: a different stream on every rank.
-    torch.manual_seed(cfg.seed + info.rank)
-    np.random.seed(cfg.seed + info.rank)
-    random.seed(cfg.seed + info.rank)
+    # Setup: settings resolved, device and processes, the run directory locked, seeds.
+    s = setup(config, out, overwrite=overwrite, resume=resume, run_dir=run_dir)
+    # Data: decoded once into the cache, split into training and validation images.
+    data = load_data(s)
+    # Network: built for the classes, from the starting weights when given.
+    m = build_model(s, data, resume, progress)
+    # Optimiser: which epochs train what, the optimizer and its schedule.
+    r = _optimiser(s, data, m)
+    r.on_epoch = on_epoch
+    # Resume: weights, optimizer, schedule, random state and progress from the checkpoint.
+    p = _resume(r, force) if resume else ckpt.Progress()
+    clock = Clock(p, s.started, r.global_batch)
+    _announce(r)
+    # Epochs: until the last, the target accuracy or patience; a checkpoint after each.
+    best_logits = _epochs(r, p, clock, progress)
+    # Save: the best epoch's model is saved already; metrics, summary and curves.
+    return _save(r, p, clock, best_logits)
 
-    # ---------------------------------------------------------------- Data
-    image_size = config.data.image_size or spec.input_size
-    if info.is_main:  # rank 0 decodes into the cache while the others wait, then they map it
-        data = prepare_data(config.data, image_size)
-    dist.barrier(info)
-    if not info.is_main:
-        logging.getLogger("cnnkit").setLevel(logging.ERROR)
-        data = prepare_data(config.data, image_size)
-    if pretrained is not None and pretrained.preprocessing is not None:  # fed as the weights were
-        pre = pretrained.preprocessing
-        data = dataclasses.replace(data, mean=pre.mean, std=pre.std)
-    # What config.yaml records is the resolved run: the input size and channels really used,
-    # and the data folder as an absolute path (the run directory works from anywhere).
-    config = dataclasses.replace(
-        config,
-        data=dataclasses.replace(
-            config.data,
-            path=data.root or config.data.path,
-            image_size=image_size,
-            channels=str(data.channels),
-        ),
-    )
-    in_ram = isinstance(data.train.images, np.ndarray)
-    train_images = torch.from_numpy(data.train.images).to(device) if in_ram else None
-    train_labels = torch.from_numpy(np.asarray(data.train.labels)).to(device)
+
+def _optimiser(s: Session, data: PreparedData, m: Model) -> Run:
+    cfg, info = s.cfg, s.info
     global_batch = min(cfg.batch_size, len(data.train))
     global_batch -= global_batch % info.world_size
     steps = dist.shard_batches(
         torch.arange(len(data.train)), max(global_batch, 1), info.rank, info.world_size
     ).shape[0]
-
-    # ---------------------------------------------------------------- Network
-    model = build_network(spec.layers, len(data.classes), data.channels, image_size)
-    if pretrained is not None and not resume and info.is_main:  # DDP copies rank 0's weights
-        sha256 = load_pretrained(
-            model, pretrained, data.classes, progress=progress, expect_sha256=cfg.weights_sha256
-        ).sha256
-        cfg = dataclasses.replace(cfg, weights_sha256=sha256)
-        config = dataclasses.replace(config, train=cfg)
-    if cfg.sync_bn and info.enabled:
-        if device.type != "cuda":
-            raise ConfigError("train.sync_bn: synchronised batchnorm needs CUDA GPUs")
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    _fit_whitening(model, data)
-    model = model.to(device, memory_format=torch.channels_last)
-    net: nn.Module = model
-    if info.enabled:
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[info.local_rank] if device.type == "cuda" else None
-        )
-    ema = None
-    if cfg.ema:
-        ema = torch.optim.swa_utils.AveragedModel(
-            model,
-            multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema),
-            use_buffers=True,
-        )
-    meta = ModelMeta(
-        classes=data.classes,
-        channels=data.channels,
-        image_size=image_size,
-        resize=config.data.resize,
-        mean=data.mean,
-        std=data.std,
-        architecture=tuple(model.architecture()),
-        model_name=spec.name,
-        tta=cfg.tta,
-        weights=weights_record(cfg),
-    )
-    augment = build_augmentation(config.augment)
-    run_fingerprint = fingerprint(config, data)
-
-    # ---------------------------------------------------------------- Optimiser
-    opt = _optimizer(model, cfg)
-    sched = _schedule(opt, cfg, cfg.epochs * steps)
+    phases = Phases.plan(cfg, m.model)
+    opt = make_optimizer(m.model, cfg, phases)  # over every parameter, before any is frozen
+    sched = make_schedule(opt, cfg, steps, phases)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    run_fingerprint = fingerprint(s.config, data)
+    return Run(s, data, m, phases, opt, sched, criterion, steps, global_batch, run_fingerprint)
 
-    # ---------------------------------------------------------------- Resume
-    p = ckpt.Progress()
-    best_logits: torch.Tensor | None = None  # known when the best epoch ran in this session
-    if resume and not ckpt.list_checkpoints(out):  # killed before its first checkpoint
+
+def _resume(r: Run, force: bool) -> ckpt.Progress:
+    out, steps = r.s.out, r.steps
+    if not ckpt.list_checkpoints(out):  # killed before its first checkpoint
         log.warning("%s has no checkpoint yet; starting the run from the beginning", out)
-    elif resume:
-        folder, weights, saved = ckpt.find_checkpoint(out)
-        check_resumable(saved["fingerprint"], run_fingerprint, force, data)
-        ckpt.load_weights(model, weights, folder)
-        opt.load_state_dict(saved["optimizer"])
-        if saved["total_steps"] == cfg.epochs * steps:
-            sched.load_state_dict(saved["scheduler"])
-        else:  # more or fewer epochs than planned: same position on the new schedule
-            sched.seek(saved["progress"]["epoch"] * steps + saved["progress"]["step"])
-        if ema is not None and "ema" in saved:
-            ema.load_state_dict(saved["ema"])
-        p = ckpt.progress_from_state(saved["progress"])
-        if info.is_main:
-            ckpt.set_rng_state(saved["rng"])
-        log.info("resumed from %s: epoch %d, step %d of %d", folder, p.epoch + 1, p.step, steps)
-    if cfg.threads or not info.enabled:  # under torchrun: its OMP_NUM_THREADS, unless asked
-        fit_threads(cfg.threads, adapt=not cfg.deterministic, since=cpu_before)
-    if info.is_main:  # the settings now in force (a resume may extend the epochs)
-        atomic_write(out / "config.yaml", lambda path: config.save(path))
-        write_split_csv(out, data)
+        return ckpt.Progress()
+    folder, weights, saved = ckpt.find_checkpoint(out)
+    check_resumable(saved["fingerprint"], r.fingerprint, force, r.data)
+    ckpt.load_weights(r.m.model, weights, folder)
+    r.opt.load_state_dict(saved["optimizer"])
+    if saved["total_steps"] == r.cfg.epochs * steps:
+        r.sched.load_state_dict(saved["scheduler"])
+    else:  # more or fewer epochs than planned: same position on the new schedule
+        r.sched.seek(saved["progress"]["epoch"] * steps + saved["progress"]["step"])
+    if r.m.ema is not None and "ema" in saved:
+        r.m.ema.load_state_dict(saved["ema"])
+    p = ckpt.progress_from_state(saved["progress"])
+    if r.s.info.is_main:
+        ckpt.set_rng_state(saved["rng"])
+    log.info("resumed from %s: epoch %d, step %d of %d", folder, p.epoch + 1, p.step, steps)
+    return p
+
+
+def _announce(r: Run) -> None:
+    """Fit the threads, record the settings now in force (a resume may extend the epochs)
+    and say what trains where."""
+    s, cfg = r.s, r.cfg
+    if cfg.threads or not s.info.enabled:  # under torchrun: its OMP_NUM_THREADS, unless asked
+        fit_threads(cfg.threads, adapt=not cfg.deterministic, since=s.cpu_before)
+    if s.info.is_main:
+        atomic_write(s.out / "config.yaml", lambda path: s.config.save(path))
+        write_split_csv(s.out, r.data)
     log.info(
         "training %s (%s parameters) on %s%s, %s, batch %d, %d steps per epoch",
-        spec.name,
-        f"{sum(t.numel() for t in model.parameters()):,}",
-        device.type,
-        f" x{info.world_size}" if info.enabled else "",
-        precision,
-        global_batch,
-        steps,
+        s.spec.name,
+        f"{sum(t.numel() for t in r.m.model.parameters()):,}",
+        s.device.type,
+        f" x{s.info.world_size}" if s.info.enabled else "",
+        s.precision,
+        r.global_batch,
+        r.steps,
     )
 
-    def save_state() -> None:
-        if not info.is_main:
-            return
-        state = {
-            "progress": ckpt.progress_to_state(p),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "total_steps": cfg.epochs * steps,
-            "rng": ckpt.rng_state(),
-            "fingerprint": run_fingerprint,
-        }
-        if ema is not None:
-            state["ema"] = ema.state_dict()
-        ckpt.save_checkpoint(out, model, state)
 
-    # ---------------------------------------------------------------- Epochs
-    with stop_on_signals() as signals, progress_bar(progress and info.is_main) as bar:
-        task = bar.add_task("train", total=steps, epoch="", loss="-", acc="-", speed="")
-        for epoch in range(p.epoch + 1, cfg.epochs + 1):
+# ------------------------------------------------------------------------------ Epochs
+
+
+def _epochs(r: Run, p: ckpt.Progress, clock: Clock, progress: bool) -> torch.Tensor | None:
+    """Train epoch after epoch; the best epoch's validation logits when this session
+    computed them in fp32 (the report reuses them)."""
+    best_logits, stage = None, None
+    with stop_on_signals() as signals, EpochBar(progress and r.s.info.is_main, r.steps) as bar:
+        for epoch in range(p.epoch + 1, r.cfg.epochs + 1):
             if p.finished:
                 break
-            epoch_start = time.perf_counter()
-            model.train()
-            bar.reset(
-                task,
-                total=steps,
-                completed=p.step,
-                epoch=f"{epoch}/{cfg.epochs}",
-                loss="-",
-                acc="-",
-                speed="",
-            )
-            order = torch.randperm(
-                len(data.train),
-                generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch),
-            )
-            batches = dist.shard_batches(order, global_batch, info.rank, info.world_size)
-            loss_sum = torch.tensor(p.loss_sum, dtype=torch.float64, device=device)
-            correct = torch.tensor(p.correct, dtype=torch.int64, device=device)
-            first_step, last_update = p.step, epoch_start
-            for step in range(p.step, steps):
-                idx = batches[step]
-                if train_images is not None:
-                    xb = train_images[idx.to(device)]
-                else:
-                    xb = data.train.batch(idx.numpy())[0].to(device, non_blocking=True)
-                yb = train_labels[idx.to(device)]
-                x = to_model_input(xb, data.mean, data.std)  # (B, C, S, S) channels_last
-                if augment is not None:
-                    x = augment(x).contiguous(memory_format=torch.channels_last)
-                with autocast(device, precision):
-                    logits = net(x)
-                    loss = criterion(logits.float(), yb)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                if ema is not None:
-                    ema.update_parameters(model)
-                loss_sum += loss.detach().double() * len(idx)
-                correct += (logits.argmax(1) == yb).sum()
-                p.step = step + 1
-                now = time.perf_counter()
-                if progress and info.is_main and (now - last_update > 0.25 or p.step == steps):
-                    seen = p.step * len(idx)
-                    rate = (p.step - first_step) * global_batch / (now - epoch_start)
-                    bar.update(
-                        task,
-                        completed=p.step,
-                        loss=f"{loss_sum.item() / seen:.4f}",
-                        acc=f"{correct.item() / seen:.1%}",
-                        speed=f"{rate:,.0f} img/s",
-                    )
-                    last_update = now
-                if signals or (
-                    cfg.checkpoint_every and p.step % cfg.checkpoint_every == 0 and p.step < steps
-                ):
-                    p.loss_sum, p.correct = loss_sum.item(), int(correct.item())
-                    p.train_seconds += time.perf_counter() - epoch_start
-                    p.images_seen += (p.step - first_step) * global_batch
-                    first_step, epoch_start = p.step, time.perf_counter()
-                    save_state()
-                    if signals:
-                        raise TrainingInterrupted(
-                            f"interrupted by {signal.Signals(signals[0]).name}; checkpoint "
-                            f"saved, continue with: cnnkit train --resume {out}"
-                        )
-            sums = dist.all_sum(info, torch.stack([loss_sum, correct.double()]).cpu())
-            seen = steps * global_batch
-            train_loss, train_acc = float(sums[0]) / seen, float(sums[1]) / seen
-            p.train_seconds += time.perf_counter() - epoch_start
-            p.images_seen += (steps - first_step) * global_batch
-            evaluated = ema.module if ema is not None else model
-            dist.broadcast_buffers(info, evaluated)  # validate what rank 0 saves
-            val_loss, val_acc, val_logits = _validate(
-                evaluated, data, device, precision, info, cfg.tta
-            )
-            row = {
-                "epoch": epoch,
-                "train_loss": train_loss,
-                "train_acc": train_acc,
-                "val_loss": val_loss,
-                "val_acc": val_acc,
-                "lr": opt.param_groups[0]["lr"],
-                "seconds": time.perf_counter() - epoch_start,
-            }
-            p.history.append(row)
-            if on_epoch is not None and info.is_main:
-                on_epoch(dict(row), evaluated, data)
-            log.info(
-                "epoch %d/%d  train_loss %.4f  train_acc %.2f%%  val_loss %.4f  "
-                "val_acc %.2f%%  lr %.2e  %.1fs",
-                epoch,
-                cfg.epochs,
-                train_loss,
-                100 * train_acc,
-                val_loss,
-                100 * val_acc,
-                row["lr"],
-                row["seconds"],
-            )
-            # At 100% a lower loss keeps the best weights but is no reason to go on training.
-            perfect = val_acc == 1.0 and p.best_acc == 1.0
-            if (
-                math.isnan(val_acc)  # no validation images: keep the latest weights
-                or val_acc > p.best_acc
-                or (val_acc == p.best_acc and val_loss < p.best_loss)
-            ):
-                p.stale = p.stale + 1 if perfect else 0
-                p.best_acc, p.best_loss, p.best_epoch = val_acc, val_loss, epoch
-                # of the weights saved as the model; bf16 ones are not what predict (fp32) says
-                best_logits = val_logits if precision == "fp32" else None
-                if info.is_main:
-                    save_model(out, evaluated, meta)
-            else:
-                p.stale += 1
-            p.epoch, p.step, p.loss_sum, p.correct = epoch, 0, 0.0, 0
-            elapsed = p.elapsed + time.perf_counter() - session_start
-            if cfg.target_accuracy is not None and val_acc >= cfg.target_accuracy:
-                p.seconds_to_target, p.stopped, p.finished = elapsed, "target_accuracy", True
-            elif cfg.patience and p.stale >= cfg.patience:
-                p.stopped, p.finished = "patience", True
-            p.elapsed, session_start = elapsed, time.perf_counter()
-            save_state()
-            if signals:
-                raise TrainingInterrupted(
-                    f"interrupted by {signal.Signals(signals[0]).name}; "
-                    f"checkpoint saved, continue with: cnnkit train "
-                    f"--resume {out}"
-                )
+            if stage is None or stage.head_only != r.phases.head_only(epoch):
+                stage = None  # a phase starts: its predecessor's DDP hooks go first
+                stage = build_stage(r.s, r.data, r.m.model, r.phases, epoch)
+            train_loss, train_acc = _train_epoch(r, stage, epoch, p, bar, clock, signals)
+            best, logits = _end_epoch(r, stage, epoch, p, clock, (train_loss, train_acc))
+            if best:
+                best_logits = logits
+            _checkpoint(r, p, clock, signals)
+    return best_logits
 
-    # ---------------------------------------------------------------- Save
+
+def _train_epoch(
+    r: Run,
+    stage: Stage,
+    epoch: int,
+    p: ckpt.Progress,
+    bar: EpochBar,
+    clock: Clock,
+    signals: list[int],
+) -> tuple[float, float]:
+    """The epoch's steps from ``p.step`` on; its training loss and accuracy (all ranks)."""
+    s, cfg, opt, ema = r.s, r.cfg, r.opt, r.m.ema
+    set_mode(r.m.model, r.phases, epoch)
+    order = torch.randperm(
+        len(r.data.train), generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+    )
+    batches = dist.shard_batches(order, r.global_batch, s.info.rank, s.info.world_size)
+    meter = Meter(p, s.device)
+    clock.start_epoch(p.step)
+    bar.start(epoch, cfg.epochs, p.step, "head" if stage.head_only else "")
+    for step in range(p.step, r.steps):
+        x, y = stage.feed(batches[step])  # (B, C, S, S) augmented images, or (B, D) features
+        with autocast(s.device, s.precision):
+            logits = stage.forward(x)
+            loss = r.criterion(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        r.sched.step()
+        if ema is not None:
+            ema.update_parameters(r.m.model)
+        meter.add(loss, logits, y)
+        p.step = step + 1
+        bar.show(p.step, meter, clock)
+        due = cfg.checkpoint_every and p.step % cfg.checkpoint_every == 0 and p.step < r.steps
+        if signals or due:  # (the epoch's own checkpoint follows its end)
+            meter.keep(p)
+            _checkpoint(r, p, clock, signals)
+    clock.end_steps()
+    sums = dist.all_sum(s.info, meter.sums())
+    seen = r.steps * r.global_batch
+    return float(sums[0]) / seen, float(sums[1]) / seen
+
+
+def _validate(
+    score: Callable[[np.ndarray], torch.Tensor],
+    labels: np.ndarray,
+    info: dist.DistInfo,
+    device: torch.device,
+) -> tuple[float, float, torch.Tensor | None]:
+    """(mean cross-entropy, accuracy) over the whole validation split, all ranks together,
+    and in a single process the logits ``(N, classes)`` (the report reuses the best epoch's).
+    ``score(idx)`` gives the logits of validation rows ``idx``."""
+    idx = np.arange(info.rank, len(labels), info.world_size)
+    sums = torch.zeros(3, dtype=torch.float64)
+    logits = None
+    if len(idx):
+        logits = score(idx)
+        y = torch.from_numpy(np.asarray(labels[idx]))
+        loss = nn.functional.cross_entropy(logits, y, reduction="sum")
+        sums += torch.tensor(
+            [loss.item(), (logits.argmax(1) == y).sum().item(), len(idx)], dtype=torch.float64
+        )
+    sums = dist.all_sum(info, sums.to(device)).cpu()
+    if sums[2] == 0:
+        return float("nan"), float("nan"), None
+    return float(sums[0] / sums[2]), float(sums[1] / sums[2]), None if info.enabled else logits
+
+
+def _end_epoch(
+    r: Run,
+    stage: Stage,
+    epoch: int,
+    p: ckpt.Progress,
+    clock: Clock,
+    train_figures: tuple[float, float],
+) -> tuple[bool, torch.Tensor | None]:
+    """Validate, record the epoch, keep its weights if they are the best so far, decide
+    whether to stop. Returns (best so far, its fp32 validation logits or None).
+
+    This is the end-of-epoch point: the epoch's row is complete here."""
+    s, cfg = r.s, r.cfg
+    evaluated = r.m.evaluated
+    dist.broadcast_buffers(s.info, evaluated)  # validate what rank 0 saves
+    val_loss, val_acc, val_logits = _validate(
+        lambda idx: stage.score(evaluated, idx), r.data.val.labels, s.info, s.device
+    )
+    row = {
+        "epoch": epoch,
+        "train_loss": train_figures[0],
+        "train_acc": train_figures[1],
+        "val_loss": val_loss,
+        "val_acc": val_acc,
+        "lr": r.opt.param_groups[0]["lr"],
+        "seconds": clock.epoch_seconds(),
+    }
+    p.history.append(row)
+    if r.on_epoch is not None and s.info.is_main:
+        r.on_epoch(dict(row), evaluated, r.data)
+    log.info(
+        "epoch %d/%d%s  train_loss %.4f  train_acc %.2f%%  val_loss %.4f  val_acc %.2f%%  "
+        "lr %.2e  %.1fs",
+        epoch, cfg.epochs, " (head)" if stage.head_only else "", row["train_loss"],
+        100 * row["train_acc"], val_loss, 100 * val_acc, row["lr"], row["seconds"],
+    )  # fmt: skip
+    # At 100% a lower loss keeps the best weights but is no reason to go on training.
+    perfect = val_acc == 1.0 and p.best_acc == 1.0
+    best = (
+        math.isnan(val_acc)  # no validation images: keep the latest weights
+        or val_acc > p.best_acc
+        or (val_acc == p.best_acc and val_loss < p.best_loss)
+    )
+    if best:
+        p.stale = p.stale + 1 if perfect else 0
+        p.best_acc, p.best_loss, p.best_epoch = val_acc, val_loss, epoch
+        if s.info.is_main:
+            save_model(s.out, evaluated, r.m.meta)
+    else:
+        p.stale += 1
+    if r.phases.head_only(epoch):
+        p.stale = 0  # patience judges the epochs that train the whole network
+    p.epoch, p.step, p.loss_sum, p.correct = epoch, 0, 0.0, 0
+    clock.settle()
+    if cfg.target_accuracy is not None and val_acc >= cfg.target_accuracy:
+        p.seconds_to_target, p.stopped, p.finished = p.elapsed, "target_accuracy", True
+    elif cfg.patience and p.stale >= cfg.patience:
+        p.stopped, p.finished = "patience", True
+    # the saved weights' logits; bf16 ones are not what predict (fp32) says
+    return best, (val_logits if s.precision == "fp32" else None)
+
+
+def _checkpoint(r: Run, p: ckpt.Progress, clock: Clock, signals: list[int]) -> None:
+    """Save where the run stands (rank 0) and, when a stop signal arrived, end the run."""
+    clock.settle()
+    if r.s.info.is_main:
+        state = {
+            "progress": ckpt.progress_to_state(p),
+            "optimizer": r.opt.state_dict(),
+            "scheduler": r.sched.state_dict(),
+            "total_steps": r.cfg.epochs * r.steps,
+            "rng": ckpt.rng_state(),
+            "fingerprint": r.fingerprint,
+        }
+        if r.m.ema is not None:
+            state["ema"] = r.m.ema.state_dict()
+        ckpt.save_checkpoint(r.s.out, r.m.model, state)
+    if signals:
+        raise TrainingInterrupted(
+            f"interrupted by {signal.Signals(signals[0]).name}; checkpoint saved, continue "
+            f"with: cnnkit train --resume {r.s.out}"
+        )
+
+
+def _save(r: Run, p: ckpt.Progress, clock: Clock, best_logits: torch.Tensor | None) -> TrainResult:
+    s = r.s
     if p.history and p.best_epoch != p.history[-1]["epoch"]:
         log.info(
             "kept the weights of epoch %d (best validation accuracy %.2f%%)",
@@ -463,24 +371,24 @@ def _train(
             100 * p.best_acc,
         )
     result = TrainResult(
-        run_dir=out,
+        run_dir=s.out,
         best_val_acc=p.best_acc,
         final_val_acc=p.history[-1]["val_acc"] if p.history else math.nan,
         best_epoch=p.best_epoch,
         epochs_run=len(p.history),
-        wall_seconds=p.elapsed + time.perf_counter() - session_start,
+        wall_seconds=clock.total(),
         images_per_second=p.images_seen / p.train_seconds if p.train_seconds else 0.0,
         seconds_to_target=p.seconds_to_target,
         stopped_because=p.stopped,
-        precision=precision,
-        device=str(device),
-        world_size=info.world_size,
+        precision=s.precision,
+        device=str(s.device),
+        world_size=s.info.world_size,
         threads=torch.get_num_threads(),
         history=p.history,
-        data=data,
+        data=r.data,
         val_logits=best_logits,
     )
-    if info.is_main:
-        write_outputs(out, result)
-    dist.barrier(info)
+    if s.info.is_main:
+        write_outputs(s.out, result)
+    dist.barrier(s.info)
     return result

@@ -196,8 +196,10 @@ def describe_changes(
             f"-> {after[0]}/{after[1]}, or files were replaced)"
         )
     a, b = old.get("settings", {}), new.get("settings", {})
+    defaults: dict[str, Any] = {}  # a setting added since the run started had its default
+    _flat("", RunConfig().to_dict(), defaults)
     for key in sorted(set(a) | set(b)):
-        if key not in RESUMABLE and a.get(key) != b.get(key):
+        if key not in RESUMABLE and a.get(key, defaults.get(key)) != b.get(key):
             changes.append(f"{key} changed from {a.get(key)!r} to {b.get(key)!r}")
     return changes
 

@@ -1,18 +1,20 @@
 """What a training session needs around the loop: its run directory (locked, with a record of
-what it writes), its progress bar (an HTML one in a Jupyter notebook), its stop signals
-(SIGINT/SIGTERM end it at the next step, with a checkpoint) and the type of its end-of-epoch
-hook."""
+what it writes), its progress bar (an HTML one in a Jupyter notebook), its clock and running
+figures, its stop signals (SIGINT/SIGTERM end it at the next step, with a checkpoint) and the
+type of its end-of-epoch hook."""
 
 from __future__ import annotations
 
 import errno
 import logging
 import signal
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from cnnkit.console import console, in_notebook
@@ -29,7 +31,16 @@ from cnnkit.files import (
     temporary_names,
 )
 
-__all__ = ["RUN_OUTPUTS", "EpochHook", "claim_run_dir", "progress_bar", "stop_on_signals"]
+__all__ = [
+    "RUN_OUTPUTS",
+    "Clock",
+    "EpochBar",
+    "EpochHook",
+    "Meter",
+    "claim_run_dir",
+    "progress_bar",
+    "stop_on_signals",
+]
 
 log = logging.getLogger("cnnkit")
 
@@ -189,3 +200,115 @@ def stop_on_signals() -> Iterator[list[int]]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+class Clock:
+    """Where a run's time goes, accounted in one place.
+
+    ``Progress.elapsed`` is the wall time of the whole run over all its sessions (setup,
+    steps, validation, checkpoints); ``train_seconds`` and ``images_seen`` the time in
+    training steps and the images they took (the run's img/s). ``settle`` moves what passed
+    since the last call into them, before every checkpoint and at each epoch's end."""
+
+    def __init__(self, p: Any, started: float, global_batch: int) -> None:
+        self.p, self.batch = p, global_batch
+        self.wall = started  # the wall time before this is in p.elapsed
+        self.steps_from: float | None = None  # steps running since then, not yet counted
+        self.first_step = 0
+        self.epoch_started = time.perf_counter()
+
+    def start_epoch(self, step: int) -> None:
+        self.epoch_started = self.steps_from = time.perf_counter()
+        self.first_step = self.epoch_first = step
+
+    def _count_steps(self) -> None:
+        if self.steps_from is not None:
+            now = time.perf_counter()
+            self.p.train_seconds += now - self.steps_from
+            self.p.images_seen += (self.p.step - self.first_step) * self.batch
+            self.steps_from, self.first_step = now, self.p.step
+
+    def end_steps(self) -> None:
+        """The epoch's steps are done (validation is not training time)."""
+        self._count_steps()
+        self.steps_from = None
+
+    def settle(self) -> None:
+        self._count_steps()
+        now = time.perf_counter()
+        self.p.elapsed += now - self.wall
+        self.wall = now
+
+    def total(self) -> float:
+        """Wall seconds of the run so far, all sessions."""
+        return self.p.elapsed + time.perf_counter() - self.wall
+
+    def epoch_seconds(self) -> float:
+        return time.perf_counter() - self.epoch_started
+
+    def rate(self) -> float:
+        """Images a second of this epoch's steps in this session."""
+        seconds = time.perf_counter() - self.epoch_started
+        return (self.p.step - self.epoch_first) * self.batch / seconds if seconds > 0 else 0.0
+
+
+class Meter:
+    """The epoch's running loss and accuracy sums, kept on the device and read only when
+    shown or saved (reading them waits for the device)."""
+
+    def __init__(self, p: Any, device: torch.device) -> None:
+        self.loss_sum = torch.tensor(p.loss_sum, dtype=torch.float64, device=device)
+        self.correct = torch.tensor(p.correct, dtype=torch.int64, device=device)
+        self.batch = 1  # this rank's batch
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.loss_sum += loss.detach().double() * len(labels)
+        self.correct += (logits.argmax(1) == labels).sum()
+        self.batch = len(labels)
+
+    def keep(self, p: Any) -> None:
+        """Into ``p``, for a checkpoint in the middle of the epoch."""
+        p.loss_sum, p.correct = self.loss_sum.item(), int(self.correct.item())
+
+    def sums(self) -> torch.Tensor:
+        return torch.stack([self.loss_sum, self.correct.double()]).cpu()
+
+
+class EpochBar:
+    """The progress bar of an epoch's steps (loss, accuracy, img/s), redrawn at most four
+    times a second; ``enabled`` false: nothing is shown and nothing is read."""
+
+    def __init__(self, enabled: bool, steps: int) -> None:
+        self.enabled, self.steps, self.shown = enabled, steps, 0.0
+        self.bar = progress_bar(enabled)
+
+    def __enter__(self) -> EpochBar:
+        self.bar.__enter__()
+        self.task = self.bar.add_task(
+            "train", total=self.steps, epoch="", loss="-", acc="-", speed=""
+        )
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.__exit__(*exc)
+
+    def start(self, epoch: int, epochs: int, step: int, phase: str) -> None:
+        label = f"{epoch}/{epochs}" + (f" {phase}" if phase else "")
+        self.bar.reset(
+            self.task, total=self.steps, completed=step, epoch=label, loss="-", acc="-", speed=""
+        )
+        self.shown = time.perf_counter()
+
+    def show(self, step: int, meter: Meter, clock: Clock) -> None:
+        now = time.perf_counter()
+        if not self.enabled or (now - self.shown <= 0.25 and step != self.steps):
+            return
+        seen = step * meter.batch
+        self.bar.update(
+            self.task,
+            completed=step,
+            loss=f"{meter.loss_sum.item() / seen:.4f}",
+            acc=f"{meter.correct.item() / seen:.1%}",
+            speed=f"{clock.rate():,.0f} img/s",
+        )
+        self.shown = now

@@ -1,0 +1,195 @@
+"""The sections of a training run before its optimiser: Setup, Data and Network.
+
+Each is one function that ``training.loop`` calls in order; what they settle (the device,
+the processes, the resolved config, the decoded data, the network) lives in a ``Session``
+and a ``Model`` that the later sections read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from cnnkit.checkpoint import ModelMeta
+from cnnkit.config import RunConfig, TrainConfig, load_yaml
+from cnnkit.data.dataset import PreparedData, prepare_data
+from cnnkit.data.images import to_model_input
+from cnnkit.engine import resolve_device, resolve_precision
+from cnnkit.errors import ConfigError, RunDirError
+from cnnkit.models.network import Network, Whiten
+from cnnkit.models.registry import ModelSpec, build_network, load_model_spec, resolve_model
+from cnnkit.models.weights import (
+    Pretrained,
+    fit_config,
+    load_pretrained,
+    plan_weights,
+    weights_record,
+)
+from cnnkit.threads import CpuSample, sample_cpus
+from cnnkit.training import distributed as dist
+from cnnkit.training.session import claim_run_dir
+
+__all__ = ["Model", "Session", "build_model", "load_data", "setup"]
+
+log = logging.getLogger("cnnkit")
+
+
+@dataclass
+class Session:
+    """What this run is and where it runs; ``config`` is completed as the sections go (the
+    data folder made absolute, the input size, the weights' sha256)."""
+
+    out: Path
+    config: RunConfig
+    spec: ModelSpec
+    pretrained: Pretrained | None
+    device: torch.device
+    info: dist.DistInfo
+    precision: str
+    cpu_before: CpuSample | None  # what other work used while the data loaded (threads)
+    started: float  # time.perf_counter() when this session started
+
+    @property
+    def cfg(self) -> TrainConfig:
+        return self.config.train
+
+
+def setup(
+    config: RunConfig | None,
+    out: Path,
+    *,
+    overwrite: bool,
+    resume: bool,
+    run_dir: contextlib.ExitStack,
+) -> Session:
+    """The resolved settings, the device and processes, the locked run directory, the seeds."""
+    started = time.perf_counter()
+    if config is None:
+        if not resume:
+            raise RunDirError("train: a config is required unless resuming")
+        config = RunConfig.from_dict(load_yaml(out / "config.yaml"))
+    config = resolve_model(config)  # model "auto": chosen from the data
+    cfg = config.train
+    spec = load_model_spec(config.model)
+    pretrained = plan_weights(cfg.weights, spec) if cfg.weights else None
+    config = fit_config(config, pretrained)  # the input size and channels the weights expect
+    device = resolve_device(cfg.device)
+    info = dist.setup(device.type)
+    if device.type == "cuda" and info.enabled:
+        device = torch.device("cuda", info.local_rank)
+    precision = resolve_precision(cfg.precision, device)
+    if info.is_main:
+        run_dir.enter_context(claim_run_dir(out, overwrite, resume))
+    dist.barrier(info)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+    cpu_before = sample_cpus()  # what other work uses while the data loads: see fit_threads
+    # Augmentation and dropout draw from the global RNG: a different stream on every rank.
+    torch.manual_seed(cfg.seed + info.rank)
+    np.random.seed(cfg.seed + info.rank)
+    random.seed(cfg.seed + info.rank)
+    return Session(out, config, spec, pretrained, device, info, precision, cpu_before, started)
+
+
+def load_data(s: Session) -> PreparedData:
+    """Decode (once, cached) and split the images; rank 0 decodes while the others wait."""
+    config = s.config
+    image_size = config.data.image_size or s.spec.input_size
+    if s.info.is_main:
+        data = prepare_data(config.data, image_size)
+    dist.barrier(s.info)
+    if not s.info.is_main:
+        logging.getLogger("cnnkit").setLevel(logging.ERROR)
+        data = prepare_data(config.data, image_size)
+    pre = s.pretrained.preprocessing if s.pretrained is not None else None
+    if pre is not None:  # fed as the weights were
+        data = dataclasses.replace(data, mean=pre.mean, std=pre.std)
+    # What config.yaml records is the resolved run: the input size and channels really used,
+    # and the data folder as an absolute path (the run directory works from anywhere).
+    resolved = dataclasses.replace(
+        config.data, path=data.root or config.data.path, image_size=image_size,
+        channels=str(data.channels),
+    )  # fmt: skip
+    s.config = dataclasses.replace(config, data=resolved)
+    return data
+
+
+@dataclass
+class Model:
+    """The network that trains, its weight average (``train.ema``) and what ``model.json``
+    says about it."""
+
+    model: Network
+    ema: torch.optim.swa_utils.AveragedModel | None
+    meta: ModelMeta
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """What validation scores and the run saves: the average when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
+
+def build_model(s: Session, data: PreparedData, resume: bool, progress: bool) -> Model:
+    """The network for the data's classes, from the starting weights when given (rank 0
+    loads them; DDP hands them to the others), whitening fitted, channels_last."""
+    cfg = s.cfg
+    size = s.config.data.image_size or s.spec.input_size
+    model = build_network(s.spec.layers, len(data.classes), data.channels, size)
+    if s.pretrained is not None and not resume and s.info.is_main:
+        loaded = load_pretrained(
+            model, s.pretrained, data.classes, progress=progress, expect_sha256=cfg.weights_sha256
+        )
+        cfg = dataclasses.replace(cfg, weights_sha256=loaded.sha256)
+        s.config = dataclasses.replace(s.config, train=cfg)
+    if cfg.sync_bn and s.info.enabled:
+        if s.device.type != "cuda":
+            raise ConfigError("train.sync_bn: synchronised batchnorm needs CUDA GPUs")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    _fit_whitening(model, data)
+    model = model.to(s.device, memory_format=torch.channels_last)
+    dist.broadcast_module(s.info, model)  # the weights rank 0 loaded, on every rank
+    ema = None
+    if cfg.ema:
+        ema = torch.optim.swa_utils.AveragedModel(
+            model,
+            multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema),
+            use_buffers=True,
+        )
+    meta = ModelMeta(
+        classes=data.classes,
+        channels=data.channels,
+        image_size=size,
+        resize=s.config.data.resize,
+        mean=data.mean,
+        std=data.std,
+        architecture=tuple(model.architecture()),
+        model_name=s.spec.name,
+        tta=cfg.tta,
+        weights=weights_record(cfg),
+    )
+    return Model(model, ema, meta)
+
+
+def _fit_whitening(model: Network, data: PreparedData, sample: int = 5000) -> None:
+    """Set each frozen whitening layer from the training images that reach it."""
+    whitens = [name for name, m in model.layers.items() if isinstance(m, Whiten)]
+    if not whitens:
+        return
+    idx = np.linspace(0, len(data.train) - 1, num=min(sample, len(data.train))).astype(np.int64)
+    x = to_model_input(data.train.batch(idx)[0], data.mean, data.std)  # (N, C, S, S)
+    with torch.no_grad():
+        for name, module in model.layers.items():
+            if isinstance(module, Whiten):
+                module.fit(x)
+            x = module(x)
+            if name == whitens[-1]:
+                break
