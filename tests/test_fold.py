@@ -79,7 +79,7 @@ def test_without_onednn_the_fused_layers_compute_the_same(monkeypatch) -> None:
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         fast = inference_copy(net, torch.device("cpu"), "fp32")(x)
-        monkeypatch.setattr(fold_mod, "_onednn_fusion", lambda: False)
+        monkeypatch.setattr(fold_mod, "_onednn_fusion", lambda dtype=None: False)
         plain = inference_copy(net, torch.device("cpu"), "fp32")(x)
         reference = net(x)
     assert _relative(plain, reference) < 2e-5

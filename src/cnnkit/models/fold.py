@@ -36,14 +36,17 @@ ACTIVATIONS = {nn.ReLU: ("relu", []), nn.ReLU6: ("hardtanh", [0.0, 6.0])}
 
 
 @functools.cache
-def _onednn_fusion() -> bool:
-    """True when torch's oneDNN convolution with a pointwise post-op runs here."""
+def _onednn_fusion(dtype: torch.dtype = torch.float32) -> bool:
+    """True when torch's oneDNN convolution with a pointwise post-op runs here in ``dtype``
+    (its bf16 kernels need AVX-512 or AVX-NE-CONVERT, and ``ONEDNN_MAX_CPU_ISA`` may forbid
+    them on a CPU that has them)."""
     op = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
     if op is None or not torch.backends.mkldnn.is_available():
         return False
     try:
-        w = torch.ones(1, 1, 1, 1)
-        y = op(torch.full((1, 1, 2, 2), -1.0), w, None, [0, 0], [1, 1], [1, 1], 1, "relu", [], "")
+        w = torch.ones(1, 1, 1, 1, dtype=dtype)
+        x = torch.full((1, 1, 2, 2), -1.0, dtype=dtype)
+        y = op(x, w, None, [0, 0], [1, 1], [1, 1], 1, "relu", [], "")
     except (RuntimeError, NotImplementedError):
         return False
     return bool((y == 0).all())
@@ -68,7 +71,7 @@ class FusedConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pads is not None:
             x = nn.functional.pad(x, self.pads)
-        if x.device.type == "cpu" and _onednn_fusion():
+        if x.device.type == "cpu" and _onednn_fusion(x.dtype):
             name, scalars = {"relu": ("relu", []), "relu6": ("hardtanh", [0.0, 6.0])}.get(
                 self.activation or "", ("none", [])
             )
