@@ -186,3 +186,33 @@ def test_the_affinity_is_read_when_nothing_else_limits(monkeypatch: pytest.Monke
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {3}, raising=False)
     assert cpu_limit(Path("/nonexistent"))[0] == 1
     assert fit_threads(None).threads == 1
+
+
+# -------------------------------------------------------------------------- in inference
+
+
+def test_inference_lowers_threads_to_the_limit_and_never_raises_them(
+    tiny_shapes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch's default counts the machine's cores; a loaded model (run directory, ONNX,
+    pt2) keeps to what affinity, a quota or OMP_NUM_THREADS allow."""
+    pytest.importorskip("onnxruntime")
+    run = tmp_path / "run"
+    cnnkit.train(tiny_shapes, run, image_size=16, epochs=1, batch_size=8, progress=False)
+    from cnnkit.export import export_onnx, export_pt2, load_predictor
+
+    onnx = export_onnx(run, tmp_path / "m.onnx", check_images=4).path
+    pt2 = export_pt2(run, tmp_path / "m.pt2", check_images=4).path
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(2)
+    cnnkit.load(run)
+    assert torch.get_num_threads() == 1
+    torch.set_num_threads(2)
+    session = load_predictor(onnx).session
+    assert session.get_session_options().intra_op_num_threads == 1
+    torch.set_num_threads(2)
+    load_predictor(pt2)
+    assert torch.get_num_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")
+    cnnkit.load(run)
+    assert torch.get_num_threads() == 1  # a lower count set by the user stays

@@ -28,6 +28,7 @@ from cnnkit.engine import batched_logits, resolve_device, resolve_precision
 from cnnkit.errors import DataError, ImageError
 from cnnkit.models.fold import inference_copy
 from cnnkit.models.network import Network
+from cnnkit.threads import cap_threads
 
 __all__ = [
     "Classifier",
@@ -126,6 +127,8 @@ class Classifier:
         self, model: Network, meta: ModelMeta, device: str = "auto", precision: str = "auto"
     ) -> None:
         self.device = resolve_device(device)
+        if self.device.type == "cpu":
+            cap_threads()  # no more threads than the CPUs this process may use
         self.precision = inference_precision(precision, self.device)
         self.model = model.to(self.device, memory_format=torch.channels_last).eval()
         self.meta = meta

@@ -32,6 +32,7 @@ from cnnkit.errors import ConfigError
 __all__ = [
     "CpuSample",
     "ThreadPlan",
+    "cap_threads",
     "cgroup_cpu_quota",
     "cpu_limit",
     "fit_threads",
@@ -244,6 +245,20 @@ def fit_threads(
         torch.set_num_threads(plan.threads)
     log.info("%d thread%s: %s", plan.threads, "" if plan.threads == 1 else "s", plan.reason)
     return plan
+
+
+def cap_threads() -> int:
+    """Lower torch's intra-op threads to ``cpu_limit`` (affinity, cgroup quota,
+    ``OMP_NUM_THREADS``) where they exceed it, never raise them; return the limit.
+
+    For inference (``predict``, ``evaluate``, ``serve``, ``explore``, exports): torch's own
+    default counts the machine's cores, not a container's quota. Training chooses with
+    ``fit_threads``, which also looks at other work's load."""
+    limit, why = cpu_limit()
+    if torch.get_num_threads() > limit:
+        torch.set_num_threads(limit)
+        log.debug("%d thread%s: %s", limit, "" if limit == 1 else "s", ", ".join(why))
+    return limit
 
 
 def _leave_room(

@@ -22,6 +22,7 @@ from cnnkit.export.graph import INPUT_NAME
 from cnnkit.export.onnx_check import MAX_ONNX_BYTES, check_onnx
 from cnnkit.extras import require
 from cnnkit.inference import Classifier, load
+from cnnkit.threads import cap_threads
 
 __all__ = ["OnnxClassifier", "Pt2Classifier", "is_onnx_file", "is_pt2_file", "load_predictor"]
 
@@ -70,7 +71,9 @@ class OnnxClassifier(_ExportedClassifier):
         # Checked before onnxruntime sees it, and the checked bytes are what it loads.
         self.meta: ModelMeta = check_onnx(data, str(self.path), max_batch=CHUNK)
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads  # 0: onnxruntime's default (all cores)
+        # 0: as many as the CPUs this process may use (onnxruntime's own default counts the
+        # machine's cores, not a container's quota)
+        options.intra_op_num_threads = threads or cap_threads()
         options.log_severity_level = 3  # errors only
         # Idle worker threads sleep instead of spinning: spinning burns the cores that the
         # decoding, the HTTP server or other processes need, for tiny gains on small models.
@@ -104,6 +107,7 @@ class Pt2Classifier(_ExportedClassifier):
         if not self.path.is_file():
             raise CheckpointError(f"{self.path}: no such pt2 file")
         self._program, self.meta = load_pt2(self.path)
+        cap_threads()
         self.device = torch.device("cpu")
         self.precision = "fp32"
 
