@@ -16,7 +16,6 @@ from cnnkit.inspection.render import (
     data_uri,
     display_scale,
     heat_colours,
-    kernel_grid,
     map_grid,
     overlay,
     png_bytes,
@@ -43,20 +42,6 @@ def test_map_grid_tiles_are_each_map_normalised() -> None:
         )
     assert not _tile(grid, 3, 3, 18, 18).any()
     assert (_tile(grid, 5, 3, 18, 18) == GAP_GREY).all()  # the unused sixth cell
-
-
-def test_kernel_grid_rgb_and_per_channel() -> None:
-    w = np.random.default_rng(1).normal(size=(4, 3, 3, 3))
-    rgb = kernel_grid(w, rgb=True, scale=1)
-    assert rgb.shape == (5, 17, 3)  # one row of four 3x3 colour tiles
-    np.testing.assert_array_equal(rgb[1:4, 1:4], normalize_map(w[0]).transpose(1, 2, 0))
-    np.testing.assert_array_equal(rgb[1:4, 5:8], normalize_map(w[1]).transpose(1, 2, 0))
-    grey = kernel_grid(w, rgb=False, scale=1)  # one row per filter, one tile per channel
-    assert grey.shape == (4 * 4 + 1, 3 * 4 + 1)
-    for f in range(4):
-        norm = normalize_map(w[f])  # (C, 3, 3), one scale per filter
-        for c in range(3):
-            np.testing.assert_array_equal(_tile(grey, f * 3 + c, 3, 3, 3), norm[c])
 
 
 def test_vector_strip_and_tile_grid() -> None:

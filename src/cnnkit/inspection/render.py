@@ -21,7 +21,6 @@ __all__ = [
     "data_uri",
     "display_scale",
     "heat_colours",
-    "kernel_grid",
     "map_grid",
     "overlay",
     "png_bytes",
@@ -66,25 +65,6 @@ def map_grid(values: np.ndarray, scale: int | None = None, cols: int | None = No
     scale = scale or display_scale(max(h, w))
     tiles = np.stack([upscale(normalize_map(values[k]), scale) for k in range(c)])
     return tile_grid(tiles, cols)
-
-
-def kernel_grid(weight: np.ndarray, rgb: bool, scale: int | None = None) -> np.ndarray:
-    """Conv weights (F, C, k, k) -> a grid; each filter is normalised on its own.
-
-    ``rgb``: one colour tile per filter (a first layer on RGB images: the colour it looks
-    for); otherwise one row per filter with one grey tile per input channel.
-    """
-    f, c, kh, kw = weight.shape
-    rgb = rgb and c == 3
-    scale = scale or display_scale(max(kh, kw), target=36 if rgb else 18, most=12)
-    if rgb:
-        tiles = np.stack(
-            [upscale(normalize_map(weight[i]).transpose(1, 2, 0), scale) for i in range(f)]
-        )  # (F, kh*s, kw*s, 3)
-        return tile_grid(tiles, cols=min(f, 16))
-    per_filter = [normalize_map(weight[i]) for i in range(f)]  # (C, kh, kw) each
-    tiles = np.stack([upscale(m[j], scale) for m in per_filter for j in range(c)])
-    return tile_grid(tiles, cols=c)
 
 
 def vector_strip(values: np.ndarray, width: int = 32, cell: int = 8) -> np.ndarray:
