@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 
+from cnnkit.data.shapes import draw_shape
 from cnnkit.serve import background_server, create_app
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -52,3 +54,34 @@ def serving(source: Path, **app_options: Any) -> Iterator[str]:
             else:
                 pytest.fail("the server never became ready")
         yield url
+
+
+def watched_page(browser, init_script: str | None = None, **context: Any) -> tuple[Any, list[str]]:
+    """A fresh page that records console errors, page errors and dialogs (there should be
+    none): (page, the list they are appended to)."""
+    page = browser.new_page(**context)
+    if init_script:
+        page.add_init_script(init_script)
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.on("dialog", lambda d: (problems.append(f"dialog: {d.message}"), d.dismiss()))
+    return page, problems
+
+
+def open_page(
+    browser, url: str, path: str = "/", init_script: str | None = None, **context: Any
+) -> tuple[Any, list[str]]:
+    """``watched_page`` at ``url + path`` (the prediction page or ``/explore``), once it has
+    shown the model. Selectors and function predicates only: a string expression would need
+    eval(), which the pages' Content-Security-Policy forbids."""
+    page, problems = watched_page(browser, init_script, **context)
+    page.goto(url + path)
+    page.wait_for_selector("#model-info:has-text('classes')")
+    return page, problems
+
+
+def shape_png(path: Path, kind: str, seed: int = 2) -> Path:
+    """A 32x32 shape (the test models' own input size) written to ``path``."""
+    draw_shape(kind, 32, np.random.default_rng(seed)).save(path)
+    return path

@@ -8,15 +8,12 @@ on 127.0.0.1 at a free port, serving the session's trained run.
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 from PIL import Image
 
-from browser import launch_chromium, serving
-from cnnkit.data.shapes import draw_shape
+from browser import launch_chromium, open_page, serving, shape_png
 from cnnkit.serve import background_server, create_app
 
 pytestmark = pytest.mark.browser
@@ -67,28 +64,9 @@ def broken_images(page) -> list[str]:
     return page.evaluate(BROKEN_IMAGES)
 
 
-def open_page(browser, url: str, **context):
-    """A fresh page that records console errors, page errors and dialogs (there should be none)."""
-    page = browser.new_page(**context)
-    problems: list[str] = []
-    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
-    page.on("pageerror", lambda e: problems.append(str(e)))
-    page.on("dialog", lambda d: (problems.append(f"dialog: {d.message}"), d.dismiss()))
-    page.goto(url + "/")
-    # selectors and function predicates only: a string expression would need eval(), which
-    # the page's Content-Security-Policy forbids
-    page.wait_for_selector("#model-info:has-text('classes')")
-    return page, problems
-
-
-def write_shape(path: Path, kind: str, seed: int = 2) -> Path:
-    draw_shape(kind, 32, np.random.default_rng(seed)).save(path)
-    return path
-
-
 def test_upload_shows_probabilities_feature_maps_and_grad_cam(browser, base_url, tmp_path):
     page, problems = open_page(browser, base_url, viewport={"width": 1100, "height": 900})
-    image = write_shape(tmp_path / "circle.png", "circle")
+    image = shape_png(tmp_path / "circle.png", "circle")
     page.set_input_files("#file", str(image))
     page.wait_for_selector("#probabilities .bar-row", timeout=30_000)
     page.wait_for_function(ALL_MAPS_LOADED, timeout=30_000)
@@ -158,7 +136,7 @@ def test_drawing_on_a_phone_sized_screen(browser, base_url, tmp_path):
 
 def test_dropping_an_image_classifies_it(browser, base_url, tmp_path):
     page, problems = open_page(browser, base_url, viewport={"width": 800, "height": 700})
-    data = list(write_shape(tmp_path / "square.png", "square", seed=4).read_bytes())
+    data = list(shape_png(tmp_path / "square.png", "square", seed=4).read_bytes())
     page.evaluate(
         """(bytes) => {
             const file = new File([new Uint8Array(bytes)], "dropped.png", {type: "image/png"});
@@ -223,7 +201,7 @@ def test_the_page_uses_a_token_given_in_the_url_fragment(browser, trained_run, t
         page.wait_for_selector("#model-info:has-text('classes')")
         assert page.url == url + "/"  # taken out of the address bar (and its history)
         assert page.evaluate("() => sessionStorage.getItem('cnnkit-token')") == token
-        page.set_input_files("#file", str(write_shape(tmp_path / "c.png", "circle")))
+        page.set_input_files("#file", str(shape_png(tmp_path / "c.png", "circle")))
         page.wait_for_selector("#probabilities .bar-row", timeout=30_000)
         page.close()
 
@@ -246,7 +224,7 @@ def test_no_broken_images_when_serving_an_onnx_file(browser, onnx_url, screen, t
     page, problems = open_page(browser, onnx_url, **screen)
     assert broken_images(page) == []
     assert "exported onnx file" in page.locator("#explain-status").text_content()
-    page.set_input_files("#file", str(write_shape(tmp_path / "square.png", "square")))
+    page.set_input_files("#file", str(shape_png(tmp_path / "square.png", "square")))
     page.wait_for_selector("#probabilities .bar-row", timeout=30_000)
     page.wait_for_selector("#preview-figure:not([hidden])", timeout=10_000)
     assert broken_images(page) == []
@@ -260,7 +238,7 @@ def test_a_bad_upload_clears_the_previous_maps_and_shows_no_broken_preview(
     browser, base_url, screen, tmp_path
 ):
     page, problems = open_page(browser, base_url, **screen)
-    page.set_input_files("#file", str(write_shape(tmp_path / "circle.png", "circle")))
+    page.set_input_files("#file", str(shape_png(tmp_path / "circle.png", "circle")))
     page.wait_for_function(ALL_MAPS_LOADED, timeout=30_000)
     assert page.locator("#gradcam").is_visible() and page.locator("#preview").is_visible()
     assert broken_images(page) == []

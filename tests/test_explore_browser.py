@@ -18,13 +18,13 @@ import pytest
 import torch
 from PIL import Image
 
-from browser import FAKE_CAMERA, launch_chromium, serving
+from browser import FAKE_CAMERA, launch_chromium, open_page, serving, shape_png
 from cnnkit.checkpoint import load_model
 from cnnkit.data.images import to_model_input
-from cnnkit.data.shapes import draw_shape
 
 pytestmark = pytest.mark.browser
 
+EXPLORE = "/explore"  # the explorer's page
 READ_PARTS = """() => Object.fromEntries([...document.querySelectorAll('#pixel-view [data-part]')]
     .map((n) => [n.dataset.part, [n.textContent, n.dataset.value]]))"""
 
@@ -46,25 +46,6 @@ def shots(tmp_path: Path) -> Path:
     folder = Path(os.environ.get("CNNKIT_SCREENSHOTS") or tmp_path)
     folder.mkdir(parents=True, exist_ok=True)
     return folder
-
-
-def open_explorer(browser, url: str, init_script: str | None = None, **context):
-    """A fresh page that records console errors, page errors and dialogs (there should be none)."""
-    page = browser.new_page(**context)
-    if init_script:
-        page.add_init_script(init_script)
-    problems: list[str] = []
-    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
-    page.on("pageerror", lambda e: problems.append(str(e)))
-    page.on("dialog", lambda d: (problems.append(f"dialog: {d.message}"), d.dismiss()))
-    page.goto(url + "/explore")
-    page.wait_for_selector("#model-info:has-text('classes')")
-    return page, problems
-
-
-def shape_png(path: Path, kind: str, seed: int = 2) -> Path:
-    draw_shape(kind, 32, np.random.default_rng(seed)).save(path)  # the model's own 32x32
-    return path
 
 
 def upload(page, image: Path) -> None:
@@ -97,7 +78,7 @@ def assert_shown(parts: dict, name: str, value: float) -> None:
 
 def test_click_a_map_and_a_pixel(browser, base_url, fast_trained_run, tmp_path, shots) -> None:
     run, _ = fast_trained_run
-    page, problems = open_explorer(browser, base_url, viewport={"width": 1280, "height": 900})
+    page, problems = open_page(browser, base_url, EXPLORE, viewport={"width": 1280, "height": 900})
     image = shape_png(tmp_path / "circle.png", "circle")
     upload(page, image)
     model, _ = load_model(run)
@@ -180,7 +161,7 @@ def test_click_a_map_and_a_pixel(browser, base_url, fast_trained_run, tmp_path, 
 
 
 def test_keyboard_only(browser, base_url, tmp_path) -> None:
-    page, problems = open_explorer(browser, base_url, viewport={"width": 1100, "height": 800})
+    page, problems = open_page(browser, base_url, EXPLORE, viewport={"width": 1100, "height": 800})
     upload(page, shape_png(tmp_path / "square.png", "square", seed=4))
     page.focus(".map-thumb[data-layer='relu1'][data-map='2']")
     page.keyboard.press("Enter")
@@ -200,7 +181,7 @@ def test_keyboard_only(browser, base_url, tmp_path) -> None:
 
 
 def test_a_class_shows_its_logit_and_softmax(browser, base_url, tmp_path) -> None:
-    page, problems = open_explorer(browser, base_url, viewport={"width": 1100, "height": 800})
+    page, problems = open_page(browser, base_url, EXPLORE, viewport={"width": 1100, "height": 800})
     image = shape_png(tmp_path / "triangle.png", "triangle", seed=5)
     upload(page, image)
     page.click(".class-row[data-class='triangle']")
@@ -217,7 +198,7 @@ def test_a_class_shows_its_logit_and_softmax(browser, base_url, tmp_path) -> Non
 
 
 def test_the_camera(browser, base_url) -> None:
-    page, problems = open_explorer(browser, base_url, viewport={"width": 1100, "height": 800})
+    page, problems = open_page(browser, base_url, EXPLORE, viewport={"width": 1100, "height": 800})
     page.click("#camera-start")
     page.wait_for_selector("#camera-capture:not([hidden])", timeout=15_000)
     page.wait_for_function("() => document.getElementById('camera').videoWidth > 0")
@@ -232,8 +213,8 @@ def test_the_camera(browser, base_url) -> None:
 
 def test_without_a_camera_the_page_still_works(browser, base_url, tmp_path) -> None:
     no_camera = "Object.defineProperty(navigator, 'mediaDevices', {value: undefined});"
-    page, problems = open_explorer(
-        browser, base_url, no_camera, viewport={"width": 900, "height": 800}
+    page, problems = open_page(
+        browser, base_url, EXPLORE, no_camera, viewport={"width": 900, "height": 800}
     )
     assert page.locator("#camera-start").is_disabled()
     assert (
@@ -246,7 +227,7 @@ def test_without_a_camera_the_page_still_works(browser, base_url, tmp_path) -> N
 
 
 def test_validation_images_with_their_true_labels(browser, base_url) -> None:
-    page, problems = open_explorer(browser, base_url, viewport={"width": 1100, "height": 800})
+    page, problems = open_page(browser, base_url, EXPLORE, viewport={"width": 1100, "height": 800})
     page.click("#samples-load")
     page.wait_for_selector(".sample", timeout=30_000)
     assert page.locator(".sample").count() == 18  # six of each class
@@ -262,9 +243,10 @@ def test_validation_images_with_their_true_labels(browser, base_url) -> None:
 
 
 def test_phone_width(browser, base_url, shots) -> None:
-    page, problems = open_explorer(
+    page, problems = open_page(
         browser,
         base_url,
+        EXPLORE,
         viewport={"width": 390, "height": 844},
         device_scale_factor=2,
         is_mobile=True,
@@ -293,7 +275,7 @@ def test_phone_width(browser, base_url, shots) -> None:
 
 
 def test_a_drawing_and_a_dropped_file_are_explored(browser, base_url, tmp_path) -> None:
-    page, problems = open_explorer(browser, base_url, viewport={"width": 1100, "height": 900})
+    page, problems = open_page(browser, base_url, EXPLORE, viewport={"width": 1100, "height": 900})
     box = page.locator("#canvas").bounding_box()
     page.mouse.move(box["x"] + 20, box["y"] + 20)
     page.mouse.down()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from browser import launch_chromium
+from browser import launch_chromium, watched_page
 from cnnkit.serve.live import watch_training
 from cnnkit.training.loop import train
 from conftest import tiny_config
@@ -34,10 +34,7 @@ def test_the_live_page_draws_every_epoch_then_says_training_finished(
     go_on = {e: threading.Event() for e in range(1, epochs + 1)}
     failures: list[BaseException] = []
     with watch_training(epochs, title="tiny shapes (fast)") as board:
-        page = browser.new_page(viewport={"width": 1100, "height": 1000})
-        problems: list[str] = []
-        page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: problems.append(str(e)))
+        page, problems = watched_page(browser, viewport={"width": 1100, "height": 1000})
         page.goto(board.url)
         page.wait_for_selector("#run-info:has-text('tiny shapes')")
         assert "Waiting for the first epoch" in page.text_content("#status")
