@@ -42,7 +42,7 @@ import httpx
 import numpy as np
 
 from benchlib import BENCH_DIR, REPO, cnnkit_command, emit, log, machine
-from load import free_port, make_model, peak_rss_mb, wait_ready
+from load import free_port, make_model, peak_rss_mb, status_mb, wait_ready
 
 sys.path.insert(0, str(REPO / "tests"))
 from hostile_files import many_scans_jpeg
@@ -60,16 +60,6 @@ def blank_png(size: int = 4096) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGBA", (size, size)).save(buffer, "PNG")
     return buffer.getvalue()
-
-
-def rss_mb(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return None
 
 
 # ------------------------------------------------------------------------------ attacks
@@ -250,7 +240,7 @@ async def attack(url: str, port: int, pid: int, quick: bool) -> dict:
             "p99_ms": round(float(np.percentile(latency, 99)), 1),
             "max_ms": round(float(latency.max()), 1),
         },
-        "server_rss_after_mb": rss_mb(pid),
+        "server_rss_after_mb": status_mb(pid, "VmRSS"),
     }
 
 
@@ -285,7 +275,7 @@ def main() -> None:
     started = time.perf_counter()
     try:
         wait_ready(url, server)
-        idle_rss = rss_mb(server.pid)
+        idle_rss = status_mb(server.pid, "VmRSS")
         result = asyncio.run(
             asyncio.wait_for(attack(url, port, server.pid, args.quick), timeout=120)
         )

@@ -107,15 +107,21 @@ def wait_ready(url: str, server: subprocess.Popen, timeout: float = 120.0) -> fl
     raise SystemExit(f"error: the server was not ready after {timeout:.0f}s")
 
 
-def peak_rss_mb(pid: int) -> float | None:
-    """``VmHWM`` of a running process: its peak resident memory so far."""
+def status_mb(pid: int, field: str) -> float | None:
+    """A memory line of a running process's ``/proc/PID/status`` in MB (``VmRSS``: resident
+    now, ``VmHWM``: the peak so far), or None once it is gone."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return round(int(line.split()[1]) / 1024, 1)
     except OSError:
         pass
     return None
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    """``VmHWM`` of a running process: its peak resident memory so far."""
+    return status_mb(pid, "VmHWM")
 
 
 # ------------------------------------------------------------------------------- Load
