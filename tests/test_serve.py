@@ -20,8 +20,9 @@ from cnnkit.data.images import load_image, to_model_input
 from cnnkit.data.shapes import draw_shape
 from cnnkit.errors import ConfigError, RunDirError
 from cnnkit.inspection import grad_cam, layer_outputs, normalize_map
-from cnnkit.serve import SECURITY_HEADERS, ServedModel, create_app
+from cnnkit.serve import SECURITY_HEADERS, create_app
 from cnnkit.serve.explain import heat_overlay
+from serving import GatedModel, wait_until
 
 with warnings.catch_warnings():  # starlette's note about httpx, not about cnnkit
     warnings.simplefilter("ignore")
@@ -68,22 +69,8 @@ def assert_still_serving(client: TestClient) -> None:
     assert sum(pred["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
 
 
-class GatedModel(ServedModel):
-    """A served model whose forward passes wait for ``gate`` once it is set (slow inference)."""
-
-    gate: threading.Event | None = None
-
-    def infer(self, batch):
-        if self.gate is not None:
-            self.gate.wait(10)
-        return super().infer(batch)
-
-
 def wait_busy(app, count: int) -> None:
-    deadline = time.monotonic() + 10
-    while app.state.worker.busy < count:
-        assert time.monotonic() < deadline, "requests never reached the worker"
-        time.sleep(0.01)
+    wait_until(lambda: app.state.worker.busy >= count, what="requests never reached the worker")
 
 
 @pytest.fixture(scope="module")

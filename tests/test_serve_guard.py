@@ -11,7 +11,6 @@ import json
 import logging
 import socket
 import threading
-import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +29,7 @@ from cnnkit.serve.runner import check_address
 from cnnkit.serve.worker import ModelWorker
 from conftest import model_meta
 from hostile_files import many_scans_jpeg
+from serving import GatedModel, wait_until
 
 with warnings.catch_warnings():  # starlette's note about httpx, not about cnnkit
     warnings.simplefilter("ignore")
@@ -64,24 +64,6 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def client(run_dir: Path) -> Iterator[TestClient]:
     with TestClient(create_app(run_dir)) as test_client:
         yield test_client
-
-
-class GatedModel(ServedModel):
-    """A served model whose forward passes wait for ``gate`` once it is set."""
-
-    gate: threading.Event | None = None
-
-    def infer(self, batch):
-        if self.gate is not None:
-            self.gate.wait(10)
-        return super().infer(batch)
-
-
-def wait_until(condition, seconds: float = 10.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.01)
 
 
 # ----------------------------------------------------------------- decode work and memory
