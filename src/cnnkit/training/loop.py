@@ -118,8 +118,7 @@ def _train(
     # Network: built for the classes, from the starting weights when given.
     m = build_model(s, data, resume, progress)
     # Optimiser: which epochs train what, the optimizer and its schedule.
-    r = _optimiser(s, data, m)
-    r.on_epoch = on_epoch
+    r = _optimiser(s, data, m, on_epoch)
     # Resume: weights, optimizer, schedule, random state and progress from the checkpoint.
     p = _resume(r, force) if resume else ckpt.Progress()
     clock = Clock(p, s.started, r.global_batch)
@@ -130,7 +129,7 @@ def _train(
     return _save(r, p, clock, best_logits)
 
 
-def _optimiser(s: Session, data: PreparedData, m: Model) -> Run:
+def _optimiser(s: Session, data: PreparedData, m: Model, on_epoch: EpochHook | None = None) -> Run:
     cfg, info = s.cfg, s.info
     global_batch = min(cfg.batch_size, len(data.train))
     global_batch -= global_batch % info.world_size
@@ -142,7 +141,9 @@ def _optimiser(s: Session, data: PreparedData, m: Model) -> Run:
     sched = make_schedule(opt, cfg, steps, phases)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     run_fingerprint = fingerprint(s.config, data)
-    return Run(s, data, m, phases, opt, sched, criterion, steps, global_batch, run_fingerprint)
+    return Run(
+        s, data, m, phases, opt, sched, criterion, steps, global_batch, run_fingerprint, on_epoch
+    )
 
 
 def _resume(r: Run, force: bool) -> ckpt.Progress:
