@@ -24,6 +24,12 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+PHONE = {  # a phone-sized screen, for new_page and open_page
+    "viewport": {"width": 390, "height": 844},
+    "device_scale_factor": 2,
+    "is_mobile": True,
+    "has_touch": True,
+}
 FAKE_CAMERA = [
     "--use-fake-device-for-media-stream",  # a generated video instead of a camera
     "--use-fake-ui-for-media-stream",  # and no permission prompt

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from browser import launch_chromium, open_page, serving, shape_png
+from browser import PHONE, launch_chromium, open_page, serving, shape_png
 from cnnkit.serve import background_server, create_app
 
 pytestmark = pytest.mark.browser
@@ -28,12 +28,6 @@ BROKEN_IMAGES = """() => [...document.images]
   .filter((img) => img.complete && img.naturalWidth === 0)
   .map((img) => img.id || img.alt || img.src.slice(0, 40))"""
 DESKTOP = {"viewport": {"width": 1100, "height": 900}}
-PHONE = {
-    "viewport": {"width": 390, "height": 844},
-    "device_scale_factor": 2,
-    "is_mobile": True,
-    "has_touch": True,
-}
 
 
 @pytest.fixture(scope="module")
@@ -97,14 +91,7 @@ def test_upload_shows_probabilities_feature_maps_and_grad_cam(browser, base_url,
 
 
 def test_drawing_on_a_phone_sized_screen(browser, base_url, tmp_path):
-    page, problems = open_page(
-        browser,
-        base_url,
-        viewport={"width": 390, "height": 844},
-        device_scale_factor=2,
-        is_mobile=True,
-        has_touch=True,
-    )
+    page, problems = open_page(browser, base_url, **PHONE)
     box = page.locator("#canvas").bounding_box()
     assert box is not None and box["width"] <= 390
     cx, cy, r = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, box["width"] / 4

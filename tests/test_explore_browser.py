@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from browser import FAKE_CAMERA, launch_chromium, open_page, serving, shape_png
+from browser import FAKE_CAMERA, PHONE, launch_chromium, open_page, serving, shape_png
 from cnnkit.checkpoint import load_model
 from cnnkit.data.images import to_model_input
 
@@ -243,15 +243,7 @@ def test_validation_images_with_their_true_labels(browser, base_url) -> None:
 
 
 def test_phone_width(browser, base_url, shots) -> None:
-    page, problems = open_page(
-        browser,
-        base_url,
-        EXPLORE,
-        viewport={"width": 390, "height": 844},
-        device_scale_factor=2,
-        is_mobile=True,
-        has_touch=True,
-    )
+    page, problems = open_page(browser, base_url, EXPLORE, **PHONE)
     box = page.locator("#canvas").bounding_box()
     cx, cy, r = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, box["width"] / 4
     page.mouse.move(cx - r, cy - r)
