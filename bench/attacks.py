@@ -42,7 +42,7 @@ import httpx
 import numpy as np
 
 from benchlib import BENCH_DIR, REPO, cnnkit_command, emit, log, machine
-from load import free_port, make_model, peak_rss_mb, status_mb, wait_ready
+from load import free_port, make_model, peak_rss_mb, status_mb, stop_server, wait_ready
 
 sys.path.insert(0, str(REPO / "tests"))
 from hostile_files import many_scans_jpeg
@@ -281,12 +281,7 @@ def main() -> None:
         )
         peak = peak_rss_mb(server.pid)
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_server(server)
     total = sum(r["refused_correctly"] for r in result["refused"].values())
     expected = sum(r["expected"] for r in result["refused"].values())
     log(

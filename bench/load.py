@@ -92,6 +92,16 @@ def start_server(model: Path, port: int, max_queue: int, log_file: Path) -> subp
         return subprocess.Popen(cmd, stdout=err, stderr=subprocess.STDOUT)
 
 
+def stop_server(server: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL if the server has not exited 15 s later."""
+    server.terminate()
+    try:
+        server.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
 def wait_ready(url: str, server: subprocess.Popen, timeout: float = 120.0) -> float:
     """Seconds until ``/readyz`` says 200 (model loaded and warmed up)."""
     start = time.perf_counter()
@@ -217,12 +227,7 @@ def main() -> None:
         results = asyncio.run(load(url, upload_png(), args.clients, args.duration, args.warmup))
         rss = peak_rss_mb(server.pid)
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_server(server)
     summary = summarise(results)
     log(
         f"{summary['requests']} requests, {summary['errors']} errors, "
