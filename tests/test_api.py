@@ -53,7 +53,9 @@ def test_train_returns_a_result_and_writes_a_run(api_run: tuple[Path, TrainResul
 
 
 def test_train_options_and_errors(tiny_shapes: Path, tmp_path: Path) -> None:
-    with pytest.raises(cnnkit.ConfigError, match=r"^train: unknown option 'epoch'$"):
+    with pytest.raises(
+        cnnkit.ConfigError, match=r"^unknown setting 'epoch' \(did you mean 'epochs'\?\)$"
+    ):
         cnnkit.train(tiny_shapes, tmp_path / "a", epoch=2)
     with pytest.raises(cnnkit.ConfigError, match=r"^train\.epochs: expected a positive integer"):
         cnnkit.train(tiny_shapes, tmp_path / "b", epochs=0)

@@ -3,6 +3,7 @@ size, greyscale, count), said in one line, and recorded resolved in ``config.yam
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -15,10 +16,11 @@ from typer.testing import CliRunner
 import cnnkit
 import cnnkit.data.facts as facts_mod
 from cnnkit.cli import app
-from cnnkit.config import RunConfig
+from cnnkit.config import Overrides, RunConfig
 from cnnkit.data.facts import DataFacts, measure_data
 from cnnkit.errors import ConfigError, DataError
-from cnnkit.models.registry import choose_model, resolve_model, resolve_run_config
+from cnnkit.models.registry import choose_model
+from cnnkit.training.plan import settings, settle
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -89,7 +91,7 @@ def test_the_choice_follows_the_facts(facts: DataFacts, model: str, size: int) -
 def test_given_size_and_channels_change_the_regime() -> None:
     digits = _facts(28, True, 60_000)
     assert choose_model(digits, image_size=64).model == "fast"  # what the network will see
-    assert (choose_model(digits, channels="3").model, choose_model(digits).model) == (
+    assert (choose_model(digits, channels=3).model, choose_model(digits).model) == (
         "cifar",
         "mnist",
     )
@@ -113,7 +115,7 @@ def test_auto_is_the_default_and_resolves_with_the_preset_s_recipe(
     monkeypatch.setattr(facts_mod, "measure_data", lambda *_a, **_k: many)
     assert RunConfig().model == "auto"
     with caplog.at_level(logging.INFO, logger="cnnkit"):
-        cfg = resolve_run_config(None, {"data.path": str(data)})
+        cfg = settings(None, Overrides.of(path=data))
     assert (cfg.model, cfg.data.image_size) == ("mnist", 28)
     assert (cfg.train.epochs, cfg.train.batch_size) == (1, 128)  # mnist's recommended
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("model auto")]
@@ -121,14 +123,14 @@ def test_auto_is_the_default_and_resolves_with_the_preset_s_recipe(
         "model auto: mnist at 28x28 px (60,000 training images, typically 28x28 px, "
         "greyscale: small greyscale images, enough for mnist's recipe (468 steps))"
     ]
-    flags = resolve_run_config({"model": "auto"}, {"data.path": str(data), "data.image_size": 20})
+    flags = settings({"model": "auto"}, Overrides.of(path=data, image_size=20))
     assert (flags.model, flags.data.image_size) == ("mnist", 20)
 
 
 def test_auto_needs_a_data_folder() -> None:
     with pytest.raises(ConfigError, match=r"model auto chooses from the data: data\.path"):
-        resolve_run_config(None, {})
-    assert resolve_model(RunConfig(model="seed")) == RunConfig(model="seed")  # named: as is
+        settings(None, Overrides())
+    assert settle(RunConfig(model="seed")).config.model == "seed"  # named: as is
 
 
 def test_cli_and_api_without_a_model_record_the_resolved_one(tmp_path: Path) -> None:
@@ -138,11 +140,10 @@ def test_cli_and_api_without_a_model_record_the_resolved_one(tmp_path: Path) -> 
     assert result.exit_code == 0, result.output
     assert "model auto: fast at 20x20 px (" in result.output
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert (saved["model"], saved["data"]["image_size"], saved["data"]["channels"]) == (
-        "fast",
-        20,
-        "1",
-    )
+    assert (saved["model"], saved["data"]["image_size"]) == ("fast", 20)
+    # channels auto stays auto in the settings; the model records what the decode found
+    assert saved["data"]["channels"] is None
+    assert json.loads((out / "model.json").read_text())["channels"] == 1
     api = cnnkit.train(data, tmp_path / "api", epochs=1)
     cfg = RunConfig.from_dict(yaml.safe_load((tmp_path / "api" / "config.yaml").read_text()))
     assert (cfg.model, cfg.data.image_size, api.epochs_run) == ("fast", 20, 1)

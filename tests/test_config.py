@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -11,10 +13,10 @@ import yaml
 from cnnkit.config import (
     AugmentConfig,
     DataConfig,
+    Overrides,
     RunConfig,
     TrainConfig,
     load_yaml,
-    merge_overrides,
 )
 from cnnkit.errors import ConfigError
 
@@ -101,7 +103,7 @@ def test_config_error_is_a_value_error() -> None:
 def test_defaults_are_valid_and_documented_values() -> None:
     cfg = RunConfig()
     assert cfg.model == "auto" and cfg.train.patience == 5 and cfg.train.threads is None
-    assert cfg.data.resize == "crop" and cfg.data.channels == "auto"
+    assert cfg.data.resize == "crop" and cfg.data.channels is None  # auto
     assert cfg.data.image_size is None
     assert cfg.train.optimizer == "adamw" and cfg.train.schedule == "onecycle"
     DataConfig(channels=1)  # an integer is accepted as well as "1"
@@ -143,23 +145,42 @@ def test_from_dict_errors(raw: object, message: str) -> None:
     assert str(info.value).startswith(message), str(info.value)
 
 
-def test_merge_overrides_skips_none_and_validates() -> None:
+def test_overrides_skip_none_keep_types_and_validate() -> None:
     base = RunConfig(train=TrainConfig(epochs=7, lr=0.01))
-    merged = merge_overrides(
-        base, {"model": "seed", "train.epochs": 2, "train.lr": None, "data.seed": 4}
-    )
+    given = Overrides.of(model="seed", epochs=2, lr=None, seed=4, channels="1", augment=False)
+    assert given.given() == {
+        "train.epochs", "data.seed", "train.seed", "data.channels", "augment.enabled"
+    }  # fmt: skip
+    merged = given.apply(base)
     assert merged.model == "seed"
     assert merged.train.epochs == 2 and merged.train.lr == 0.01
-    assert merged.data.seed == 4
+    assert (merged.data.seed, merged.train.seed, merged.data.channels) == (4, 4, 1)
+    assert not merged.augment.enabled
     assert base.train.epochs == 7  # frozen: the original is untouched
+    assert Overrides().apply(base) == base
     with pytest.raises(ConfigError, match=r"^train\.epochs: expected a positive integer, got 0"):
-        merge_overrides(base, {"train.epochs": 0})
+        Overrides.of(epochs=0).apply(base)
 
 
-@pytest.mark.parametrize("key", ["train.epoch", "traning.epochs", "data"])
-def test_merge_overrides_rejects_unknown_settings(key: str) -> None:
-    with pytest.raises(ConfigError, match=f"^unknown setting '{key}'$"):
-        merge_overrides(RunConfig(), {key: 1})
+@pytest.mark.parametrize("key", ["epoch", "enabled", "train.epochs", "data"])
+def test_overrides_reject_unknown_settings(key: str) -> None:
+    with pytest.raises(ConfigError, match=f"^unknown setting '{re.escape(key)}'"):
+        Overrides.of(**{key: 1})
+
+
+def test_every_setting_has_one_name() -> None:
+    """Flags and keyword arguments name settings without their section: two sections may
+    share a field name only where ``Overrides.of`` sets both (``seed``)."""
+    names = [f.name for cls in (DataConfig, AugmentConfig, TrainConfig) for f in fields(cls)]
+    assert {n for n in names if names.count(n) > 1} == {"seed"}
+
+
+@pytest.mark.parametrize(("given", "expected"), [("auto", None), (None, None), ("3", 3), (1, 1)])
+def test_channels_are_a_number_or_auto(given: object, expected: int | None) -> None:
+    assert DataConfig(channels=given).channels == expected  # type: ignore[arg-type]
+    for wrong in ("2", 2, True, "rgb"):
+        with pytest.raises(ConfigError, match=r"^data\.channels: expected one of auto, 1, 3"):
+            DataConfig(channels=wrong)  # type: ignore[arg-type]
 
 
 def test_load_yaml_errors(tmp_path: Path) -> None:

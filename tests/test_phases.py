@@ -19,15 +19,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cnnkit.config import AugmentConfig, DataConfig, RunConfig, TrainConfig
+from cnnkit.config import AugmentConfig, DataConfig, Overrides, RunConfig, TrainConfig
 from cnnkit.data.shapes import generate_shapes
 from cnnkit.errors import ConfigError
 from cnnkit.evaluation import evaluate
-from cnnkit.models.registry import build_network, load_model_spec, resolve_run_config
+from cnnkit.models.registry import build_network, load_model_spec
 from cnnkit.training import optim
 from cnnkit.training import state as ckpt
 from cnnkit.training.loop import TrainingInterrupted, train
 from cnnkit.training.phases import Phases, make_optimizer, make_schedule
+from cnnkit.training.plan import settings
 from interrupt import interrupt_at
 
 HEAD = "dense1"  # fast's classification layer
@@ -166,18 +167,16 @@ def test_fine_tune_settings_are_checked(field: str, value: object, message: str)
 
 
 def test_pretrained_presets_recommend_fine_tuning_only_from_weights(tmp_path, caplog) -> None:
-    data = {"data.path": str(tmp_path), "model": "efficientnet_lite0"}
+    data = {"path": tmp_path, "model": "efficientnet_lite0"}
     with caplog.at_level("INFO", logger="cnnkit"):
-        tuned = resolve_run_config(None, {**data, "train.weights": "imagenet"})
+        tuned = settings(None, Overrides.of(**data, weights="imagenet"))
     spec = load_model_spec("efficientnet_lite0")
     assert tuned.train.freeze_epochs == spec.finetune["train"]["freeze_epochs"] > 0
     assert tuned.train.backbone_lr_factor < 1 and tuned.augment.shear == 0
     assert "efficientnet_lite0's recommended settings for fine-tuning: train.epochs=" in caplog.text
-    scratch = resolve_run_config(None, data)
+    scratch = settings(None, Overrides.of(**data))
     assert scratch.train.freeze_epochs == 0 and scratch.train.backbone_lr_factor == 1.0
-    flagged = resolve_run_config(
-        None, {**data, "train.weights": "imagenet", "train.freeze_epochs": 1}
-    )
+    flagged = settings(None, Overrides.of(**data, weights="imagenet", freeze_epochs=1))
     assert flagged.train.freeze_epochs == 1
     for name in ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "efficientnet_lite0"):
         assert load_model_spec(name).finetune["train"]["freeze_epochs"] > 0, name

@@ -11,17 +11,18 @@ from typer.testing import CliRunner
 
 import cnnkit
 from cnnkit.cli import app
-from cnnkit.config import AugmentConfig, RunConfig, TrainConfig
+from cnnkit.config import AugmentConfig, Overrides, RunConfig, TrainConfig
 from cnnkit.errors import ConfigError
-from cnnkit.models.registry import list_presets, load_model_spec, resolve_run_config
+from cnnkit.models.registry import list_presets, load_model_spec
+from cnnkit.training.plan import settings
 
 
 def test_a_preset_s_recommendations_replace_the_defaults() -> None:
-    cfg = resolve_run_config(None, {"model": "mnist", "data.path": "digits"})
+    cfg = settings(None, Overrides.of(model="mnist", path="digits"))
     assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.lr) == (1, 128, 0.01)
     assert cfg.train.label_smoothing == 0.1 and not cfg.augment.enabled
     assert cfg.train.optimizer == TrainConfig().optimizer  # not recommended: the default
-    cifar = resolve_run_config(None, {"model": "cifar"})
+    cifar = settings(None, Overrides.of(model="cifar"))
     assert cifar.train.tta and cifar.train.optimizer == "muon" and cifar.train.ema is None
     assert cifar.train.schedule == "linear" and cifar.augment.translate == 0.0625
     assert cifar.augment.rotate == 0 and cifar.augment.hflip
@@ -29,19 +30,19 @@ def test_a_preset_s_recommendations_replace_the_defaults() -> None:
 
 def test_flags_and_the_config_file_win_over_recommendations() -> None:
     raw = {"train": {"epochs": 3}, "augment": {"enabled": True}}
-    cfg = resolve_run_config(raw, {"model": "mnist", "train.lr": 0.5, "train.batch_size": None})
+    cfg = settings(raw, Overrides.of(model="mnist", lr=0.5, batch_size=None))
     assert cfg.train.epochs == 3 and cfg.augment.enabled  # the config file
     assert cfg.train.lr == 0.5  # the flag
     assert cfg.train.batch_size == 128 and cfg.train.label_smoothing == 0.1  # recommended
-    from_file = resolve_run_config({"model": "mnist"}, {})
+    from_file = settings({"model": "mnist"}, Overrides())
     assert from_file.model == "mnist" and from_file.train.epochs == 1
 
 
 def test_presets_without_recommendations_keep_cnnkit_s_defaults() -> None:
     for name in ("fast", "seed"):
-        cfg = resolve_run_config(None, {"model": name})
+        cfg = settings(None, Overrides.of(model=name))
         assert cfg.train == TrainConfig() and cfg.augment == AugmentConfig()
-    assert resolve_run_config(None, {"model": "fast"}) == RunConfig(model="fast")
+    assert settings(None, Overrides.of(model="fast")) == RunConfig(model="fast")
 
 
 def test_every_preset_s_recommendations_are_valid() -> None:
@@ -52,7 +53,7 @@ def test_every_preset_s_recommendations_are_valid() -> None:
 
 def test_the_applied_recommendations_are_logged(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="cnnkit"):
-        resolve_run_config({"train": {"epochs": 2}}, {"model": "mnist", "train.lr": 0.1})
+        settings({"train": {"epochs": 2}}, Overrides.of(model="mnist", lr=0.1))
     (line,) = [r.getMessage() for r in caplog.records if "recommended" in r.getMessage()]
     assert line == (
         "mnist's recommended settings: train.batch_size=128, train.label_smoothing=0.1, "
@@ -69,7 +70,7 @@ def _model_file(tmp_path: Path, recommended: object) -> Path:
 
 def test_a_model_file_may_recommend_settings(tmp_path: Path) -> None:
     path = _model_file(tmp_path, {"train": {"epochs": 4, "lr": 0.02}})
-    cfg = resolve_run_config(None, {"model": str(path)})
+    cfg = settings(None, Overrides.of(model=str(path)))
     assert (cfg.train.epochs, cfg.train.lr) == (4, 0.02)
 
 

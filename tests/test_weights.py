@@ -520,15 +520,16 @@ def test_the_cli_takes_weights_and_says_what_is_wrong_in_one_line(tiny_shapes, t
 def test_model_auto_with_weights_is_the_network_they_are_for(
     run_dir: Path, tiny_shapes: Path, tmp_path: Path, weights: str, chosen, refusal
 ) -> None:
-    from cnnkit.models.registry import resolve_run_config
+    from cnnkit.config import Overrides
+    from cnnkit.training.plan import settings
 
     source = {"RUN": str(run_dir), "FILE": str(run_dir / "model.safetensors")}.get(weights, weights)
-    overrides = {"data.path": str(tiny_shapes), "train.weights": source}
+    overrides = Overrides.of(path=tiny_shapes, weights=source)
     if refusal is None:
-        assert resolve_run_config(None, overrides).model == chosen
+        assert settings(None, overrides).model == chosen
     else:
         with pytest.raises(ConfigError, match=re.escape(refusal)):
-            resolve_run_config(None, overrides)
+            settings(None, overrides)
 
 
 def test_a_url_is_downloaded_once_and_its_layout_recognised(published, server) -> None:
@@ -549,9 +550,9 @@ def test_the_weights_decide_the_input_unless_the_config_does(run_dir: Path) -> N
 
     plan = plan_weights(str(run_dir), load_model_spec("fast"))
     fitted = fit_config(RunConfig(data=DataConfig(path="x")), plan)
-    assert (fitted.data.image_size, fitted.data.channels) == (32, "3")
-    given = fit_config(RunConfig(data=DataConfig(path="x", image_size=48, channels="1")), plan)
-    assert (given.data.image_size, given.data.channels) == (48, "1")
+    assert (fitted.data.image_size, fitted.data.channels) == (32, 3)
+    given = fit_config(RunConfig(data=DataConfig(path="x", image_size=48, channels=1)), plan)
+    assert (given.data.image_size, given.data.channels) == (48, 1)
     assert fit_config(given, None) is given
 
 

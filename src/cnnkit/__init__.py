@@ -67,7 +67,7 @@ def train(
     data: str | Path,
     out: str | Path,
     *,
-    model: str = "auto",
+    model: str | None = None,
     seed: int = 0,
     augment: bool | None = None,
     overwrite: bool = False,
@@ -85,36 +85,14 @@ def train(
     ``live=True`` serves a page on 127.0.0.1 (its address is printed) that shows the curves
     and one validation image's feature maps after every epoch, as ``cnnkit train --live``.
     """
-    import dataclasses
-
-    from cnnkit.config import AugmentConfig, DataConfig, TrainConfig, load_yaml
-    from cnnkit.models.registry import resolve_run_config
+    from cnnkit.config import Overrides
     from cnnkit.training.loop import train as _train
+    from cnnkit.training.plan import plan_run
 
-    overrides: dict[str, Any] = {
-        "model": model,
-        "data.path": str(data),
-        "data.seed": seed,
-        "train.seed": seed,
-        "augment.enabled": augment,
-    }
-    # Every setting of the data, augment and train sections, by its name (the config
-    # dataclasses are the single list; path, seed and enabled have their own arguments).
-    sections = {
-        section: {f.name for f in dataclasses.fields(cls)} - {"path", "seed", "enabled"}
-        for section, cls in (
-            ("data", DataConfig),
-            ("augment", AugmentConfig),
-            ("train", TrainConfig),
-        )
-    }
-    for name, value in options.items():
-        section = next((s for s, names in sections.items() if name in names), None)
-        if section is None:
-            raise ConfigError(f"train: unknown option {name!r}")
-        overrides[f"{section}.{name}"] = value
     # The model's recommended settings, then the config file, then the arguments.
-    cfg = resolve_run_config(load_yaml(config) if config else None, overrides)
+    overrides = Overrides.of(model=model, path=data, seed=seed, augment=augment, **options)
+    plan = plan_run(overrides, file=config)
+    cfg = plan.config
     if progress is None:
         from cnnkit.console import in_notebook
 
@@ -128,7 +106,7 @@ def train(
         )
     with watch as board:
         on_epoch = board.epoch_end if board is not None else None
-        result = _train(cfg, out, overwrite=overwrite, progress=progress, on_epoch=on_epoch)
+        result = _train(plan, out, overwrite=overwrite, progress=progress, on_epoch=on_epoch)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes the report
         from cnnkit.reporting import try_write_report
 

@@ -9,6 +9,7 @@ fails where it is set, with a message naming the field and the value.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 from collections.abc import Mapping
@@ -23,10 +24,10 @@ from cnnkit.errors import ConfigError
 __all__ = [
     "AugmentConfig",
     "DataConfig",
+    "Overrides",
     "RunConfig",
     "TrainConfig",
     "load_yaml",
-    "merge_overrides",
     "parse_yaml",
 ]
 
@@ -76,6 +77,17 @@ def _number(section: str, name: str, value: Any, lo: float, hi: float) -> None:
         raise _fail(section, name, value, f"expected a number from {lo:g} to {hi:g}")
 
 
+def channel_count(value: Any) -> int | None:
+    """1, 3 or None (auto) from what a flag, a keyword or a YAML file gives: the numbers or
+    their strings (config files written before channels were numbers hold ``"3"``), or
+    ``"auto"``."""
+    if value is None or value == "auto":
+        return None
+    if not isinstance(value, bool) and str(value) in ("1", "3"):
+        return int(value)
+    raise _fail("data", "channels", value, "expected one of auto, 1, 3")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where the images come from and how each is turned into the model's input.
@@ -88,7 +100,9 @@ class DataConfig:
 
     path: str = ""
     image_size: int | None = None  # None: the model's own input size
-    channels: str = "auto"  # auto: 1 when every image is greyscale, else 3
+    # 1 or 3; None (auto, also accepted as "auto"): 1 when every image is greyscale, else 3.
+    # Only the decode can tell, so it stays None in the settled config unless given.
+    channels: int | None = None
     resize: str = "crop"
     val_split: float = 0.2
     seed: int = 0
@@ -106,7 +120,7 @@ class DataConfig:
             _positive_int("data", "image_size", self.image_size)
             if self.image_size < 4 or self.image_size > 1024:
                 raise _fail("data", "image_size", self.image_size, "expected 4 to 1024 pixels")
-        _choice("data", "channels", str(self.channels), ("auto", "1", "3"))
+        object.__setattr__(self, "channels", channel_count(self.channels))
         _choice("data", "resize", self.resize, RESIZE_MODES)
         _number("data", "val_split", self.val_split, 0.0, 0.9)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
@@ -275,8 +289,12 @@ class RunConfig:
         path.write_text(yaml.dump(self.to_dict(), Dumper=_PlainDumper, sort_keys=False))
 
 
+SECTIONS: dict[str, type] = {"data": DataConfig, "augment": AugmentConfig, "train": TrainConfig}
+
+
 def _section(base: Any, name: str, raw: Any) -> Any:
-    """``base`` (a section dataclass) with the fields that ``raw`` sets."""
+    """``base`` (a section dataclass) with the fields that ``raw`` sets; every value is checked
+    by the section's own ``__post_init__``."""
     if raw is None:
         return base
     if not isinstance(raw, Mapping):
@@ -289,31 +307,69 @@ def _section(base: Any, name: str, raw: Any) -> Any:
             )
     try:
         return dataclasses.replace(base, **raw)
-    except TypeError as exc:  # a value of an impossible type slipped past the checks
+    except TypeError as exc:  # the one place a value of an impossible type would surface
         raise ConfigError(f"config.{name}: {exc}") from None
 
 
-def merge_overrides(config: RunConfig, overrides: Mapping[str, Any]) -> RunConfig:
-    """Apply ``{"train.lr": 0.01, "data.seed": 3, "model": "seed"}``; None values are skipped."""
-    sections: dict[str, dict[str, Any]] = {}
-    model = config.model
-    known = {"data": DataConfig, "augment": AugmentConfig, "train": TrainConfig}
-    for dotted, value in overrides.items():
-        if value is None:
-            continue
-        if dotted == "model":
-            model = value
-            continue
-        section, _, name = dotted.partition(".")
-        if section not in known or name not in {f.name for f in fields(known[section])}:
-            raise ConfigError(f"unknown setting {dotted!r}")
-        sections.setdefault(section, {})[name] = value
-    return RunConfig(
-        model=model,
-        data=dataclasses.replace(config.data, **sections.get("data", {})),
-        augment=dataclasses.replace(config.augment, **sections.get("augment", {})),
-        train=dataclasses.replace(config.train, **sections.get("train", {})),
-    )
+def _owners() -> dict[str, str]:
+    """Each setting's section by its name; ``seed`` (data and train) and ``enabled``
+    (augment: the ``augment`` argument) are set by ``Overrides.of``'s own arguments."""
+    owners: dict[str, str] = {}
+    for section, cls in SECTIONS.items():
+        for f in fields(cls):
+            if f.name not in ("seed", "enabled"):
+                owners[f.name] = section
+    return owners
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """Settings given by name, with their own types: what ``cnnkit train``'s flags or
+    ``cnnkit.train``'s keyword arguments set, above the config file, the model's
+    recommended settings and the defaults. Holds only the settings given."""
+
+    model: str | None = None
+    data: Mapping[str, Any] = field(default_factory=dict)
+    augment: Mapping[str, Any] = field(default_factory=dict)
+    train: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(
+        cls,
+        *,
+        model: str | None = None,
+        seed: int | None = None,
+        augment: bool | None = None,
+        **settings: Any,
+    ) -> Overrides:
+        """By the names ``cnnkit train`` knows them (``epochs=3``, ``image_size=64``,
+        ``path="shapes/"``); None is "not given". ``seed`` seeds the split and the training,
+        ``augment`` turns augmentation on or off."""
+        owners = _owners()
+        sections: dict[str, dict[str, Any]] = {"data": {}, "augment": {}, "train": {}}
+        for name, value in settings.items():
+            if name not in owners:
+                close = difflib.get_close_matches(name, owners, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"unknown setting {name!r}{hint}")
+            if value is not None:
+                sections[owners[name]][name] = value
+        if seed is not None:
+            sections["data"]["seed"] = sections["train"]["seed"] = seed
+        if augment is not None:
+            sections["augment"]["enabled"] = augment
+        return cls(model, **sections)
+
+    def given(self) -> set[str]:
+        """The settings given, as ``section.name``."""
+        return {f"{s}.{k}" for s in SECTIONS for k in getattr(self, s)}
+
+    def apply(self, config: RunConfig) -> RunConfig:
+        """``config`` with these settings in place of its own."""
+        return RunConfig(
+            model=self.model or config.model,
+            **{s: _section(getattr(config, s), s, getattr(self, s)) for s in SECTIONS},
+        )
 
 
 # Bounds on every YAML file cnnkit reads (configs, run directories, presets, model files).

@@ -14,15 +14,21 @@ import typer
 
 from cnnkit.cli._app import app, console, one_line_errors, out
 from cnnkit.cli._process import heavy_imports
-from cnnkit.config import RunConfig, load_yaml, merge_overrides
+from cnnkit.config import Overrides, RunConfig
 from cnnkit.errors import ConfigError, display_path
 
 # ----------------------------------------------------------------------------------- train
 
 
+# train_cmd's arguments that are not settings of the run (the rest are, by name)
+_NOT_SETTINGS = {"data", "out_dir", "strict", "config", "overwrite", "resume", "force", "nproc"}
+_NOT_SETTINGS |= {"quiet", "live"}
+
+
 @app.command("train")
 @one_line_errors
 def train_cmd(
+    ctx: typer.Context,
     data: Annotated[
         Path | None, typer.Argument(help="Folder: DIR/<class>/* or DIR/train|val/<class>/*")
     ] = None,
@@ -111,77 +117,29 @@ def train_cmd(
 ) -> None:
     """Train a CNN on a folder of images and write a run directory."""
     with heavy_imports():
-        from cnnkit.models.registry import resolve_run_config
         from cnnkit.reporting import try_write_report
         from cnnkit.training.loop import train
         from cnnkit.training.outputs import stop_message
+        from cnnkit.training.plan import plan_run
 
     if nproc is not None:
         from cnnkit.training.distributed import launch_torchrun
 
         raise typer.Exit(launch_torchrun(nproc, _without_nproc(sys.argv[1:])))
-    flags = {
-        "model": model,
-        "data.path": str(data) if data is not None else None,
-        "data.image_size": image_size,
-        "data.seed": seed,
-        "data.val_split": val_split,
-        "data.channels": channels,
-        "data.resize": resize,
-        "data.strict": strict or None,
-        "train.epochs": epochs,
-        "train.batch_size": batch_size,
-        "train.lr": lr,
-        "train.optimizer": optimizer,
-        "train.muon_lr": muon_lr,
-        "train.momentum": momentum,
-        "train.schedule": schedule,
-        "train.seed": seed,
-        "train.target_accuracy": target_accuracy,
-        "train.patience": patience,
-        "train.threads": threads,
-        "train.device": device,
-        "train.precision": precision,
-        "train.label_smoothing": label_smoothing,
-        "train.weight_decay": weight_decay,
-        "augment.enabled": augment,
-        "augment.hflip": hflip,
-        "augment.vflip": vflip,
-        "augment.shear": shear,
-        "augment.rotate": rotate,
-        "augment.scale": scale,
-        "augment.translate": translate,
-        "train.checkpoint_every": checkpoint_every,
-        "train.deterministic": deterministic,
-        "train.ema": ema,
-        "train.tta": tta,
-        "train.sync_bn": sync_bn,
-        "train.weights": str(weights) if weights is not None else None,
-        "train.freeze_epochs": freeze_epochs,
-        "train.backbone_lr_factor": backbone_lr_factor,
-        "train.freeze_bn": freeze_bn,
-    }
     if resume is not None:
         if out_dir is not None and out_dir != resume:
             raise ConfigError("--resume names the run directory; leave out --out")
         out_dir = resume
-        saved = (
-            RunConfig.from_dict(load_yaml(resume / "config.yaml"))
-            if (resume / "config.yaml").is_file()
-            else RunConfig()
-        )
     elif data is None or out_dir is None:
         raise ConfigError("train needs a DATA folder and --out RUN_DIR (or --resume RUN_DIR)")
-    try:
-        if resume is not None:
-            cfg = merge_overrides(saved, flags)
-        else:  # a new run: the model's recommended settings, then the config file, then flags
-            cfg = resolve_run_config(load_yaml(config) if config else None, flags)
-    except TypeError as exc:
-        raise ConfigError(str(exc)) from None
+    # Every option named as its setting (--epochs: epochs), typed as typer parsed it.
+    given = {k: v for k, v in ctx.params.items() if k not in _NOT_SETTINGS}
+    overrides = Overrides.of(path=data, strict=strict or None, **given)
+    plan = plan_run(overrides, file=config, resume=resume)
+    cfg = plan.config
     with _watched(live, cfg, out_dir) as board:
         result = train(
-            cfg,
+            plan,
             out_dir,
             overwrite=overwrite,
             progress=not quiet,

@@ -97,10 +97,11 @@ def _file_stamps(files: ImageList) -> bytes:
     return "".join(lines).encode("utf-8", "surrogateescape")  # names need not be UTF-8
 
 
-def _cache_key(stamps: bytes, size: int, channels: str, resize: str) -> str:
+def _cache_key(stamps: bytes, size: int, channels: int | None, resize: str) -> str:
     """A digest of the settings and of the files' stamps (``_file_stamps``)."""
     digest = hashlib.sha256()
-    digest.update(f"v{CACHE_VERSION}|{size}|{channels}|{resize}\n".encode())
+    wanted = "auto" if channels is None else channels  # (the key caches have always had)
+    digest.update(f"v{CACHE_VERSION}|{size}|{wanted}|{resize}\n".encode())
     digest.update(stamps)
     return digest.hexdigest()[:32]
 
@@ -275,14 +276,15 @@ def _remove_dead_builds(root: Path) -> None:
         lock.release()
 
 
-def _build(files: ImageList, size: int, channels: str, resize: str, root: Path, key: str) -> int:
+def _build(
+    files: ImageList, size: int, channels: int | None, resize: str, root: Path, key: str
+) -> int:
     """Decode ``files`` into ``root/key`` (built in a temporary folder, renamed into place)
     and return the channel count stored."""
     # One pass: every file is opened once, decoded, and its stored mode noted. For "auto",
     # images are decoded with three channels and the set is cut to one at the end when every
     # image was stored greyscale (for those, R = G = B = the grey decode, exactly).
-    wanted = None if str(channels) == "auto" else int(channels)
-    decode_channels = wanted or 3
+    decode_channels = channels or 3
     n = len(files)
     folder = root / key
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
@@ -297,7 +299,7 @@ def _build(files: ImageList, size: int, channels: str, resize: str, root: Path, 
         results = _decode_all(str(tmp / "images.npy"), files.paths, size, decode_channels, resize)
         good_rows = [i for i, (why, _) in enumerate(results) if why is None]
         skipped = [(str(files.paths[i]), why) for i, (why, _) in enumerate(results) if why]
-        n_ch = wanted or (1 if good_rows and all(results[i][1] for i in good_rows) else 3)
+        n_ch = channels or (1 if good_rows and all(results[i][1] for i in good_rows) else 3)
         if len(good_rows) != n or n_ch != decode_channels:  # drop failures / extra channels
             compact = _allocate(tmp / "compact.npy", (len(good_rows), size, size, n_ch), root)
             for start in range(0, len(good_rows), 1024):
@@ -339,7 +341,7 @@ def _build(files: ImageList, size: int, channels: str, resize: str, root: Path, 
 def decode_cached(
     files: ImageList,
     size: int,
-    channels: str = "auto",
+    channels: int | None = None,
     resize: str = "crop",
     cache_root: Path | None = None,
     strict: bool = False,
@@ -347,17 +349,17 @@ def decode_cached(
     """Decode ``files`` at ``size`` into the cache (or open the cached copy) and return them.
 
     Unreadable files are skipped with one warning line each and a count; with ``strict`` they
-    are an error. ``channels="auto"`` keeps one channel when every usable image is greyscale.
+    are an error. ``channels=None`` (auto) keeps one channel when every usable image is greyscale.
     """
     root = Path(cache_root) if cache_root else default_cache_root()
     stamps = _file_stamps(files)  # stat each file once, whichever keys are looked up
-    key = _cache_key(stamps, size, str(channels), resize)
+    key = _cache_key(stamps, size, channels, resize)
     folder = root / key
     # A cache decoded with channels "auto" serves an explicit request for the channel count
     # it resolved to (a resumed run, evaluation and reports ask for it by number).
     candidates = [folder]
-    if str(channels) != "auto":
-        candidates.append(root / _cache_key(stamps, size, "auto", resize))
+    if channels is not None:
+        candidates.append(root / _cache_key(stamps, size, None, resize))
     for found in candidates:
         if not (found / "meta.json").is_file():
             continue
@@ -366,7 +368,7 @@ def decode_cached(
         except (OSError, ValueError, KeyError, TypeError):
             shutil.rmtree(found, ignore_errors=True)  # damaged: rebuild below
             continue
-        if str(channels) != "auto" and decoded.channels != int(channels):
+        if channels is not None and decoded.channels != channels:
             continue
         _report(list(decoded.skipped), len(decoded), strict)
         return decoded

@@ -143,7 +143,7 @@ def _check_classes(classes: tuple[str, ...], labels: np.ndarray, where: str) -> 
             raise DataError(f"{where}: class {name!r} has no usable images")
 
 
-def _decode(files: ImageList, cfg: DataConfig, size: int, channels: str) -> DecodedImages:
+def _decode(files: ImageList, cfg: DataConfig, size: int, channels: int | None) -> DecodedImages:
     return decode_cached(
         files,
         size,
@@ -169,12 +169,12 @@ def prepare_data(cfg: DataConfig, image_size: int) -> PreparedData:
     ``cfg.strict`` refuses them.
     """
     layout = scan_folder(cfg.path)
-    channels = str(cfg.channels)
+    channels = cfg.channels
     held_back = None
     duplicates: tuple[tuple[str, ...], ...] = ()
     if layout.has_split:
         train = _decode(layout.splits["train"], cfg, image_size, channels)
-        channels = str(train.channels)
+        channels = train.channels
         held = held_out_split(layout)
         val = _decode(layout.splits[held], cfg, image_size, channels)
         if len(val) == 0:
@@ -319,14 +319,14 @@ def select_images(
             if name not in layout.splits:
                 raise DataError(f"{layout.root}: has no {split!r} split (no {split}/ folder)")
             files = layout.splits[name]
-        arr = _take(_decode(files, cfg, image_size, str(channels)))
+        arr = _take(_decode(files, cfg, image_size, channels))
     else:
         if split == "test":
             raise DataError(
                 f"{layout.root}: has no 'test' split (it holds one folder per class, "
                 "without train/ and test/ folders)"
             )
-        decoded = _decode(layout.splits["all"], cfg, image_size, str(channels))
+        decoded = _decode(layout.splits["all"], cfg, image_size, channels)
         if split == "all":
             arr = _take(decoded)
         else:

@@ -8,6 +8,7 @@ greyscale and how many will train, never from the folder's name.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cnnkit.config import RunConfig, TrainConfig, load_yaml, merge_overrides, parse_yaml
+from cnnkit.config import RunConfig, TrainConfig, load_yaml, parse_yaml
 from cnnkit.errors import ConfigError
 from cnnkit.models.layers import LayerSpec, infer_shapes, parse_layers, with_head
 from cnnkit.models.limits import check_budget
@@ -32,8 +33,6 @@ __all__ = [
     "choose_model",
     "list_presets",
     "load_model_spec",
-    "resolve_model",
-    "resolve_run_config",
 ]
 
 log = logging.getLogger("cnnkit")
@@ -177,7 +176,7 @@ def _recipe_steps(spec: ModelSpec, train_images: int) -> int:
 
 
 def choose_model(
-    facts: DataFacts, image_size: int | None = None, channels: str = "auto"
+    facts: DataFacts, image_size: int | None = None, channels: int | None = None
 ) -> AutoChoice:
     """The preset and input size for data with these ``facts``.
 
@@ -187,7 +186,7 @@ def choose_model(
     the images' own size when smaller (never upscaled, except to ``MIN_SIDE``).
     """
     side = image_size or facts.side
-    grey = facts.greyscale if str(channels) == "auto" else str(channels) == "1"
+    grey = facts.greyscale if channels is None else channels == 1
     described = facts.describe()
     if side is None:
         fast = load_model_spec("fast").input_size
@@ -212,118 +211,17 @@ def choose_model(
     return AutoChoice("fast", size, f"{described}: the general preset, {own}")
 
 
-def resolve_model(config: RunConfig) -> RunConfig:
-    """``config`` with model ``auto`` replaced by the preset and input size chosen from its
-    data (logged in one line); any other model unchanged. Training settings are kept: see
-    ``resolve_run_config`` for the chosen preset's recommended ones."""
-    if config.model != AUTO:
-        return config
-    if config.train.weights is not None:
-        return _model_of_weights(config)
-    from cnnkit.data.facts import measure_data  # (data and models are siblings: no cycle)
-
-    if not config.data.path:
-        raise ConfigError("model auto chooses from the data: data.path is required")
-    facts = measure_data(config.data.path, config.data.val_split)
-    choice = choose_model(facts, config.data.image_size, config.data.channels)
-    if config.train.weights:  # weights that do not exist are the one line such a run prints
-        from cnnkit.models.weights import plan_weights  # (it imports this module)
-
-        plan_weights(config.train.weights, load_model_spec(choice.model))
-    log.info("%s", choice.describe())
-    # Starting from weights, the input size is theirs unless given (``weights.fit_config``).
-    size = config.data.image_size if config.train.weights else choice.image_size
-    return dataclasses.replace(
-        config, model=choice.model, data=dataclasses.replace(config.data, image_size=size)
-    )
-
-
-DEFAULT_PRETRAINED = "efficientnet_lite0"  # its ImageNet weights install with cnnkit
-
-
-def _network_of_run(run: Path) -> str:
-    """The model (preset name or layer file) a run directory was trained with."""
-    import json
-
-    try:
-        if (run / "model.json").stat().st_size <= 16 << 20:
-            name = json.loads((run / "model.json").read_text()).get("model_name")
-            if name in list_presets():
-                return str(name)
-        if (run / "config.yaml").is_file():
-            return RunConfig.from_dict(load_yaml(run / "config.yaml")).model
-    except (OSError, ValueError, AttributeError, RecursionError, ConfigError) as exc:
-        raise ConfigError(f"--weights {run}: cannot tell its network ({exc})") from None
-    raise ConfigError(f"--weights {run}: cannot tell its network; name it with --model")
-
-
-def _model_of_weights(config: RunConfig) -> RunConfig:
-    """Model ``auto`` with starting weights: the network those weights are for (a run
-    directory's own model; ``imagenet``: the backbone whose weights need no download); a
-    file or URL must be told which network it fits."""
-    weights = config.train.weights or ""
-    run = Path(weights).expanduser()
-    if (run / "model.json").is_file():
-        model = _network_of_run(run)
-        log.info("model auto: %s, the network of the run whose weights start this one", model)
-    elif weights == "imagenet":
-        model = DEFAULT_PRETRAINED
-        log.info("model auto: %s, whose ImageNet weights come with cnnkit", model)
-    elif weights.startswith(("http://", "https://")) or run.is_file():
-        with_weights = [n for n in list_presets() if load_model_spec(n).pretrained]
-        raise ConfigError(
-            f"--weights {weights}: say which network the weights are for with --model "
-            f"(e.g. {', '.join(with_weights)})"
-        )
-    else:
-        raise ConfigError(f"--weights {weights}: not a file, URL, run directory or 'imagenet'")
-    return dataclasses.replace(config, model=model)
-
-
-def resolve_run_config(raw: Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> RunConfig:
-    """The settings of a new run, each from the first that gives it: ``overrides`` (flags,
-    keyword arguments; None is "not given"), the config file ``raw``, the model's
-    recommended settings, cnnkit's defaults. Says which recommended settings it applied.
-
-    Model ``auto`` (the default) is resolved first, from the data the settings name, so the
-    chosen preset's recommended settings apply as if it had been named."""
-    if raw is not None and not isinstance(raw, Mapping):
-        raise ConfigError(f"config: expected a mapping of sections, got {type(raw).__name__}")
-    raw = raw or {}
-    model = overrides.get("model") or raw.get("model") or RunConfig().model
-    chosen: RunConfig | None = None
-    if model == AUTO:
-        draft = merge_overrides(RunConfig.from_dict(raw), overrides)
-        chosen = resolve_model(dataclasses.replace(draft, model=AUTO))
-        model = chosen.model
-        overrides = {**overrides, "model": model}
-        raw = {**raw, "model": model}
-    defaults = None
-    train_raw = raw.get("train") if isinstance(raw.get("train"), Mapping) else {}
-    from_weights = bool(overrides.get("train.weights") or train_raw.get("weights"))
-    if isinstance(model, str):  # (anything else: from_dict below says what is wrong)
-        spec = load_model_spec(model)
-        defaults = RunConfig.from_dict({"model": model, **spec.settings(from_weights)})
-        given = {f"{sec}.{k}" for sec in RECOMMENDABLE for k in (raw.get(sec) or {})}
-        given |= {k for k, v in overrides.items() if v is not None}
-        applied = spec.recommended_settings(skip=given, from_weights=from_weights)
-        if applied:
-            what = " for fine-tuning" if from_weights and spec.finetune else ""
-            log.info("%s's recommended settings%s: %s", spec.name, what, ", ".join(applied))
-    config = merge_overrides(RunConfig.from_dict(raw, defaults=defaults), overrides)
-    if chosen is not None and config.data.image_size is None and not from_weights:
-        config = dataclasses.replace(
-            config, data=dataclasses.replace(config.data, image_size=chosen.data.image_size)
-        )
-    return config
+@functools.cache
+def _preset(name: str) -> ModelSpec:
+    """A built-in preset, parsed once per process (the files ship with cnnkit)."""
+    origin = f"preset {name!r}"
+    return _from_mapping(parse_yaml(_preset_files()[name].read_bytes(), origin), origin)
 
 
 def load_model_spec(name_or_path: str) -> ModelSpec:
     """A preset by name (``seed``, ``fast``, ...) or a YAML file of layers."""
-    presets = _preset_files()
-    if name_or_path in presets:
-        origin = f"preset {name_or_path!r}"
-        return _from_mapping(parse_yaml(presets[name_or_path].read_bytes(), origin), origin)
+    if name_or_path in _preset_files():
+        return _preset(name_or_path)
     path = Path(name_or_path)
     if path.suffix.lower() in (".yaml", ".yml", ".json") or path.exists():
         if not path.is_file():

@@ -189,7 +189,7 @@ def fit_config(config: RunConfig, plan: Pretrained | None) -> RunConfig:
             data.resize,
         )  # fmt: skip
     size = data.image_size or pre.image_size
-    channels = str(pre.channels) if data.channels == "auto" else data.channels
+    channels = pre.channels if data.channels is None else data.channels
     return replace(config, data=replace(data, image_size=size, channels=channels))
 
 

@@ -27,10 +27,10 @@ import torch
 from torch import nn
 
 from cnnkit.checkpoint import atomic_write, save_model
-from cnnkit.config import RunConfig, TrainConfig
+from cnnkit.config import RunConfig, TrainConfig, load_yaml
 from cnnkit.data.dataset import PreparedData
 from cnnkit.engine import autocast
-from cnnkit.errors import CnnkitError
+from cnnkit.errors import CnnkitError, RunDirError
 from cnnkit.threads import fit_threads
 from cnnkit.training import distributed as dist
 from cnnkit.training import state as ckpt
@@ -43,6 +43,7 @@ from cnnkit.training.outputs import (
     write_split_csv,
 )
 from cnnkit.training.phases import Phases, make_optimizer, make_schedule, set_mode
+from cnnkit.training.plan import RunPlan, settle
 from cnnkit.training.session import Clock, EpochBar, EpochHook, Meter, stop_on_signals
 from cnnkit.training.setup import Model, Session, build_model, load_data, setup
 from cnnkit.training.stages import Stage, build_stage
@@ -57,7 +58,7 @@ class TrainingInterrupted(CnnkitError):
 
 
 def train(
-    config: RunConfig | None,
+    config: RunPlan | RunConfig | None,
     out: str | Path,
     *,
     overwrite: bool = False,
@@ -67,6 +68,9 @@ def train(
     on_epoch: EpochHook | None = None,
 ) -> TrainResult:
     """Train ``config`` into the run directory ``out`` (or continue it with ``resume``).
+
+    ``config`` is a plan (``training.plan.plan_run``) or a config, settled here the same way;
+    None with ``resume``: the run's own ``config.yaml``.
 
     ``on_epoch(row, model, data)`` is called on rank 0 after each epoch's validation, with
     the metrics row, the evaluated model and the data (``cnnkit train --live`` watches it)."""
@@ -102,7 +106,7 @@ class Run:
 
 
 def _train(
-    config: RunConfig | None,
+    config: RunPlan | RunConfig | None,
     out: Path,
     overwrite: bool,
     progress: bool,
@@ -111,8 +115,8 @@ def _train(
     run_dir: contextlib.ExitStack,
     on_epoch: EpochHook | None = None,
 ) -> TrainResult:
-    # Setup: settings resolved, device and processes, the run directory locked, seeds.
-    s = setup(config, out, overwrite=overwrite, resume=resume, run_dir=run_dir)
+    # Setup: settings settled, device and processes, the run directory locked, seeds.
+    s = setup(_plan(config, out, resume), out, overwrite=overwrite, resume=resume, run_dir=run_dir)
     # Data: decoded once into the cache, split into training and validation images.
     data = load_data(s)
     # Network: built for the classes, from the starting weights when given.
@@ -127,6 +131,16 @@ def _train(
     best_logits = _epochs(r, p, clock, progress)
     # Save: the best epoch's model is saved already; metrics, summary and curves.
     return _save(r, p, clock, best_logits)
+
+
+def _plan(config: RunPlan | RunConfig | None, out: Path, resume: bool) -> RunPlan:
+    if isinstance(config, RunPlan):
+        return config
+    if config is not None:
+        return settle(config)
+    if not resume:
+        raise RunDirError("train: a config is required unless resuming")
+    return settle(RunConfig.from_dict(load_yaml(out / "config.yaml")))
 
 
 def _optimiser(s: Session, data: PreparedData, m: Model, on_epoch: EpochHook | None = None) -> Run:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import itertools
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from cnnkit.checkpoint import atomic_write
-from cnnkit.config import RunConfig
+from cnnkit.config import RunConfig, channel_count
 from cnnkit.data.dataset import PreparedData
 from cnnkit.data.folder import SPLIT_COLUMNS, SPLIT_FILE
 from cnnkit.errors import ConfigError
@@ -199,9 +200,23 @@ def describe_changes(
     defaults: dict[str, Any] = {}  # a setting added since the run started had its default
     _flat("", RunConfig().to_dict(), defaults)
     for key in sorted(set(a) | set(b)):
-        if key not in RESUMABLE and a.get(key, defaults.get(key)) != b.get(key):
-            changes.append(f"{key} changed from {a.get(key)!r} to {b.get(key)!r}")
+        before, after = _canonical(key, a.get(key, defaults.get(key))), _canonical(key, b.get(key))
+        if key not in RESUMABLE and before != after:
+            changes.append(f"{key} changed from {_shown(key, before)!r} to {_shown(key, after)!r}")
     return changes
+
+
+def _canonical(key: str, value: Any) -> Any:
+    """A setting as this version of cnnkit writes it (runs started before channels were
+    numbers recorded ``"3"``)."""
+    if key == "data.channels":
+        with contextlib.suppress(ConfigError):
+            return channel_count(value)
+    return value
+
+
+def _shown(key: str, value: Any) -> Any:
+    return ("auto" if value is None else str(value)) if key == "data.channels" else value
 
 
 def check_resumable(

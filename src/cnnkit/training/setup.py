@@ -20,22 +20,17 @@ import torch
 from torch import nn
 
 from cnnkit.checkpoint import ModelMeta
-from cnnkit.config import RunConfig, TrainConfig, load_yaml
+from cnnkit.config import RunConfig, TrainConfig
 from cnnkit.data.dataset import PreparedData, prepare_data
 from cnnkit.data.images import to_model_input
 from cnnkit.engine import resolve_device, resolve_precision
-from cnnkit.errors import ConfigError, RunDirError
+from cnnkit.errors import ConfigError
 from cnnkit.models.network import Network, Whiten
-from cnnkit.models.registry import ModelSpec, build_network, load_model_spec, resolve_model
-from cnnkit.models.weights import (
-    Pretrained,
-    fit_config,
-    load_pretrained,
-    plan_weights,
-    weights_record,
-)
+from cnnkit.models.registry import ModelSpec, build_network
+from cnnkit.models.weights import Pretrained, load_pretrained, weights_record
 from cnnkit.threads import CpuSample, sample_cpus
 from cnnkit.training import distributed as dist
+from cnnkit.training.plan import RunPlan
 from cnnkit.training.session import claim_run_dir
 
 __all__ = ["Model", "Session", "build_model", "load_data", "setup"]
@@ -45,8 +40,8 @@ log = logging.getLogger("cnnkit")
 
 @dataclass
 class Session:
-    """What this run is and where it runs; ``config`` is completed as the sections go (the
-    data folder made absolute, the input size, the weights' sha256)."""
+    """What this run is and where it runs. ``config`` is the plan's (``training.plan``);
+    ``build_model`` adds the one thing learnt by reading the weights, their sha256."""
 
     out: Path
     config: RunConfig
@@ -62,26 +57,24 @@ class Session:
     def cfg(self) -> TrainConfig:
         return self.config.train
 
+    @property
+    def image_size(self) -> int:
+        size = self.config.data.image_size
+        assert size is not None, "a settled config has an input size"  # training.plan.settle
+        return size
+
 
 def setup(
-    config: RunConfig | None,
+    plan: RunPlan,
     out: Path,
     *,
     overwrite: bool,
     resume: bool,
     run_dir: contextlib.ExitStack,
 ) -> Session:
-    """The resolved settings, the device and processes, the locked run directory, the seeds."""
+    """The device and processes, the locked run directory, the seeds."""
     started = time.perf_counter()
-    if config is None:
-        if not resume:
-            raise RunDirError("train: a config is required unless resuming")
-        config = RunConfig.from_dict(load_yaml(out / "config.yaml"))
-    config = resolve_model(config)  # model "auto": chosen from the data
-    cfg = config.train
-    spec = load_model_spec(config.model)
-    pretrained = plan_weights(cfg.weights, spec) if cfg.weights else None
-    config = fit_config(config, pretrained)  # the input size and channels the weights expect
+    cfg = plan.config.train
     device = resolve_device(cfg.device)
     info = dist.setup(device.type)
     if device.type == "cuda" and info.enabled:
@@ -97,29 +90,23 @@ def setup(
     torch.manual_seed(cfg.seed + info.rank)
     np.random.seed(cfg.seed + info.rank)
     random.seed(cfg.seed + info.rank)
-    return Session(out, config, spec, pretrained, device, info, precision, cpu_before, started)
+    return Session(
+        out, plan.config, plan.spec, plan.pretrained, device, info, precision, cpu_before, started
+    )
 
 
 def load_data(s: Session) -> PreparedData:
     """Decode (once, cached) and split the images; rank 0 decodes while the others wait."""
     config = s.config
-    image_size = config.data.image_size or s.spec.input_size
     if s.info.is_main:
-        data = prepare_data(config.data, image_size)
+        data = prepare_data(config.data, s.image_size)
     dist.barrier(s.info)
     if not s.info.is_main:
         logging.getLogger("cnnkit").setLevel(logging.ERROR)
-        data = prepare_data(config.data, image_size)
+        data = prepare_data(config.data, s.image_size)
     pre = s.pretrained.preprocessing if s.pretrained is not None else None
     if pre is not None:  # fed as the weights were
         data = dataclasses.replace(data, mean=pre.mean, std=pre.std)
-    # What config.yaml records is the resolved run: the input size and channels really used,
-    # and the data folder as an absolute path (the run directory works from anywhere).
-    resolved = dataclasses.replace(
-        config.data, path=data.root or config.data.path, image_size=image_size,
-        channels=str(data.channels),
-    )  # fmt: skip
-    s.config = dataclasses.replace(config, data=resolved)
     return data
 
 
@@ -142,8 +129,7 @@ def build_model(s: Session, data: PreparedData, resume: bool, progress: bool) ->
     """The network for the data's classes, from the starting weights when given (rank 0
     loads them; DDP hands them to the others), whitening fitted, channels_last."""
     cfg = s.cfg
-    size = s.config.data.image_size or s.spec.input_size
-    model = build_network(s.spec.layers, len(data.classes), data.channels, size)
+    model = build_network(s.spec.layers, len(data.classes), data.channels, s.image_size)
     if s.pretrained is not None and not resume and s.info.is_main:
         loaded = load_pretrained(
             model, s.pretrained, data.classes, progress=progress, expect_sha256=cfg.weights_sha256
@@ -167,7 +153,7 @@ def build_model(s: Session, data: PreparedData, resume: bool, progress: bool) ->
     meta = ModelMeta(
         classes=data.classes,
         channels=data.channels,
-        image_size=size,
+        image_size=s.image_size,
         resize=s.config.data.resize,
         mean=data.mean,
         std=data.std,
