@@ -16,8 +16,6 @@ pictures, and ``cnnkit.train`` draws a progress bar.
 
 from __future__ import annotations
 
-import contextlib
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -86,33 +84,18 @@ def train(
     and one validation image's feature maps after every epoch, as ``cnnkit train --live``.
     """
     from cnnkit.config import Overrides
-    from cnnkit.training.loop import train as _train
     from cnnkit.training.plan import plan_run
+    from cnnkit.workflow import train_and_report
 
     # The model's recommended settings, then the config file, then the arguments.
     overrides = Overrides.of(model=model, path=data, seed=seed, augment=augment, **options)
     plan = plan_run(overrides, file=config)
-    cfg = plan.config
     if progress is None:
         from cnnkit.console import in_notebook
 
         progress = in_notebook()
-    watch: Any = contextlib.nullcontext()
-    if live and os.environ.get("RANK", "0") == "0":
-        from cnnkit.serve.live import announce_url, watch_training
-
-        watch = watch_training(
-            cfg.train.epochs, title=f"{out} ({cfg.model})", announce=announce_url
-        )
-    with watch as board:
-        on_epoch = board.epoch_end if board is not None else None
-        result = _train(plan, out, overwrite=overwrite, progress=progress, on_epoch=on_epoch)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes the report
-        from cnnkit.reporting import try_write_report
-
-        # a failure is a warning: the model is already saved
-        try_write_report(out, result.data, result.val_logits)
-    return result
+    trained = train_and_report(plan, out, overwrite=overwrite, progress=progress, live=live)
+    return trained.result
 
 
 def load(run_dir: str | Path, device: str = "auto", precision: str = "auto") -> Classifier:

@@ -18,8 +18,9 @@ from cnnkit.data.shapes import SHAPE_CLASSES, SHAPES_VERSION, draw_shape, genera
 from cnnkit.evaluation import EvalResult, evaluate, evaluate_images
 from cnnkit.files import write_file
 from cnnkit.inference import Prediction, load
-from cnnkit.reporting import try_write_report
-from cnnkit.training.loop import TrainResult, train
+from cnnkit.training.loop import TrainResult
+from cnnkit.training.plan import settle
+from cnnkit.workflow import train_and_report
 
 __all__ = ["DEMO_CONFIG", "DemoReport", "demo_data", "run_demo"]
 
@@ -68,21 +69,21 @@ def run_demo(out: Path, progress: bool = True, data_root: Path | None = None) ->
         augment=DEMO_CONFIG.augment,
         train=DEMO_CONFIG.train,
     )
-    trained = train(cfg, out, overwrite=True, progress=progress)
-    if trained.data is not None:  # the validation images are still in memory
+    trained = train_and_report(settle(cfg), out, overwrite=True, progress=progress)
+    classifier = trained.classifier or load(out)  # (None only if the report could not load it)
+    if trained.result.data is not None:  # the validation images are still in memory
         evaluation = evaluate_images(
-            load(out),
-            trained.data.val,
+            classifier,
+            trained.result.data.val,
             run_dir=out,
-            logits=trained.val_logits,
-            data=trained.data.root,
+            logits=trained.result.val_logits,
+            data=trained.result.data.root,
         )
     else:
-        evaluation = evaluate(out, data, split="val")
+        evaluation = evaluate(out, data, split="val", classifier=classifier)
     rng = np.random.default_rng(int(time.time_ns() % 2**32))
     kind = SHAPE_CLASSES[int(rng.integers(len(SHAPE_CLASSES)))]
     image = draw_shape(kind, DEMO_SIZE, rng)
     write_file(out / "new_shape.png", lambda p: image.save(p, format="PNG"), overwrite=True)
-    (prediction,) = load(out).predict([out / "new_shape.png"])
-    try_write_report(out, trained.data, trained.val_logits)
-    return DemoReport(trained, evaluation, kind, prediction, time.perf_counter() - started)
+    (prediction,) = classifier.predict([out / "new_shape.png"])
+    return DemoReport(trained.result, evaluation, kind, prediction, time.perf_counter() - started)

@@ -129,14 +129,16 @@ def evaluate(
     precision: str = "auto",
     worst: int = 8,
     plot: bool = True,
+    classifier: Classifier | None = None,
 ) -> EvalResult:
-    """Score the model in ``run_dir`` on the images of ``data``.
+    """Score the model in ``run_dir`` on the images of ``data`` (``classifier``: that model,
+    already loaded).
 
     ``split`` as ``select_images`` reads it (``auto``: the validation part of the run's own
     folder, all of any other). With ``plot``, ``evaluation.json`` and
     ``confusion_matrix.png`` are written to ``RUN_DIR/evaluations/<name>/``.
     """
-    classifier = load(run_dir, device, precision)
+    classifier = classifier or load(run_dir, device, precision)
     meta = classifier.meta
     run = Path(run_dir)
     data_cfg = DataConfig()

@@ -20,14 +20,13 @@ from pathlib import Path
 
 import torch
 
-from cnnkit.checkpoint import load_model
 from cnnkit.config import RunConfig, load_yaml
 from cnnkit.data.dataset import PreparedData, prepare_data
 from cnnkit.data.folder import folder_problem, same_folder
 from cnnkit.errors import CnnkitError
 from cnnkit.evaluation import evaluate, evaluate_images
 from cnnkit.files import check_output, write_file
-from cnnkit.inference import load
+from cnnkit.inference import Classifier, load
 from cnnkit.inspection.html import esc, page
 from cnnkit.report_sections import BUILDERS, DATA_SECTIONS, SECTIONS, Run, unavailable
 
@@ -43,20 +42,24 @@ def write_report(
     *,
     prepared: PreparedData | None = None,
     val_logits: torch.Tensor | None = None,
+    classifier: Classifier | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write ``report.html`` (into ``run_dir`` unless ``out`` is given) and return its path.
 
     ``data`` overrides the data folder recorded in the run's ``config.yaml``; ``prepared``
     is the data training just used, still in memory (nothing is scanned or decoded again),
-    and ``val_logits`` its validation logits of the saved weights (nothing is run again).
+    and ``val_logits`` its validation logits of the saved weights (nothing is run again),
+    ``classifier`` the run's saved weights, still in memory (nothing is loaded again).
     An ``out`` file that cnnkit did not write is refused unless ``overwrite``; the run's own
     ``report.html`` is always replaced. Either is replaced whole, by a rename.
     """
     path = Path(out) if out is not None else Path(run_dir) / "report.html"
     if out is not None:  # refused before the work, not after
         check_output(path, overwrite=overwrite)
-    html = build_report(run_dir, data, prepared=prepared, val_logits=val_logits)
+    html = build_report(
+        run_dir, data, prepared=prepared, val_logits=val_logits, classifier=classifier
+    )
     return write_file(
         path, lambda p: p.write_text(html, encoding="utf-8"), overwrite=overwrite or out is None
     )
@@ -66,10 +69,13 @@ def try_write_report(
     run_dir: str | Path,
     prepared: PreparedData | None = None,
     val_logits: torch.Tensor | None = None,
+    classifier: Classifier | None = None,
 ) -> Path | None:
     """``write_report`` after training: a failure is a warning, never a lost model."""
     try:
-        return write_report(run_dir, prepared=prepared, val_logits=val_logits)
+        return write_report(
+            run_dir, prepared=prepared, val_logits=val_logits, classifier=classifier
+        )
     except Exception as exc:  # the trained model is already saved; keep it whatever happens
         log.warning("report not written: %s", exc)
         return None
@@ -81,9 +87,10 @@ def build_report(
     *,
     prepared: PreparedData | None = None,
     val_logits: torch.Tensor | None = None,
+    classifier: Classifier | None = None,
 ) -> str:
     """The report's HTML for ``run_dir`` (raises ``RunDirError`` without a saved model)."""
-    run = _gather(Path(run_dir), data, prepared, val_logits)
+    run = _gather(Path(run_dir), data, prepared, val_logits, classifier)
     body = [
         f"<h1>Training report: {esc(run.run_dir.name)}</h1>",
         "<nav>" + " ".join(f"<a href='#{k}'>{esc(t)}</a>" for k, t in SECTIONS) + "</nav>",
@@ -105,10 +112,10 @@ def _gather(
     data: str | Path | None,
     prepared: PreparedData | None,
     val_logits: torch.Tensor | None,
+    classifier: Classifier | None = None,
 ) -> Run:
-    model, meta = load_model(run_dir)
-    model.eval()
-    run = Run(run_dir, model, meta)
+    classifier = classifier or load(run_dir)  # the one copy of the network the report uses
+    run = Run(run_dir, classifier.model.eval(), classifier.meta)
     config_path = run_dir / "config.yaml"
     if config_path.is_file():
         run.config_text = config_path.read_text(encoding="utf-8", errors="replace")
@@ -128,7 +135,9 @@ def _gather(
     other = data is not None and not (recorded and same_folder(data, recorded))
     if other:  # other data: scored as other data (all of it), never called validation
         try:
-            run.evaluation = evaluate(run_dir, data, split="auto", plot=False)
+            run.evaluation = evaluate(
+                run_dir, data, split="auto", plot=False, classifier=classifier
+            )
         except CnnkitError as exc:
             run.missing["evaluation"] = f"the data folder {data} cannot be used: {exc}"
     if problem is not None:
@@ -139,13 +148,15 @@ def _gather(
         run.data = prepared
         if not other:
             run.evaluation = evaluate_images(
-                load(run_dir), prepared.val, logits=val_logits, data=prepared.root
+                classifier, prepared.val, logits=val_logits, data=prepared.root
             )
     else:
         try:
-            run.data = prepare_data(run.config.data, meta.image_size)
+            run.data = prepare_data(run.config.data, classifier.meta.image_size)
             if not other:
-                run.evaluation = evaluate(run_dir, recorded, split="val", plot=False)
+                run.evaluation = evaluate(
+                    run_dir, recorded, split="val", plot=False, classifier=classifier
+                )
         except CnnkitError as exc:
             run.missing["data"] = f"the data folder {recorded} cannot be used: {exc}"
     return run

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -14,7 +12,7 @@ import typer
 
 from cnnkit.cli._app import app, console, one_line_errors, out
 from cnnkit.cli._process import heavy_imports
-from cnnkit.config import Overrides, RunConfig
+from cnnkit.config import Overrides
 from cnnkit.errors import ConfigError, display_path
 
 # ----------------------------------------------------------------------------------- train
@@ -117,10 +115,9 @@ def train_cmd(
 ) -> None:
     """Train a CNN on a folder of images and write a run directory."""
     with heavy_imports():
-        from cnnkit.reporting import try_write_report
-        from cnnkit.training.loop import train
         from cnnkit.training.outputs import stop_message
         from cnnkit.training.plan import plan_run
+        from cnnkit.workflow import train_and_report
 
     if nproc is not None:
         from cnnkit.training.distributed import launch_torchrun
@@ -136,19 +133,18 @@ def train_cmd(
     given = {k: v for k, v in ctx.params.items() if k not in _NOT_SETTINGS}
     overrides = Overrides.of(path=data, strict=strict or None, **given)
     plan = plan_run(overrides, file=config, resume=resume)
-    cfg = plan.config
-    with _watched(live, cfg, out_dir) as board:
-        result = train(
-            plan,
-            out_dir,
-            overwrite=overwrite,
-            progress=not quiet,
-            resume=resume is not None,
-            force=force,
-            on_epoch=board.epoch_end if board is not None else None,
-        )
-    if os.environ.get("RANK", "0") != "0":
+    trained = train_and_report(
+        plan,
+        out_dir,
+        overwrite=overwrite,
+        progress=not quiet,
+        resume=resume is not None,
+        force=force,
+        live=live,
+    )
+    if not trained.reports:
         return  # under torchrun only rank 0 reports
+    result = trained.result
     s = result.summary()
     out.print(
         f"best validation accuracy {100 * result.best_val_acc:.2f}% (epoch "
@@ -156,22 +152,11 @@ def train_cmd(
         f"{s['images_per_second']:,.0f} img/s; run directory {out_dir}",
         markup=False,
     )
-    stopped = stop_message(result.stopped_because, result.best_val_acc, cfg.train.patience)
+    stopped = stop_message(result.stopped_because, result.best_val_acc, plan.config.train.patience)
     if stopped:
         out.print(stopped, markup=False)
-    # a failure is a warning: the model is already saved
-    report = try_write_report(out_dir, result.data, result.val_logits)
-    if report is not None:
-        out.print(f"report: {report}", markup=False)
-
-
-def _watched(live: bool, cfg: RunConfig, out_dir: Path) -> Any:
-    """``--live``: the live page's board while training runs (rank 0 only), else nothing."""
-    if not live or os.environ.get("RANK", "0") != "0":
-        return contextlib.nullcontext()
-    from cnnkit.serve.live import announce_url, watch_training
-
-    return watch_training(cfg.train.epochs, title=f"{out_dir} ({cfg.model})", announce=announce_url)
+    if trained.report is not None:
+        out.print(f"report: {trained.report}", markup=False)
 
 
 def _without_nproc(argv: list[str]) -> list[str]:

@@ -141,6 +141,12 @@ def _waiting_for_others(info: DistInfo, what: str) -> Iterator[None]:
         ) from None
 
 
+def is_main_process() -> bool:
+    """Whether this process reports and writes the run's files: the only one, or torchrun's
+    rank 0 (known from the environment, before ``setup``)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         with _waiting_for_others(info, "waiting for the other processes"):

@@ -403,6 +403,10 @@ def _save(r: Run, p: ckpt.Progress, clock: Clock, best_logits: torch.Tensor | No
         data=r.data,
         val_logits=best_logits,
     )
+    # The network in memory holds the saved weights when the last epoch was the best.
+    last_is_best = bool(p.history) and p.best_epoch == p.history[-1]["epoch"]
+    if s.info.is_main and not s.info.enabled and last_is_best:
+        result.model, result.meta = r.m.evaluated.eval(), r.m.meta
     if s.info.is_main:
         write_outputs(s.out, result)
     dist.barrier(s.info)

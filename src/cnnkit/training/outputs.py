@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cnnkit.checkpoint import atomic_write
+from cnnkit.checkpoint import ModelMeta, atomic_write
 from cnnkit.config import RunConfig, channel_count
 from cnnkit.data.dataset import PreparedData
 from cnnkit.data.folder import SPLIT_COLUMNS, SPLIT_FILE
@@ -69,6 +69,11 @@ class TrainResult:
     data: PreparedData | None = field(default=None, repr=False, compare=False)
     # Validation logits (N, classes) of the saved weights, when this session computed them.
     val_logits: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    # The saved (best) weights' network and metadata, still in memory when the network that
+    # trained holds them (a single process whose last epoch was its best); else None and
+    # the run directory has them.
+    model: torch.nn.Module | None = field(default=None, repr=False, compare=False)
+    meta: ModelMeta | None = field(default=None, repr=False, compare=False)
 
     def __repr__(self) -> str:
         return (
