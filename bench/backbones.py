@@ -16,9 +16,9 @@ import time
 import torch
 
 from benchlib import emit, log, machine, median
-from cnnkit.engine import autocast
 from cnnkit.models import build_network, load_model_spec
 from cnnkit.models.summary import summarize
+from cnnkit.runtime import autocast
 
 BACKBONES = ["efficientnet_lite0", "mobilenet_v2", "resnet18", "resnet34", "resnet50"]
 

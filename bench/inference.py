@@ -31,9 +31,9 @@ import torch
 import cnnkit
 from benchlib import BENCH_DIR, cnnkit_train, emit, fresh_dir, log, machine, shapes_folder
 from cnnkit.data.images import to_model_input
-from cnnkit.engine import autocast
 from cnnkit.inference import Classifier
 from cnnkit.models import list_presets
+from cnnkit.runtime import autocast
 
 # ------------------------------------------------------------------------------ Timing
 

@@ -44,8 +44,8 @@ def make_model(folder: Path, onnx: bool) -> Path:
     """A run directory holding an untrained ``fast`` network (or its verified ONNX export)."""
     import torch
 
-    from cnnkit.checkpoint import ModelMeta, save_model
     from cnnkit.data.shapes import SHAPE_CLASSES
+    from cnnkit.model_io import ModelMeta, save_model
     from cnnkit.models import build_network, load_model_spec
 
     torch.manual_seed(0)

@@ -69,9 +69,9 @@ def extraction(images: np.ndarray, repeats: int, batch: int) -> dict:
     from efficientnet_lite_pytorch import EfficientNet
 
     from cnnkit.data.images import to_model_input
-    from cnnkit.engine import resolve_precision
     from cnnkit.models import build_network, load_model_spec
     from cnnkit.models.weights import load_pretrained, plan_weights
+    from cnnkit.runtime import resolve_precision
     from cnnkit.training.features import FeatureExtractor
 
     spec = load_model_spec("efficientnet_lite0")

@@ -14,9 +14,9 @@ import pytest
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-from cnnkit.checkpoint import ModelMeta
 from cnnkit.config import AugmentConfig, DataConfig, RunConfig, TrainConfig
 from cnnkit.data.shapes import generate_shapes
+from cnnkit.model_io import ModelMeta
 from cnnkit.models.network import Network
 from cnnkit.training.loop import TrainResult, train
 
@@ -128,7 +128,7 @@ def training_state() -> dict[str, Any]:
     after one step on a small model, a history row, the random states, a fingerprint."""
     import torch
 
-    from cnnkit.training import state as ckpt
+    from cnnkit.training import checkpoints as ckpt
     from cnnkit.training.optim import Optimizer, Schedule, constant
 
     model = torch.nn.Linear(4, 2)

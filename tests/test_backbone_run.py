@@ -25,13 +25,13 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import cnnkit
-from cnnkit.checkpoint import load_model
 from cnnkit.cli import app
 from cnnkit.data.images import to_model_input
 from cnnkit.errors import ConfigError
 from cnnkit.inspection import grad_cam
 from cnnkit.inspection.gradcam import default_cam_layer
 from cnnkit.inspection.pixel import explain_pixel
+from cnnkit.model_io import load_model
 from interrupt import interrupt_at
 
 SIZE = 64

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cnnkit.checkpoint import ModelMeta, save_model
 from cnnkit.export import export_onnx, export_pt2
+from cnnkit.model_io import ModelMeta, save_model
 from cnnkit.models import build_network, load_model_spec
 from cnnkit.models.summary import summarize
 

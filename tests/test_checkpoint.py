@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cnnkit.checkpoint import ModelMeta, atomic_write, load_model, save_model, weights_equal
 from cnnkit.errors import CheckpointError, RunDirError
+from cnnkit.model_io import ModelMeta, atomic_write, load_model, save_model
 from cnnkit.models import build_network, load_model_spec
 from cnnkit.training.loop import TrainResult
 from conftest import model_meta
@@ -73,6 +73,12 @@ def test_meta_json_round_trip_and_preprocessing_block(saved) -> None:
         "layout": "NCHW float32, x = (pixel / 255 - mean) / std",
     }
     assert ModelMeta.from_json((run / "model.json").read_text()) == model_meta(model)
+
+
+def weights_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """True when two modules hold identical tensors."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def test_weights_equal_notices_a_change(saved) -> None:

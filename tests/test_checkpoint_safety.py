@@ -24,11 +24,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cnnkit.checkpoint import load_model, save_model
 from cnnkit.errors import CheckpointError, RunDirError
+from cnnkit.model_io import load_model, save_model
 from cnnkit.models.network import Network
 from cnnkit.models.registry import build_network, load_model_spec
-from cnnkit.training import state as ckpt
+from cnnkit.training import checkpoints as ckpt
 from conftest import model_meta, training_state
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "cnnkit"

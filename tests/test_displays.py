@@ -179,7 +179,7 @@ def test_report_is_public_and_callable_after_every_module_was_imported(
     run, _ = fast_trained_run
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
-    import cnnkit.reporting
+    import cnnkit.reporting.build
 
     assert callable(cnnkit.report) and not isinstance(cnnkit.report, type(cnnkit))
     path = cnnkit.report(copy, out=tmp_path / "r.html")

@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from cnnkit.checkpoint import load_model, save_model
 from cnnkit.cli import app as cli_app
 from cnnkit.inspection.pixel import explain_pixel
 from cnnkit.inspection.pixel_rules import PIXEL_RULES
+from cnnkit.model_io import load_model, save_model
 from cnnkit.models.layers import parse_layers, with_head
 from cnnkit.models.network import Network
 from cnnkit.models.registry import build_network, list_presets, load_model_spec

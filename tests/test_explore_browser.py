@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 
 from browser import FAKE_CAMERA, PHONE, launch_chromium, open_page, serving, shape_png
-from cnnkit.checkpoint import load_model
 from cnnkit.data.images import to_model_input
+from cnnkit.model_io import load_model
 
 pytestmark = pytest.mark.browser
 

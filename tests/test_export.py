@@ -13,7 +13,6 @@ import onnx
 import pytest
 import torch
 
-from cnnkit.checkpoint import load_model
 from cnnkit.errors import CheckpointError, ExportError, RunDirError
 from cnnkit.export import (
     ExportReport,
@@ -26,6 +25,7 @@ from cnnkit.export import (
     sample_images,
 )
 from cnnkit.inference import expand_inputs
+from cnnkit.model_io import load_model
 from numerics import PROB_ATOL
 
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cnnkit.checkpoint import save_model
 from cnnkit.cli import app
 from cnnkit.errors import CnnkitError, MissingDependencyError
 from cnnkit.export.runtime import OnnxClassifier
 from cnnkit.extras import EXTRAS, install_command, require
+from cnnkit.model_io import save_model
 from cnnkit.models.registry import build_network, load_model_spec
 from conftest import model_meta
 

@@ -26,15 +26,15 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from cnnkit.checkpoint import ModelMeta, atomic_write, save_model
 from cnnkit.cli import app
 from cnnkit.config import DataConfig
 from cnnkit.data.dataset import prepare_data
 from cnnkit.data.images import MAX_PIXELS, MAX_SIDE, load_image
 from cnnkit.data.shapes import generate_shapes
 from cnnkit.errors import DataError, ImageError, RunDirError
+from cnnkit.model_io import ModelMeta, atomic_write, save_model
 from cnnkit.models.registry import build_network, load_model_spec
-from cnnkit.training import state as ckpt
+from cnnkit.training import checkpoints as ckpt
 from conftest import model_meta, training_state
 
 # ------------------------------------------------------------------------------ bombs

@@ -24,14 +24,14 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from cnnkit.checkpoint import load_model, save_model
 from cnnkit.cli import app
 from cnnkit.config import MAX_YAML_BYTES, RunConfig, load_yaml, parse_yaml
 from cnnkit.errors import CheckpointError, ConfigError, RunDirError
+from cnnkit.model_io import load_model, save_model
 from cnnkit.models import limits
 from cnnkit.models.layers import LayerInfo, LayerSpec, infer_shapes, parse_layers
 from cnnkit.models.registry import build_network, load_model_spec
-from cnnkit.training import state as ckpt
+from cnnkit.training import checkpoints as ckpt
 from cnnkit.training.loop import train
 from conftest import model_meta, tiny_config, training_state
 

@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cnnkit.checkpoint import load_model
 from cnnkit.data.images import load_image, to_model_input
 from cnnkit.errors import ConfigError
 from cnnkit.inspection.maps import normalize_map
 from cnnkit.inspection.render import display_scale, upscale
 from cnnkit.inspection.walkthrough import inspect_image, select_layers
+from cnnkit.model_io import load_model
 from cnnkit.plots import kernel_figure
 
 

@@ -21,12 +21,12 @@ onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from cnnkit.checkpoint import ModelMeta  # noqa: E402
 from cnnkit.cli import app  # noqa: E402
 from cnnkit.errors import CheckpointError  # noqa: E402
 from cnnkit.export import onnx_check, runtime  # noqa: E402
 from cnnkit.export.graph import metadata_for  # noqa: E402
 from cnnkit.export.runtime import OnnxClassifier  # noqa: E402
+from cnnkit.model_io import ModelMeta  # noqa: E402
 
 META = ModelMeta(
     classes=("circle", "square", "triangle"),

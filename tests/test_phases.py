@@ -24,8 +24,8 @@ from cnnkit.data.shapes import generate_shapes
 from cnnkit.errors import ConfigError
 from cnnkit.evaluation import evaluate
 from cnnkit.models.registry import build_network, load_model_spec
+from cnnkit.training import checkpoints as ckpt
 from cnnkit.training import optim
-from cnnkit.training import state as ckpt
 from cnnkit.training.loop import TrainingInterrupted, train
 from cnnkit.training.phases import Phases, make_optimizer, make_schedule
 from cnnkit.training.plan import settings

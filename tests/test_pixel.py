@@ -18,7 +18,6 @@ from PIL import Image
 from torch import nn
 from typer.testing import CliRunner
 
-from cnnkit.checkpoint import save_model
 from cnnkit.cli import app
 from cnnkit.errors import ConfigError
 from cnnkit.inference import load
@@ -32,6 +31,7 @@ from cnnkit.inspection.pixel import (
     render_pixel,
 )
 from cnnkit.inspection.pixel_rules import PIXEL_RULES
+from cnnkit.model_io import save_model
 from cnnkit.models.layers import LayerSpec, parse_layers, with_head
 from cnnkit.models.network import Network
 from conftest import model_meta

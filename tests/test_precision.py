@@ -10,8 +10,8 @@ import torch
 
 from cnnkit.config import DataConfig
 from cnnkit.data.dataset import load_split
-from cnnkit.engine import cpu_has_bf16, resolve_precision
 from cnnkit.inference import load
+from cnnkit.runtime import cpu_has_bf16, resolve_precision
 from cnnkit.training.loop import TrainResult
 
 

@@ -24,10 +24,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from cnnkit.checkpoint import save_model
 from cnnkit.data.images import load_image, to_model_input
 from cnnkit.errors import ImageError
 from cnnkit.inference import Classifier, load
+from cnnkit.model_io import save_model
 from cnnkit.models.registry import build_network, load_model_spec
 from conftest import model_meta
 

@@ -18,14 +18,14 @@ from typer.testing import CliRunner
 
 import cnnkit
 import cnnkit.data.dataset as dataset_mod
-import cnnkit.reporting as report_mod
-from cnnkit.checkpoint import load_model
+import cnnkit.reporting.build as report_mod
 from cnnkit.cli import app
 from cnnkit.config import RunConfig, load_yaml
 from cnnkit.data.dataset import prepare_data
 from cnnkit.data.shapes import generate_shapes
 from cnnkit.errors import RunDirError
 from cnnkit.inference import Classifier
+from cnnkit.model_io import load_model
 from cnnkit.plots import kernel_figure
 from cnnkit.reporting import DATA_SECTIONS, SECTIONS, build_report, try_write_report, write_report
 
@@ -155,12 +155,12 @@ def test_training_writes_the_report(tmp_path: Path) -> None:
 
 
 def test_a_failing_report_keeps_the_model(tmp_path: Path, monkeypatch, caplog) -> None:
-    import cnnkit.reporting
+    import cnnkit.reporting.build
 
     def broken(*_args, **_kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(cnnkit.reporting, "build_report", broken)
+    monkeypatch.setattr(cnnkit.reporting.build, "build_report", broken)
     data = generate_shapes(tmp_path / "data", count=12, size=16, seed=4)
     with caplog.at_level(logging.WARNING, logger="cnnkit"):
         cnnkit.train(data, tmp_path / "run", epochs=1, image_size=16, batch_size=8)

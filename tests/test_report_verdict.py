@@ -12,8 +12,8 @@ import pytest
 from cnnkit.evaluation import EvalResult
 from cnnkit.models import load_model_spec
 from cnnkit.models.registry import build_network
-from cnnkit.report_sections import BUILDERS, Run
-from cnnkit.report_verdict import SIGNIFICANCE, binomial_tail, curve_trend, learned
+from cnnkit.reporting.sections import BUILDERS, Run
+from cnnkit.reporting.verdict import SIGNIFICANCE, binomial_tail, curve_trend, learned
 from conftest import model_meta
 
 CLASSES = ("circle", "square", "triangle")

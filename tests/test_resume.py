@@ -29,7 +29,7 @@ from cnnkit.cli import app
 from cnnkit.config import AugmentConfig, DataConfig, RunConfig, TrainConfig
 from cnnkit.data.shapes import generate_shapes
 from cnnkit.errors import CheckpointError, ConfigError
-from cnnkit.training import state as ckpt
+from cnnkit.training import checkpoints as ckpt
 from cnnkit.training.loop import train
 
 EPOCHS, EVERY = 5, 3  # 72 training images in batches of 8: 9 steps, 3 checkpoints per epoch

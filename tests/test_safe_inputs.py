@@ -18,7 +18,6 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import cnnkit.data.images as images_mod
-from cnnkit.checkpoint import load_model, save_model
 from cnnkit.cli import app
 from cnnkit.config import DataConfig
 from cnnkit.data.check import check_folder
@@ -28,6 +27,7 @@ from cnnkit.data.images import MAX_JPEG_SCANS, load_image, open_image, read_imag
 from cnnkit.data.jpeg import count_scans
 from cnnkit.errors import CheckpointError, ImageTooLarge, RunDirError, display_path
 from cnnkit.export.graph import META_KEY, meta_from_metadata
+from cnnkit.model_io import load_model, save_model
 from cnnkit.models.registry import build_network, load_model_spec
 from cnnkit.reporting import write_report
 from cnnkit.training.loop import train

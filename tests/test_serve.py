@@ -15,11 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
-from cnnkit.checkpoint import load_model
 from cnnkit.data.images import load_image, to_model_input
 from cnnkit.data.shapes import draw_shape
 from cnnkit.errors import ConfigError, RunDirError
 from cnnkit.inspection import grad_cam, layer_outputs, normalize_map
+from cnnkit.model_io import load_model
 from cnnkit.serve import SECURITY_HEADERS, create_app
 from cnnkit.serve.explain import heat_overlay
 from serving import GatedModel, wait_until

@@ -21,8 +21,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cnnkit.checkpoint import save_model
 from cnnkit.errors import ConfigError, RunDirError
+from cnnkit.model_io import save_model
 from cnnkit.models.registry import build_network, load_model_spec
 from cnnkit.serve import ServedModel, background_server, create_app
 from cnnkit.serve.runner import check_address

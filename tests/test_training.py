@@ -13,10 +13,10 @@ import pytest
 
 import cnnkit.data.dataset as dataset_mod
 import cnnkit.training.loop as loop_mod
-from cnnkit.checkpoint import load_model
 from cnnkit.config import DataConfig, RunConfig, TrainConfig, load_yaml
 from cnnkit.errors import ConfigError, DataError, RunDirError
 from cnnkit.evaluation import evaluate
+from cnnkit.model_io import load_model
 from cnnkit.training.loop import TrainResult, train
 from conftest import quick_config, tiny_config
 

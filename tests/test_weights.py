@@ -409,7 +409,7 @@ def test_weights_that_are_nothing_known_are_an_error(tmp_path: Path) -> None:
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
     """A run directory of the ``fast`` network (saved, not trained: the weights are random)."""
-    from cnnkit.checkpoint import ModelMeta, save_model
+    from cnnkit.model_io import ModelMeta, save_model
 
     torch.manual_seed(3)
     net = build_network(load_model_spec("fast").layers, 3, 3, 32)

@@ -19,8 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
-
+from cnnkit._version import __version__
 from cnnkit.errors import (
     CheckpointError,
     CnnkitError,

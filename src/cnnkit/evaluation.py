@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnnkit.checkpoint import atomic_write
 from cnnkit.config import DataConfig, RunConfig, load_yaml
 from cnnkit.data.dataset import ImageArray, select_images
 from cnnkit.data.folder import SPLIT_FILE
 from cnnkit.errors import DataError
 from cnnkit.files import write_file
 from cnnkit.inference import Classifier, load
+from cnnkit.model_io import atomic_write
 from cnnkit.plots import plot_confusion
 
 __all__ = ["EVALUATIONS", "EvalResult", "classification_report", "evaluate", "evaluate_images"]

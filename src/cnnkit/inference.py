@@ -21,13 +21,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cnnkit.checkpoint import ModelMeta, load_model
 from cnnkit.data.folder import _images_in
 from cnnkit.data.images import IMAGE_SUFFIXES, Source, load_image
-from cnnkit.engine import batched_logits, resolve_device, resolve_precision
 from cnnkit.errors import DataError, ImageError
+from cnnkit.model_io import ModelMeta, load_model
 from cnnkit.models.fold import inference_copy
 from cnnkit.models.network import Network
+from cnnkit.runtime import batched_logits, resolve_device, resolve_precision
 from cnnkit.threads import cap_threads
 
 __all__ = [
@@ -231,7 +231,7 @@ def _describe(image: object) -> str:
 
 
 def load(run_dir: str | Path, device: str = "auto", precision: str = "auto") -> Classifier:
-    """The classifier saved in ``run_dir`` (see ``cnnkit.checkpoint``); fp32 unless
+    """The classifier saved in ``run_dir`` (see ``cnnkit.model_io``); fp32 unless
     ``precision="bf16"``."""
     model, meta = load_model(run_dir)
     return Classifier(model, meta, device, precision)

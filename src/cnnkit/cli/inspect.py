@@ -211,7 +211,7 @@ def explore_cmd(
 ) -> None:
     """Click through your network in the browser: every layer's maps, the kernels, and the
     arithmetic behind any value (the same server as 'cnnkit serve', page /explore)."""
-    from cnnkit.checkpoint import load_model
+    from cnnkit.model_io import load_model
     from cnnkit.serve import serve
 
     load_model(run_dir)  # a run directory (an ONNX file has no network to look inside)

@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnnkit.checkpoint import ModelMeta, load_model
-from cnnkit.engine import batched_logits
 from cnnkit.errors import ExportError
 from cnnkit.export.graph import MAX_BATCH, ExportModule, sample_images
 from cnnkit.export.verify import Logits, Parity, check_parity
 from cnnkit.files import check_output, write_file
+from cnnkit.model_io import ModelMeta, load_model
 from cnnkit.models.network import Network
+from cnnkit.runtime import batched_logits
 
 __all__ = ["ExportReport", "output_path", "quiet_exporter", "reference_logits"]
 

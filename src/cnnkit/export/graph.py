@@ -18,12 +18,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from cnnkit.checkpoint import ModelMeta
 from cnnkit.config import RunConfig, load_yaml
 from cnnkit.data.dataset import select_images
 from cnnkit.data.folder import SPLIT_FILE, folder_problem
 from cnnkit.data.images import to_model_input
 from cnnkit.errors import CheckpointError, CnnkitError
+from cnnkit.model_io import ModelMeta
 from cnnkit.models.network import Network
 
 __all__ = [

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from cnnkit.checkpoint import ModelMeta
 from cnnkit.errors import CheckpointError
 from cnnkit.export.graph import INPUT_NAME, OUTPUT_NAMES, meta_from_metadata
 from cnnkit.extras import require
+from cnnkit.model_io import ModelMeta
 from cnnkit.models.limits import MAX_ACTIVATIONS, MAX_PARAMS
 
 __all__ = ["ALLOWED_OPS", "MAX_INITIALIZER_VALUES", "MAX_ONNX_BYTES", "check_onnx"]

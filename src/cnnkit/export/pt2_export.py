@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnnkit.checkpoint import ModelMeta
 from cnnkit.errors import CheckpointError, ExportError, first_line
 from cnnkit.export.base import (
     ExportReport,
@@ -40,6 +39,7 @@ from cnnkit.export.verify import (
     DEFAULT_TOLERANCE,
     Logits,
 )
+from cnnkit.model_io import ModelMeta
 
 __all__ = ["METADATA_FILE", "export_pt2", "load_pt2"]
 

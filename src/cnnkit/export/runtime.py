@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnnkit.checkpoint import ModelMeta
 from cnnkit.errors import CheckpointError, first_line
 from cnnkit.export.graph import INPUT_NAME
 from cnnkit.export.onnx_check import MAX_ONNX_BYTES, check_onnx
 from cnnkit.extras import require
 from cnnkit.inference import Classifier, load
+from cnnkit.model_io import ModelMeta
 from cnnkit.threads import cap_threads
 
 __all__ = ["OnnxClassifier", "Pt2Classifier", "is_onnx_file", "is_pt2_file", "load_predictor"]

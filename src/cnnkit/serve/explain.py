@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cnnkit.checkpoint import ModelMeta
 from cnnkit.data.images import to_model_input
 from cnnkit.inspection import default_cam_layer, grad_cam, layer_outputs, normalize_map
+from cnnkit.model_io import ModelMeta
 from cnnkit.models.network import Network
 
 __all__ = ["explain_image", "heat_overlay", "png_data_url"]

@@ -26,14 +26,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from cnnkit.checkpoint import atomic_write, save_model
 from cnnkit.config import RunConfig, TrainConfig, load_yaml
 from cnnkit.data.dataset import PreparedData
-from cnnkit.engine import autocast
 from cnnkit.errors import CnnkitError, RunDirError
+from cnnkit.model_io import atomic_write, save_model
+from cnnkit.runtime import autocast
 from cnnkit.threads import fit_threads
+from cnnkit.training import checkpoints as ckpt
 from cnnkit.training import distributed as dist
-from cnnkit.training import state as ckpt
 from cnnkit.training.optim import Optimizer, Schedule
 from cnnkit.training.outputs import (
     TrainResult,

@@ -51,7 +51,7 @@ EpochHook = Callable[[dict[str, Any], nn.Module, PreparedData], None]
 
 # What a training run writes into its run directory, recorded before it writes them (so a
 # run killed at any moment leaves only recorded files): its files, the checkpoint folders
-# that training/state.py names as it goes (complete, moved aside, half-written) and the
+# that training/checkpoints.py names as it goes (complete, moved aside, half-written) and the
 # temporary files of atomic writes.
 RUN_OUTPUTS = (
     "config.yaml",

@@ -19,15 +19,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from cnnkit.checkpoint import ModelMeta
 from cnnkit.config import RunConfig, TrainConfig
 from cnnkit.data.dataset import PreparedData, prepare_data
 from cnnkit.data.images import to_model_input
-from cnnkit.engine import resolve_device, resolve_precision
 from cnnkit.errors import ConfigError
+from cnnkit.model_io import ModelMeta
 from cnnkit.models.network import Network, Whiten
 from cnnkit.models.registry import ModelSpec, build_network
 from cnnkit.models.weights import Pretrained, load_pretrained, weights_record
+from cnnkit.runtime import resolve_device, resolve_precision
 from cnnkit.threads import CpuSample, sample_cpus
 from cnnkit.training import distributed as dist
 from cnnkit.training.plan import RunPlan

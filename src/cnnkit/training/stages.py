@@ -21,9 +21,9 @@ from torch import nn
 from cnnkit.data.cache import default_cache_root
 from cnnkit.data.dataset import ImageArray, PreparedData
 from cnnkit.data.images import to_model_input
-from cnnkit.engine import autocast, batched_logits
 from cnnkit.models.fold import inference_copy
 from cnnkit.models.network import Network
+from cnnkit.runtime import autocast, batched_logits
 from cnnkit.training import distributed as dist
 from cnnkit.training.augment import build_augmentation
 from cnnkit.training.features import FeatureExtractor, cached_features, feature_variants

@@ -28,7 +28,7 @@ from cnnkit.evaluation import evaluate, evaluate_images
 from cnnkit.files import check_output, write_file
 from cnnkit.inference import Classifier, load
 from cnnkit.inspection.html import esc, page
-from cnnkit.report_sections import BUILDERS, DATA_SECTIONS, SECTIONS, Run, unavailable
+from cnnkit.reporting.sections import BUILDERS, DATA_SECTIONS, SECTIONS, Run, unavailable
 
 __all__ = ["DATA_SECTIONS", "SECTIONS", "build_report", "try_write_report", "write_report"]
 

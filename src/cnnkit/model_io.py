@@ -17,12 +17,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from cnnkit import __version__
+from cnnkit._version import __version__
 from cnnkit.errors import CheckpointError, ConfigError, RunDirError
 from cnnkit.files import atomic_write
 from cnnkit.models.layers import infer_shapes, parse_layers
@@ -179,9 +178,3 @@ def load_model(run_dir: str | Path) -> tuple[Network, ModelMeta]:
         ) from None
     model.eval()
     return model, meta
-
-
-def weights_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    """True when two modules hold identical tensors (used by tests and resume checks)."""
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

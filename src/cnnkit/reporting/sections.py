@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from cnnkit.checkpoint import ModelMeta
 from cnnkit.config import RunConfig
 from cnnkit.data.dataset import PreparedData
 from cnnkit.data.images import load_image, to_model_input
@@ -32,9 +31,10 @@ from cnnkit.inspection.html import (
 )
 from cnnkit.inspection.maps import LayerOutput, layer_outputs
 from cnnkit.inspection.render import data_uri, display_scale, upscale
+from cnnkit.model_io import ModelMeta
 from cnnkit.models.network import Network
 from cnnkit.plots import kernel_figure, plot_curves
-from cnnkit.report_verdict import curve_trend, learned
+from cnnkit.reporting.verdict import curve_trend, learned
 from cnnkit.training.augment import build_augmentation
 
 __all__ = ["BUILDERS", "DATA_SECTIONS", "SECTIONS", "Run", "unavailable"]

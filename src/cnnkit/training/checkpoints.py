@@ -36,7 +36,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from cnnkit.errors import CheckpointError, RunDirError, first_line
-from cnnkit.training.state_checks import state_problem
+from cnnkit.training.checkpoint_checks import state_problem
 
 __all__ = [
     "Progress",
