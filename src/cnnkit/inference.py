@@ -44,7 +44,7 @@ ImageInput = Source | Image.Image | np.ndarray
 
 def inference_precision(precision: str, device: torch.device) -> str:
     """``auto`` -> ``fp32`` on every device, so a run directory answers as its exports do;
-    ``bf16`` only when asked for (``engine.resolve_precision`` checks the name)."""
+    ``bf16`` only when asked for (``runtime.resolve_precision`` checks the name)."""
     return resolve_precision("fp32" if precision == "auto" else precision, device)
 
 

@@ -45,7 +45,7 @@ class _ExportedClassifier(Classifier):
         if not len(batch):
             return torch.zeros((0, len(self.classes)))
         logits = torch.from_numpy(np.asarray(self._run(batch), dtype=np.float32))
-        if self.meta.tta:  # as engine.batched_logits: averaged with the mirror image's
+        if self.meta.tta:  # as runtime.batched_logits: averaged with the mirror image's
             mirrored = np.ascontiguousarray(batch[:, :, ::-1])  # W is axis 2 of NHWC
             logits = (logits + torch.from_numpy(np.asarray(self._run(mirrored), np.float32))) / 2
         return logits

@@ -175,7 +175,7 @@ class FastNetwork(nn.Module):
 
 def inference_copy(net: Network, device: torch.device, precision: str = "fp32") -> FastNetwork:
     """``net`` folded and fused for inference on ``device``, channels_last, in bf16 when
-    ``precision`` is ``bf16`` (give ``engine.resolve_precision``'s answer)."""
+    ``precision`` is ``bf16`` (give ``runtime.resolve_precision``'s answer)."""
     fast = fold_batchnorm(net, fuse=True).to(device, memory_format=torch.channels_last)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     return FastNetwork(fast.to(dtype), dtype).eval()
