@@ -23,6 +23,7 @@ _NOT_SETTINGS = {"data", "out_dir", "strict", "config", "overwrite", "resume", "
 _NOT_SETTINGS |= {"quiet", "live"}
 
 
+# (train_cmd is long only for its list of flags, one typer parameter each; its body is short)
 @app.command("train")
 @one_line_errors
 def train_cmd(
