@@ -130,15 +130,16 @@ def training_state() -> dict[str, Any]:
 
     from cnnkit.training import checkpoints as ckpt
     from cnnkit.training.optim import Optimizer, Schedule, constant
+    from cnnkit.training.progress import Best, Position, Progress, progress_to_state
 
     model = torch.nn.Linear(4, 2)
     opt = Optimizer([{"params": model.parameters(), "weight_decay": 0.1}], "adamw", 0.1)
     model(torch.ones(1, 4)).sum().backward()
     opt.step()
     row = {"epoch": 1, "train_loss": 0.7, "train_acc": 0.5, "val_loss": 0.6, "val_acc": 0.5}
-    progress = ckpt.Progress(epoch=1, step=3, history=[row], best_acc=0.5, best_epoch=1)
+    progress = Progress(Position(epoch=1, step=3), Best(epoch=1, acc=0.5), history=[row])
     return {
-        "progress": ckpt.progress_to_state(progress),
+        "progress": progress_to_state(progress),
         "optimizer": opt.state_dict(),
         "scheduler": Schedule(opt, constant).state_dict(),
         "total_steps": 10,

@@ -26,7 +26,7 @@ from cnnkit.data.shapes import generate_shapes
 from cnnkit.errors import CnnkitError, ConfigError
 from cnnkit.evaluation import evaluate
 from cnnkit.models.registry import build_network, load_model_spec
-from cnnkit.training import distributed as dist
+from cnnkit.training import distributed as ddp
 from numerics import NEAR_TIE
 
 RUN_FILES = (
@@ -245,7 +245,7 @@ def test_shards_cover_each_global_batch_once(world: int, per_rank: int, tail: st
     global_batch = world * per_rank
     n = 5 * global_batch + {"none": 0, "one": 1, "all but one": global_batch - 1}[tail]
     order = torch.randperm(n, generator=torch.Generator().manual_seed(7))
-    shards = [dist.shard_batches(order, global_batch, r, world) for r in range(world)]
+    shards = [ddp.shard_batches(order, global_batch, r, world) for r in range(world)]
     steps = n // global_batch
     for shard in shards:  # the same number of steps everywhere: no rank waits at a collective
         assert shard.shape == (steps, global_batch // world)
@@ -261,7 +261,7 @@ def test_shards_cover_each_global_batch_once(world: int, per_rank: int, tail: st
 def test_shards_are_deterministic_for_a_seed() -> None:
     def shards(seed: int) -> list[torch.Tensor]:
         order = torch.randperm(50, generator=torch.Generator().manual_seed(seed))
-        return [dist.shard_batches(order, 8, r, 2) for r in range(2)]
+        return [ddp.shard_batches(order, 8, r, 2) for r in range(2)]
 
     first, again, other = shards(3), shards(3), shards(4)
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
@@ -282,7 +282,7 @@ def test_shard_batches_errors(
     n: int, global_batch: int, rank: int, world: int, message: str
 ) -> None:
     with pytest.raises(ConfigError) as exc:
-        dist.shard_batches(torch.arange(n), global_batch, rank, world)
+        ddp.shard_batches(torch.arange(n), global_batch, rank, world)
     assert message in str(exc.value)
 
 
@@ -292,11 +292,11 @@ def test_shard_batches_errors(
 def test_without_torchrun_everything_is_a_no_op(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(key, raising=False)
-    info = dist.setup("cpu")
+    info = ddp.setup("cpu")
     assert (info.rank, info.world_size, info.is_main, info.enabled) == (0, 1, True, False)
     values = torch.tensor([1.0, 2.0])
-    assert dist.all_sum(info, values) is values
-    dist.barrier(info)  # returns at once: no process group exists
+    assert ddp.all_sum(info, values) is values
+    ddp.barrier(info)  # returns at once: no process group exists
     assert not torch.distributed.is_initialized()
 
 
@@ -304,28 +304,28 @@ def test_setup_errors_say_what_is_wrong(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("RANK", raising=False)
     with pytest.raises(ConfigError, match="RANK is not set but WORLD_SIZE is"):
-        dist.setup("cpu")
+        ddp.setup("cpu")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", str(torch.cuda.device_count()))  # one past the last GPU
     with pytest.raises(ConfigError, match=r"local rank \d+\) has no GPU of its own"):
-        dist.setup("cuda")
+        ddp.setup("cuda")
     assert not torch.distributed.is_initialized()
 
 
 def test_timeout_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CNNKIT_DIST_TIMEOUT", raising=False)
-    assert dist.timeout().total_seconds() == dist.DEFAULT_TIMEOUT_S
+    assert ddp.timeout().total_seconds() == ddp.DEFAULT_TIMEOUT_S
     monkeypatch.setenv("CNNKIT_DIST_TIMEOUT", "42.5")
-    assert dist.timeout().total_seconds() == 42.5
+    assert ddp.timeout().total_seconds() == 42.5
     for bad in ("0", "-3", "soon", "nan"):
         monkeypatch.setenv("CNNKIT_DIST_TIMEOUT", bad)
         with pytest.raises(ConfigError, match="CNNKIT_DIST_TIMEOUT: expected a positive number"):
-            dist.timeout()
+            ddp.timeout()
 
 
 def test_a_lost_peer_is_one_clear_error() -> None:
-    info = dist.DistInfo(rank=1, local_rank=1, world_size=2)
-    with pytest.raises(CnnkitError) as exc, dist._waiting_for_others(info, "summing figures"):
+    info = ddp.DistInfo(rank=1, local_rank=1, world_size=2)
+    with pytest.raises(CnnkitError) as exc, ddp._waiting_for_others(info, "summing figures"):
         raise RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:1234.")
     assert str(exc.value).startswith(
         "process 1 of 2 stopped while summing figures: another process of this job failed "
@@ -338,7 +338,7 @@ def test_launch_torchrun_command(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     monkeypatch.setattr(subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 3)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert dist.launch_torchrun(2, ["train", "DATA", "--out", "RUN"]) == 3
+    assert ddp.launch_torchrun(2, ["train", "DATA", "--out", "RUN"]) == 3
     cmd, env = calls[0]
     assert cmd[1:] == [
         "-m",
@@ -354,7 +354,7 @@ def test_launch_torchrun_command(monkeypatch: pytest.MonkeyPatch) -> None:
     ]
     assert env["OMP_NUM_THREADS"] == str(max(1, len(os.sched_getaffinity(0)) // 2))
     with pytest.raises(ConfigError, match="--nproc: expected a positive integer, got 0"):
-        dist.launch_torchrun(0, [])
+        ddp.launch_torchrun(0, [])
 
 
 # ------------------------------------------------------------------ the 2-process run

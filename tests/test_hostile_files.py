@@ -332,7 +332,15 @@ def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
 STATE_DAMAGE = {
     "an unknown field": (_set("extra", 1), "unknown field 'extra'"),
     "an unknown progress field": (_set("progress.lives", 3), "unknown progress field 'lives'"),
-    "a progress count as text": (_set("progress.epoch", "2"), "progress.epoch is str '2'"),
+    "a progress count as text": (
+        _set("progress.position.epoch", "2"),
+        "progress.position.epoch is str '2'",
+    ),
+    "a progress group that is not a mapping": (_set("progress.best", 3), "progress.best is not"),
+    "a count as text in an older checkpoint's flat progress": (
+        _set("progress", {"epoch": "2", "best_acc": 0.5}),
+        "progress.epoch is str '2'",
+    ),
     "a history row without its epoch": (
         _set("progress.history", [{"val_acc": 0.5}]),
         "progress.history is list",

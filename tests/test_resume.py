@@ -9,6 +9,8 @@ checkpoint and the metrics must match exactly. The other tests resume in-process
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import re
@@ -372,3 +374,49 @@ def test_forced_resume_with_a_model_of_another_shape_is_one_clear_error(
         f"error: {newest_folder}: the checkpoint's weights do not fit the model of this config "
         "(size mismatch for layers.conv1.weight"
     )
+
+
+def flat_progress(grouped: dict) -> dict:
+    """The progress of ``grouped`` as checkpoints held it before ``Progress`` had groups:
+    one dict of fifteen fields."""
+    at, best, timing = grouped["position"], grouped["best"], grouped["timing"]
+    return {
+        "epoch": at["epoch"],
+        "step": at["step"],
+        "loss_sum": at["loss_sum"],
+        "correct": at["correct"],
+        "history": grouped["history"],
+        "best_acc": best["acc"],
+        "best_loss": best["loss"],
+        "best_epoch": best["epoch"],
+        "stale": best["stale"],
+        "images_seen": timing["images_seen"],
+        "train_seconds": timing["train_seconds"],
+        "elapsed": timing["elapsed"],
+        "seconds_to_target": grouped["seconds_to_target"],
+        "finished": grouped["stopped"] != "epochs",
+        "stopped": grouped["stopped"],
+    }
+
+
+def test_a_checkpoint_with_the_older_flat_progress_resumes_bit_identical(
+    finished_run: Path, tmp_path: Path, one_thread: None
+) -> None:
+    run = copy_run(finished_run, tmp_path / "run")
+    last, mid_epoch = ckpt.list_checkpoints(run)
+    shutil.rmtree(last)  # resume from the middle of epoch 3, with its running sums
+    state = torch.load(mid_epoch / "state.pt", weights_only=True)
+    state["progress"] = flat_progress(state["progress"])
+    assert state["progress"]["step"] == 2 * EVERY and len(state["progress"]) == 15
+    torch.save(state, mid_epoch / "state.pt")
+    data = (mid_epoch / "state.pt").read_bytes()
+    manifest = json.loads((mid_epoch / "manifest.json").read_text())
+    manifest["state.pt"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (mid_epoch / "manifest.json").write_text(json.dumps(manifest))
+    result = train(None, run, resume=True, progress=False)
+    summary = json.loads((finished_run / "summary.json").read_text())
+    assert (result.epochs_run, result.best_epoch) == (3, summary["best_epoch"])
+    assert result.best_val_acc == summary["best_val_acc"]
+    assert_same_run(run, finished_run)
+    newest_state = torch.load(ckpt.list_checkpoints(run)[0] / "state.pt", weights_only=True)
+    assert set(newest_state["progress"]) >= {"position", "best", "timing"}  # saved grouped

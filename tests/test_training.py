@@ -117,7 +117,7 @@ def test_the_best_epoch_is_what_was_saved(
 def _scripted_validation(monkeypatch: pytest.MonkeyPatch, scores: list[tuple[float, float]]):
     """Replace validation by a fixed list of (loss, accuracy), one per epoch (no logits)."""
     remaining = list(scores)
-    monkeypatch.setattr(loop_mod, "_validate", lambda *args, **kwargs: (*remaining.pop(0), None))
+    monkeypatch.setattr(loop_mod, "validate", lambda *args, **kwargs: (*remaining.pop(0), None))
 
 
 def test_patience_stops_after_epochs_without_improvement(

@@ -9,10 +9,12 @@ turns its answer into a ``CheckpointError``, which the fallback handles.
 
 from __future__ import annotations
 
-from dataclasses import fields
-from typing import Any
+from dataclasses import fields, is_dataclass
+from typing import Any, get_type_hints
 
 import torch
+
+from cnnkit.training.progress import FlatProgress, Progress, is_flat
 
 __all__ = ["state_problem"]
 
@@ -42,7 +44,7 @@ def _is_history(v: Any) -> bool:
     )
 
 
-_PROGRESS_TYPES = {  # Progress's annotations -> how to check a value of that type
+_PROGRESS_TYPES = {  # the annotations of Progress's fields -> how to check a value
     "int": lambda v: _is_int(v) and v >= 0,
     "float": _is_number,
     "float | None": lambda v: v is None or _is_number(v),
@@ -52,16 +54,30 @@ _PROGRESS_TYPES = {  # Progress's annotations -> how to check a value of that ty
 }
 
 
-def _progress_problem(v: Any, progress: type) -> str | None:
+def _fields_problem(v: Any, kind: type, name: str) -> str | None:
+    """Why ``v`` cannot be the fields of the dataclass ``kind`` (None if it can): each key
+    one of its fields, each value of the field's type; a group (``Progress.best``) checked
+    the same way. Missing fields take their defaults."""
     if not isinstance(v, dict):
-        return "progress is not a mapping"
-    known = {f.name: _PROGRESS_TYPES[str(f.type)] for f in fields(progress)}
+        return f"{name} is not a mapping"
+    groups = get_type_hints(kind)
+    known = {f.name: f.type for f in fields(kind)}
     for key, value in v.items():
         if key not in known:
-            return f"unknown progress field {key!r}"
-        if not known[key](value):
-            return f"progress.{key} is {type(value).__name__} {value!r:.40}"
+            return f"unknown {name} field {key!r}"
+        if is_dataclass(groups[key]):
+            problem = _fields_problem(value, groups[key], f"{name}.{key}")
+            if problem:
+                return problem
+        elif not _PROGRESS_TYPES[str(known[key])](value):
+            return f"{name}.{key} is {type(value).__name__} {value!r:.40}"
     return None
+
+
+def _progress_problem(v: Any) -> str | None:
+    if isinstance(v, dict) and is_flat(v):  # written before Progress had groups
+        return _fields_problem(v, FlatProgress, "progress")
+    return _fields_problem(v, Progress, "progress")
 
 
 def _optimizer_problem(v: Any) -> str | None:
@@ -120,12 +136,11 @@ def _rng_problem(v: Any) -> str | None:
     return None if good else "rng: a random state is damaged"
 
 
-def state_problem(
-    state: Any, progress: type, required: tuple[str, ...], optional: tuple[str, ...]
-) -> str | None:
+def state_problem(state: Any, required: tuple[str, ...], optional: tuple[str, ...]) -> str | None:
     """Why ``state`` is not a training state as ``save_checkpoint`` writes it (None if it is):
-    the ``required`` and ``optional`` fields and no other, ``progress`` as the dataclass
-    ``progress`` (``Progress``) holds it, every other field as the training loop writes it."""
+    the ``required`` and ``optional`` fields and no other, ``progress`` as ``Progress`` holds
+    it (or the flat ``FlatProgress`` of older checkpoints), every other field as the training
+    loop writes it."""
     if not isinstance(state, dict):
         return f"a {type(state).__name__}, not a mapping"
     missing = [k for k in required if k not in state]
@@ -136,7 +151,7 @@ def state_problem(
         return f"unknown field {unknown[0]!r}"
     scheduler, fingerprint, ema = state["scheduler"], state["fingerprint"], state.get("ema", {})
     for problem in (
-        _progress_problem(state["progress"], progress),
+        _progress_problem(state["progress"]),
         _optimizer_problem(state["optimizer"]),
         _rng_problem(state["rng"]),
     ):

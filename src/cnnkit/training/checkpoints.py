@@ -25,7 +25,6 @@ import random
 import shutil
 import signal
 import tempfile
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,6 @@ from cnnkit.errors import CheckpointError, RunDirError, first_line
 from cnnkit.training.checkpoint_checks import state_problem
 
 __all__ = [
-    "Progress",
     "find_checkpoint",
     "load_checkpoint",
     "load_weights",
@@ -55,27 +53,6 @@ FILES = ("model.safetensors", "state.pt")
 STATE_KEYS = ("progress", "optimizer", "scheduler", "total_steps", "rng", "fingerprint")
 OPTIONAL_KEYS = ("ema",)
 MAX_MANIFEST_BYTES = 64 << 10  # two entries of a size and a checksum: about 200 bytes
-
-
-@dataclass
-class Progress:
-    """Where training stands; everything needed to continue bit for bit."""
-
-    epoch: int = 0  # completed epochs
-    step: int = 0  # completed steps of the current epoch
-    loss_sum: float = 0.0  # running sums of the current epoch
-    correct: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)
-    best_acc: float = -1.0
-    best_loss: float = float("inf")
-    best_epoch: int = 0
-    stale: int = 0
-    images_seen: int = 0
-    train_seconds: float = 0.0
-    elapsed: float = 0.0  # wall seconds of earlier sessions of this run
-    seconds_to_target: float | None = None
-    finished: bool = False  # stopped early (target accuracy or patience)
-    stopped: str = "epochs"  # why training ended: epochs, target_accuracy or patience
 
 
 def rng_state() -> dict[str, Any]:
@@ -258,7 +235,7 @@ def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
         raise CheckpointError(
             f"{folder / 'state.pt'}: refused or unreadable ({first_line(exc, 200)})"
         ) from None
-    why = state_problem(state, Progress, STATE_KEYS, OPTIONAL_KEYS)
+    why = state_problem(state, STATE_KEYS, OPTIONAL_KEYS)
     if why:
         raise CheckpointError(f"{folder / 'state.pt'}: not a training state ({why})")
     return weights, state
@@ -322,13 +299,3 @@ def _move_aside(folder: Path) -> Path | None:
                 return None
             return aside
     return None
-
-
-def progress_to_state(progress: Progress) -> dict[str, Any]:
-    data = asdict(progress)
-    data["history"] = [dict(row) for row in progress.history]
-    return data
-
-
-def progress_from_state(data: dict[str, Any]) -> Progress:
-    return Progress(**data)

@@ -8,8 +8,10 @@ normalised and augmented as one tensor, channels_last, bf16 autocast where the h
 natively; or, in the head epochs of a fine-tune (``training.phases``), the frozen backbone's
 cached features. Losses and accuracies are summed on the device and read once per progress
 update, not once per step. Under torchrun every rank trains on its shard of each global
-batch; only rank 0 prints and writes files. Time is accounted in ``Clock``, interrupts end
-the run in ``_checkpoint``, and ``_end_epoch`` is where each epoch is judged.
+batch; only rank 0 prints and writes files. Each epoch is ``train_one_epoch``, then
+``_end_epoch`` validates and judges it (``progress``: the best-keeper and the stopping rule),
+then ``_checkpoint`` saves it, the one point where time is accounted (``Clock.settle``). A
+stop signal cuts the steps short; ``_epochs`` saves and raises ``TrainingInterrupted``.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from cnnkit.model_io import atomic_write, save_model
 from cnnkit.runtime import autocast
 from cnnkit.threads import fit_threads
 from cnnkit.training import checkpoints as ckpt
-from cnnkit.training import distributed as dist
+from cnnkit.training import distributed as ddp
 from cnnkit.training.optim import Optimizer, Schedule
 from cnnkit.training.outputs import (
     TrainResult,
@@ -44,6 +46,13 @@ from cnnkit.training.outputs import (
 )
 from cnnkit.training.phases import Phases, make_optimizer, make_schedule, set_mode
 from cnnkit.training.plan import RunPlan, settle
+from cnnkit.training.progress import (
+    Position,
+    Progress,
+    progress_from_state,
+    progress_to_state,
+    stop_reason,
+)
 from cnnkit.training.session import Clock, EpochBar, EpochHook, Meter, stop_on_signals
 from cnnkit.training.setup import Model, Session, build_model, load_data, setup
 from cnnkit.training.stages import Stage, build_stage
@@ -124,7 +133,7 @@ def _train(
     # Optimiser: which epochs train what, the optimizer and its schedule.
     r = _optimiser(s, data, m, on_epoch)
     # Resume: weights, optimizer, schedule, random state and progress from the checkpoint.
-    p = _resume(r, force) if resume else ckpt.Progress()
+    p = _resume(r, force) if resume else Progress()
     clock = Clock(p, s.started, r.global_batch)
     _announce(r)
     # Epochs: until the last, the target accuracy or patience; a checkpoint after each.
@@ -147,7 +156,7 @@ def _optimiser(s: Session, data: PreparedData, m: Model, on_epoch: EpochHook | N
     cfg, info = s.cfg, s.info
     global_batch = min(cfg.batch_size, len(data.train))
     global_batch -= global_batch % info.world_size
-    steps = dist.shard_batches(
+    steps = ddp.shard_batches(
         torch.arange(len(data.train)), max(global_batch, 1), info.rank, info.world_size
     ).shape[0]
     phases = Phases.plan(cfg, m.model)
@@ -160,25 +169,26 @@ def _optimiser(s: Session, data: PreparedData, m: Model, on_epoch: EpochHook | N
     )
 
 
-def _resume(r: Run, force: bool) -> ckpt.Progress:
+def _resume(r: Run, force: bool) -> Progress:
     out, steps = r.s.out, r.steps
     if not ckpt.list_checkpoints(out):  # killed before its first checkpoint
         log.warning("%s has no checkpoint yet; starting the run from the beginning", out)
-        return ckpt.Progress()
+        return Progress()
     folder, weights, saved = ckpt.find_checkpoint(out)
     check_resumable(saved["fingerprint"], r.fingerprint, force, r.data)
     ckpt.load_weights(r.m.model, weights, folder)
+    p = progress_from_state(saved["progress"])
     r.opt.load_state_dict(saved["optimizer"])
     if saved["total_steps"] == r.cfg.epochs * steps:
         r.sched.load_state_dict(saved["scheduler"])
     else:  # more or fewer epochs than planned: same position on the new schedule
-        r.sched.seek(saved["progress"]["epoch"] * steps + saved["progress"]["step"])
+        r.sched.seek(p.position.epoch * steps + p.position.step)
     if r.m.ema is not None and "ema" in saved:
         r.m.ema.load_state_dict(saved["ema"])
-    p = ckpt.progress_from_state(saved["progress"])
     if r.s.info.is_main:
         ckpt.set_rng_state(saved["rng"])
-    log.info("resumed from %s: epoch %d, step %d of %d", folder, p.epoch + 1, p.step, steps)
+    at = p.position
+    log.info("resumed from %s: epoch %d, step %d of %d", folder, at.epoch + 1, at.step, steps)
     return p
 
 
@@ -206,45 +216,66 @@ def _announce(r: Run) -> None:
 # ------------------------------------------------------------------------------ Epochs
 
 
-def _epochs(r: Run, p: ckpt.Progress, clock: Clock, progress: bool) -> torch.Tensor | None:
-    """Train epoch after epoch; the best epoch's validation logits when this session
-    computed them in fp32 (the report reuses them)."""
+@dataclass(frozen=True)
+class EpochStats:
+    """What an epoch's steps achieved, all ranks together."""
+
+    train_loss: float  # mean over the epoch's images
+    train_acc: float
+    lr: float  # at the epoch's end
+
+
+def _epochs(r: Run, p: Progress, clock: Clock, progress: bool) -> torch.Tensor | None:
+    """Train epoch after epoch until the last, the target accuracy or patience, with a
+    checkpoint after each; the best epoch's validation logits when this session computed
+    them in fp32 (the report reuses them).
+
+    SIGINT or SIGTERM ends the epoch after its current step (or, during validation, after
+    the epoch): the checkpoint that follows holds where it stopped, and the run ends here,
+    the one place that raises ``TrainingInterrupted``."""
     best_logits, stage = None, None
     with stop_on_signals() as signals, EpochBar(progress and r.s.info.is_main, r.steps) as bar:
-        for epoch in range(p.epoch + 1, r.cfg.epochs + 1):
+        for epoch in range(p.position.epoch + 1, r.cfg.epochs + 1):
             if p.finished:
                 break
             if stage is None or stage.head_only != r.phases.head_only(epoch):
                 stage = None  # a phase starts: its predecessor's DDP hooks go first
                 stage = build_stage(r.s, r.data, r.m.model, r.phases, epoch)
-            train_loss, train_acc = _train_epoch(r, stage, epoch, p, bar, clock, signals)
-            best, logits = _end_epoch(r, stage, epoch, p, clock, (train_loss, train_acc))
-            if best:
-                best_logits = logits
-            _checkpoint(r, p, clock, signals)
+            stats = train_one_epoch(r, stage, epoch, p, bar, clock, signals)
+            if stats is not None:  # all its steps ran
+                logits = _end_epoch(r, stage, epoch, p, clock, stats)
+                if p.best.epoch == epoch:
+                    best_logits = logits
+            _checkpoint(r, p, clock)
+            if signals:  # (one that arrives after the last checkpoint lets the run finish)
+                raise TrainingInterrupted(
+                    f"interrupted by {signal.Signals(signals[0]).name}; checkpoint saved, "
+                    f"continue with: cnnkit train --resume {r.s.out}"
+                )
     return best_logits
 
 
-def _train_epoch(
+def train_one_epoch(
     r: Run,
     stage: Stage,
     epoch: int,
-    p: ckpt.Progress,
+    p: Progress,
     bar: EpochBar,
     clock: Clock,
     signals: list[int],
-) -> tuple[float, float]:
-    """The epoch's steps from ``p.step`` on; its training loss and accuracy (all ranks)."""
-    s, cfg, opt, ema = r.s, r.cfg, r.opt, r.m.ema
+) -> EpochStats | None:
+    """The epoch's steps from ``p.position`` on (a checkpoint every ``checkpoint_every``);
+    None when a stop signal cut them short (``p.position`` then holds where they stopped)."""
+    s, cfg, opt, ema, at = r.s, r.cfg, r.opt, r.m.ema, p.position
     set_mode(r.m.model, r.phases, epoch)
     order = torch.randperm(
         len(r.data.train), generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
     )
-    batches = dist.shard_batches(order, r.global_batch, s.info.rank, s.info.world_size)
-    meter = Meter(p, s.device)
-    clock.start_epoch(p.step)
-    bar.start(epoch, cfg.epochs, p.step, "head" if stage.head_only else "")
-    for step in range(p.step, r.steps):
+    batches = ddp.shard_batches(order, r.global_batch, s.info.rank, s.info.world_size)
+    meter = Meter(at, s.device)
+    clock.start_epoch(at.step)
+    bar.start(epoch, cfg.epochs, at.step, "head" if stage.head_only else "")
+    for step in range(at.step, r.steps):
         x, y = stage.feed(batches[step])  # (B, C, S, S) augmented images, or (B, D) features
         with autocast(s.device, s.precision):
             logits = stage.forward(x)
@@ -256,22 +287,26 @@ def _train_epoch(
         if ema is not None:
             ema.update_parameters(r.m.model)
         meter.add(loss, logits, y)
-        p.step = step + 1
-        bar.show(p.step, meter, clock)
-        due = cfg.checkpoint_every and p.step % cfg.checkpoint_every == 0 and p.step < r.steps
-        if signals or due:  # (the epoch's own checkpoint follows its end)
-            meter.keep(p)
-            _checkpoint(r, p, clock, signals)
+        at.step = step + 1
+        bar.show(at.step, meter, clock)
+        if signals:
+            break
+        if cfg.checkpoint_every and at.step % cfg.checkpoint_every == 0 and at.step < r.steps:
+            meter.keep(at)  # (the epoch's own checkpoint follows its end)
+            _checkpoint(r, p, clock)
     clock.end_steps()
-    sums = dist.all_sum(s.info, meter.sums())
+    if signals:
+        meter.keep(at)
+        return None
+    sums = ddp.all_sum(s.info, meter.sums())
     seen = r.steps * r.global_batch
-    return float(sums[0]) / seen, float(sums[1]) / seen
+    return EpochStats(float(sums[0]) / seen, float(sums[1]) / seen, opt.param_groups[0]["lr"])
 
 
-def _validate(
+def validate(
     score: Callable[[np.ndarray], torch.Tensor],
     labels: np.ndarray,
-    info: dist.DistInfo,
+    info: ddp.DistInfo,
     device: torch.device,
 ) -> tuple[float, float, torch.Tensor | None]:
     """(mean cross-entropy, accuracy) over the whole validation split, all ranks together,
@@ -287,80 +322,64 @@ def _validate(
         sums += torch.tensor(
             [loss.item(), (logits.argmax(1) == y).sum().item(), len(idx)], dtype=torch.float64
         )
-    sums = dist.all_sum(info, sums.to(device)).cpu()
+    sums = ddp.all_sum(info, sums.to(device)).cpu()
     if sums[2] == 0:
         return float("nan"), float("nan"), None
     return float(sums[0] / sums[2]), float(sums[1] / sums[2]), None if info.enabled else logits
 
 
 def _end_epoch(
-    r: Run,
-    stage: Stage,
-    epoch: int,
-    p: ckpt.Progress,
-    clock: Clock,
-    train_figures: tuple[float, float],
-) -> tuple[bool, torch.Tensor | None]:
-    """Validate, record the epoch, keep its weights if they are the best so far, decide
-    whether to stop. Returns (best so far, its fp32 validation logits or None).
+    r: Run, stage: Stage, epoch: int, p: Progress, clock: Clock, stats: EpochStats
+) -> torch.Tensor | None:
+    """Validate, record the epoch, keep its weights if they are the best so far and decide
+    whether to stop; its validation logits when fp32 (bf16 ones are not what predict says).
 
     This is the end-of-epoch point: the epoch's row is complete here."""
-    s, cfg = r.s, r.cfg
+    s = r.s
     evaluated = r.m.evaluated
-    dist.broadcast_buffers(s.info, evaluated)  # validate what rank 0 saves
-    val_loss, val_acc, val_logits = _validate(
+    ddp.broadcast_buffers(s.info, evaluated)  # validate what rank 0 saves
+    val_loss, val_acc, logits = validate(
         lambda idx: stage.score(evaluated, idx), r.data.val.labels, s.info, s.device
     )
     row = {
         "epoch": epoch,
-        "train_loss": train_figures[0],
-        "train_acc": train_figures[1],
+        "train_loss": stats.train_loss,
+        "train_acc": stats.train_acc,
         "val_loss": val_loss,
         "val_acc": val_acc,
-        "lr": r.opt.param_groups[0]["lr"],
+        "lr": stats.lr,
         "seconds": clock.epoch_seconds(),
     }
+    _record(r, p, row, evaluated, stage.head_only)
+    p.best = p.best.judge(epoch, val_acc, val_loss, head_only=r.phases.head_only(epoch))
+    if p.best.epoch == epoch and s.info.is_main:
+        save_model(s.out, evaluated, r.m.meta)
+    p.position = Position(epoch)
+    p.stopped = stop_reason(r.cfg, val_acc, p.best)
+    if p.stopped == "target_accuracy":
+        p.seconds_to_target = clock.total()
+    return logits if s.precision == "fp32" else None
+
+
+def _record(r: Run, p: Progress, row: dict, evaluated: nn.Module, head_only: bool) -> None:
+    """The epoch's row into the history, the end-of-epoch hook and the log."""
     p.history.append(row)
-    if r.on_epoch is not None and s.info.is_main:
+    if r.on_epoch is not None and r.s.info.is_main:
         r.on_epoch(dict(row), evaluated, r.data)
     log.info(
         "epoch %d/%d%s  train_loss %.4f  train_acc %.2f%%  val_loss %.4f  val_acc %.2f%%  "
         "lr %.2e  %.1fs",
-        epoch, cfg.epochs, " (head)" if stage.head_only else "", row["train_loss"],
-        100 * row["train_acc"], val_loss, 100 * val_acc, row["lr"], row["seconds"],
+        row["epoch"], r.cfg.epochs, " (head)" if head_only else "", row["train_loss"],
+        100 * row["train_acc"], row["val_loss"], 100 * row["val_acc"], row["lr"], row["seconds"],
     )  # fmt: skip
-    # At 100% a lower loss keeps the best weights but is no reason to go on training.
-    perfect = val_acc == 1.0 and p.best_acc == 1.0
-    best = (
-        math.isnan(val_acc)  # no validation images: keep the latest weights
-        or val_acc > p.best_acc
-        or (val_acc == p.best_acc and val_loss < p.best_loss)
-    )
-    if best:
-        p.stale = p.stale + 1 if perfect else 0
-        p.best_acc, p.best_loss, p.best_epoch = val_acc, val_loss, epoch
-        if s.info.is_main:
-            save_model(s.out, evaluated, r.m.meta)
-    else:
-        p.stale += 1
-    if r.phases.head_only(epoch):
-        p.stale = 0  # patience judges the epochs that train the whole network
-    p.epoch, p.step, p.loss_sum, p.correct = epoch, 0, 0.0, 0
-    clock.settle()
-    if cfg.target_accuracy is not None and val_acc >= cfg.target_accuracy:
-        p.seconds_to_target, p.stopped, p.finished = p.elapsed, "target_accuracy", True
-    elif cfg.patience and p.stale >= cfg.patience:
-        p.stopped, p.finished = "patience", True
-    # the saved weights' logits; bf16 ones are not what predict (fp32) says
-    return best, (val_logits if s.precision == "fp32" else None)
 
 
-def _checkpoint(r: Run, p: ckpt.Progress, clock: Clock, signals: list[int]) -> None:
-    """Save where the run stands (rank 0) and, when a stop signal arrived, end the run."""
+def _checkpoint(r: Run, p: Progress, clock: Clock) -> None:
+    """Save where the run stands (rank 0), with its time settled up to now."""
     clock.settle()
     if r.s.info.is_main:
         state = {
-            "progress": ckpt.progress_to_state(p),
+            "progress": progress_to_state(p),
             "optimizer": r.opt.state_dict(),
             "scheduler": r.sched.state_dict(),
             "total_steps": r.cfg.epochs * r.steps,
@@ -370,29 +389,24 @@ def _checkpoint(r: Run, p: ckpt.Progress, clock: Clock, signals: list[int]) -> N
         if r.m.ema is not None:
             state["ema"] = r.m.ema.state_dict()
         ckpt.save_checkpoint(r.s.out, r.m.model, state)
-    if signals:
-        raise TrainingInterrupted(
-            f"interrupted by {signal.Signals(signals[0]).name}; checkpoint saved, continue "
-            f"with: cnnkit train --resume {r.s.out}"
-        )
 
 
-def _save(r: Run, p: ckpt.Progress, clock: Clock, best_logits: torch.Tensor | None) -> TrainResult:
+def _save(r: Run, p: Progress, clock: Clock, best_logits: torch.Tensor | None) -> TrainResult:
     s = r.s
-    if p.history and p.best_epoch != p.history[-1]["epoch"]:
+    if p.history and p.best.epoch != p.history[-1]["epoch"]:
         log.info(
             "kept the weights of epoch %d (best validation accuracy %.2f%%)",
-            p.best_epoch,
-            100 * p.best_acc,
+            p.best.epoch,
+            100 * p.best.acc,
         )
     result = TrainResult(
         run_dir=s.out,
-        best_val_acc=p.best_acc,
+        best_val_acc=p.best.acc,
         final_val_acc=p.history[-1]["val_acc"] if p.history else math.nan,
-        best_epoch=p.best_epoch,
+        best_epoch=p.best.epoch,
         epochs_run=len(p.history),
         wall_seconds=clock.total(),
-        images_per_second=p.images_seen / p.train_seconds if p.train_seconds else 0.0,
+        images_per_second=p.timing.images_per_second,
         seconds_to_target=p.seconds_to_target,
         stopped_because=p.stopped,
         precision=s.precision,
@@ -404,10 +418,10 @@ def _save(r: Run, p: ckpt.Progress, clock: Clock, best_logits: torch.Tensor | No
         val_logits=best_logits,
     )
     # The network in memory holds the saved weights when the last epoch was the best.
-    last_is_best = bool(p.history) and p.best_epoch == p.history[-1]["epoch"]
+    last_is_best = bool(p.history) and p.best.epoch == p.history[-1]["epoch"]
     if s.info.is_main and not s.info.enabled and last_is_best:
         result.model, result.meta = r.m.evaluated.eval(), r.m.meta
     if s.info.is_main:
         write_outputs(s.out, result)
-    dist.barrier(s.info)
+    ddp.barrier(s.info)
     return result

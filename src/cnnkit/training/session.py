@@ -30,6 +30,7 @@ from cnnkit.files import (
     survey,
     temporary_names,
 )
+from cnnkit.training.progress import Position, Progress
 
 __all__ = [
     "RUN_OUTPUTS",
@@ -203,45 +204,53 @@ def stop_on_signals() -> Iterator[list[int]]:
 
 
 class Clock:
-    """Where a run's time goes, accounted in one place.
+    """Where a run's time goes (``Progress.timing``), accounted at one point: ``settle``.
 
-    ``Progress.elapsed`` is the wall time of the whole run over all its sessions (setup,
+    ``timing.elapsed`` is the wall time of the whole run over all its sessions (setup,
     steps, validation, checkpoints); ``train_seconds`` and ``images_seen`` the time in
-    training steps and the images they took (the run's img/s). ``settle`` moves what passed
-    since the last call into them, before every checkpoint and at each epoch's end."""
+    training steps and the images they took (the run's img/s). Between settles the clock
+    only notes when the steps run (``start_epoch`` to ``end_steps``: validation is not
+    training time). ``settle`` moves what passed since the last one into ``timing``; the
+    checkpoint save calls it, and nothing else, so a checkpoint holds the time up to itself.
+    Every epoch ends with a checkpoint, so after the epochs only the wall time since the
+    last one is unsettled: ``total`` adds it."""
 
-    def __init__(self, p: Any, started: float, global_batch: int) -> None:
+    def __init__(self, p: Progress, started: float, global_batch: int) -> None:
         self.p, self.batch = p, global_batch
-        self.wall = started  # the wall time before this is in p.elapsed
-        self.steps_from: float | None = None  # steps running since then, not yet counted
-        self.first_step = 0
+        self.wall = started  # the wall time before this is in timing.elapsed
+        self.steps_from: float | None = None  # steps running since then, not yet noted
+        self.first_step = self.epoch_first = 0
+        self.step_seconds, self.step_images = 0.0, 0  # steps noted, not yet settled
         self.epoch_started = time.perf_counter()
 
     def start_epoch(self, step: int) -> None:
         self.epoch_started = self.steps_from = time.perf_counter()
         self.first_step = self.epoch_first = step
 
-    def _count_steps(self) -> None:
+    def _note_steps(self, now: float) -> None:
         if self.steps_from is not None:
-            now = time.perf_counter()
-            self.p.train_seconds += now - self.steps_from
-            self.p.images_seen += (self.p.step - self.first_step) * self.batch
-            self.steps_from, self.first_step = now, self.p.step
+            step = self.p.position.step
+            self.step_seconds += now - self.steps_from
+            self.step_images += (step - self.first_step) * self.batch
+            self.steps_from, self.first_step = now, step
 
     def end_steps(self) -> None:
-        """The epoch's steps are done (validation is not training time)."""
-        self._count_steps()
+        """The epoch's steps are done (or cut short by a signal)."""
+        self._note_steps(time.perf_counter())
         self.steps_from = None
 
     def settle(self) -> None:
-        self._count_steps()
         now = time.perf_counter()
-        self.p.elapsed += now - self.wall
-        self.wall = now
+        self._note_steps(now)
+        timing = self.p.timing
+        timing.train_seconds += self.step_seconds
+        timing.images_seen += self.step_images
+        timing.elapsed += now - self.wall
+        self.step_seconds, self.step_images, self.wall = 0.0, 0, now
 
     def total(self) -> float:
         """Wall seconds of the run so far, all sessions."""
-        return self.p.elapsed + time.perf_counter() - self.wall
+        return self.p.timing.elapsed + time.perf_counter() - self.wall
 
     def epoch_seconds(self) -> float:
         return time.perf_counter() - self.epoch_started
@@ -249,16 +258,17 @@ class Clock:
     def rate(self) -> float:
         """Images a second of this epoch's steps in this session."""
         seconds = time.perf_counter() - self.epoch_started
-        return (self.p.step - self.epoch_first) * self.batch / seconds if seconds > 0 else 0.0
+        step = self.p.position.step
+        return (step - self.epoch_first) * self.batch / seconds if seconds > 0 else 0.0
 
 
 class Meter:
     """The epoch's running loss and accuracy sums, kept on the device and read only when
     shown or saved (reading them waits for the device)."""
 
-    def __init__(self, p: Any, device: torch.device) -> None:
-        self.loss_sum = torch.tensor(p.loss_sum, dtype=torch.float64, device=device)
-        self.correct = torch.tensor(p.correct, dtype=torch.int64, device=device)
+    def __init__(self, position: Position, device: torch.device) -> None:
+        self.loss_sum = torch.tensor(position.loss_sum, dtype=torch.float64, device=device)
+        self.correct = torch.tensor(position.correct, dtype=torch.int64, device=device)
         self.batch = 1  # this rank's batch
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
@@ -266,9 +276,9 @@ class Meter:
         self.correct += (logits.argmax(1) == labels).sum()
         self.batch = len(labels)
 
-    def keep(self, p: Any) -> None:
-        """Into ``p``, for a checkpoint in the middle of the epoch."""
-        p.loss_sum, p.correct = self.loss_sum.item(), int(self.correct.item())
+    def keep(self, position: Position) -> None:
+        """Into ``position``, for a checkpoint in the middle of the epoch."""
+        position.loss_sum, position.correct = self.loss_sum.item(), int(self.correct.item())
 
     def sums(self) -> torch.Tensor:
         return torch.stack([self.loss_sum, self.correct.double()]).cpu()

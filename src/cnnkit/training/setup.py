@@ -29,7 +29,7 @@ from cnnkit.models.registry import ModelSpec, build_network
 from cnnkit.models.weights import Pretrained, load_pretrained, weights_record
 from cnnkit.runtime import resolve_device, resolve_precision
 from cnnkit.threads import CpuSample, sample_cpus
-from cnnkit.training import distributed as dist
+from cnnkit.training import distributed as ddp
 from cnnkit.training.plan import RunPlan
 from cnnkit.training.session import claim_run_dir
 
@@ -48,7 +48,7 @@ class Session:
     spec: ModelSpec
     pretrained: Pretrained | None
     device: torch.device
-    info: dist.DistInfo
+    info: ddp.DistInfo
     precision: str
     cpu_before: CpuSample | None  # what other work used while the data loaded (threads)
     started: float  # time.perf_counter() when this session started
@@ -76,13 +76,13 @@ def setup(
     started = time.perf_counter()
     cfg = plan.config.train
     device = resolve_device(cfg.device)
-    info = dist.setup(device.type)
+    info = ddp.setup(device.type)
     if device.type == "cuda" and info.enabled:
         device = torch.device("cuda", info.local_rank)
     precision = resolve_precision(cfg.precision, device)
     if info.is_main:
         run_dir.enter_context(claim_run_dir(out, overwrite, resume))
-    dist.barrier(info)
+    ddp.barrier(info)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     cpu_before = sample_cpus()  # what other work uses while the data loads: see fit_threads
@@ -100,7 +100,7 @@ def load_data(s: Session) -> PreparedData:
     config = s.config
     if s.info.is_main:
         data = prepare_data(config.data, s.image_size)
-    dist.barrier(s.info)
+    ddp.barrier(s.info)
     if not s.info.is_main:
         logging.getLogger("cnnkit").setLevel(logging.ERROR)
         data = prepare_data(config.data, s.image_size)
@@ -142,7 +142,7 @@ def build_model(s: Session, data: PreparedData, resume: bool, progress: bool) ->
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     _fit_whitening(model, data)
     model = model.to(s.device, memory_format=torch.channels_last)
-    dist.broadcast_module(s.info, model)  # the weights rank 0 loaded, on every rank
+    ddp.broadcast_module(s.info, model)  # the weights rank 0 loaded, on every rank
     ema = None
     if cfg.ema:
         ema = torch.optim.swa_utils.AveragedModel(

@@ -24,7 +24,7 @@ from cnnkit.data.images import to_model_input
 from cnnkit.models.fold import inference_copy
 from cnnkit.models.network import Network
 from cnnkit.runtime import autocast, batched_logits
-from cnnkit.training import distributed as dist
+from cnnkit.training import distributed as ddp
 from cnnkit.training.augment import build_augmentation
 from cnnkit.training.features import FeatureExtractor, cached_features, feature_variants
 from cnnkit.training.phases import Phases, set_trainable
@@ -110,7 +110,7 @@ def _head_features(
             val_variants = ("plain", "hflip") if s.cfg.tta else ("plain",)
             val = cached_features(extractor, data.val, val_variants, "validation")
         if turn == "main":
-            dist.barrier(s.info)
+            ddp.barrier(s.info)
     return train, val
 
 
