@@ -321,6 +321,8 @@ def _build(
             "skipped": sorted(skipped),
         }
         (tmp / "meta.json").write_text(json.dumps(meta))
+        # Not files.replace_folder: syncing gigabytes of pixels would buy nothing, as a cache
+        # a crash loses is decoded again; and a folder of the same name is handled here.
         try:
             os.replace(tmp, folder)
         except OSError:
