@@ -115,8 +115,11 @@ def test_onnx_report_says_how_close_it_is(onnx_export) -> None:
     assert "validation images" in parity.source
     assert 0 <= parity.max_abs_diff < 1e-4
     assert parity.top1_agreement == 1.0
-    text = onnx_export.summary()
-    assert "max abs difference" in text and "top-1 agreement 100.00%" in text
+    lines = onnx_export.summary().splitlines()  # what ``cnnkit export`` prints
+    assert lines[0].startswith(f"exported {onnx_export.path} (onnx, opset {onnx_export.opset}, ")
+    assert lines[1] == f"verified on {parity.source}, batch sizes 1, 7, 32"
+    assert lines[2].startswith("max abs difference ") and "(tolerance 0.001)" in lines[2]
+    assert lines[2].endswith("top-1 agreement 100.00%") and len(lines) == 3
     assert onnx_export.size_bytes == onnx_export.path.stat().st_size > 0
 
 
