@@ -125,7 +125,7 @@ def test_a_worker_that_dies_is_one_clear_error_and_leaves_nothing(
 ) -> None:
     """A worker killed by the kernel (the out-of-memory killer, say) breaks the pool."""
     monkeypatch.setattr(cache_mod, "PARALLEL_FROM", 4)
-    monkeypatch.setattr(cache_mod, "_cores", lambda: 2)
+    monkeypatch.setattr(cache_mod, "allowed_cpus", lambda: {0, 1})
     monkeypatch.setattr(
         cache_mod, "decode_image", lambda *args: os.kill(os.getpid(), signal.SIGKILL)
     )  # runs in the forked workers only
@@ -148,7 +148,7 @@ import cnnkit.data.cache as cache
 from cnnkit.data.folder import scan_folder
 
 data, root, log = sys.argv[1:4]
-cache.PARALLEL_FROM, cache.CHUNK, cache._cores = 4, 2, lambda: 2  # two workers, 9 tasks
+cache.PARALLEL_FROM, cache.CHUNK, cache.allowed_cpus = 4, 2, lambda: {0, 1}  # two workers, 9 tasks
 real = cache.decode_image
 
 def slow(*args):

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cnnkit.errors import CheckpointError, RunDirError
-from cnnkit.model_io import ModelMeta, atomic_write, load_model, save_model
+from cnnkit.files import atomic_write
+from cnnkit.model_io import ModelMeta, load_model, save_model
 from cnnkit.models import build_network, load_model_spec
 from cnnkit.training.loop import TrainResult
 from conftest import model_meta

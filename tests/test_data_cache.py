@@ -110,7 +110,7 @@ def test_worker_processes_decode_exactly_what_one_process_does(
     alone = decode_cached(files, SIZE, cache_root=tmp_path / "one")
     monkeypatch.setattr(cache_mod, "PARALLEL_FROM", 4)
     monkeypatch.setattr(cache_mod, "CHUNK", 5)  # 23 files: five chunks, bad files in several
-    monkeypatch.setattr(cache_mod, "_cores", lambda: 2)
+    monkeypatch.setattr(cache_mod, "allowed_cpus", lambda: {0, 1})
     log = tmp_path / "pids"
     real = cache_mod.decode_image
 

@@ -24,7 +24,7 @@ from cnnkit.export import (
     load_pt2,
     sample_images,
 )
-from cnnkit.inference import expand_inputs
+from cnnkit.inference import Classifier, Predictor, expand_inputs
 from cnnkit.model_io import load_model
 from numerics import PROB_ATOL
 
@@ -115,9 +115,30 @@ def test_onnx_report_says_how_close_it_is(onnx_export) -> None:
     assert "validation images" in parity.source
     assert 0 <= parity.max_abs_diff < 1e-4
     assert parity.top1_agreement == 1.0
-    text = onnx_export.summary()
-    assert "max abs difference" in text and "top-1 agreement 100.00%" in text
+    lines = onnx_export.summary().splitlines()  # what ``cnnkit export`` prints
+    assert lines[0].startswith(f"exported {onnx_export.path} (onnx, opset {onnx_export.opset}, ")
+    assert lines[1] == f"verified on {parity.source}, batch sizes 1, 7, 32"
+    assert lines[2].startswith("max abs difference ") and "(tolerance 0.001)" in lines[2]
+    assert lines[2].endswith("top-1 agreement 100.00%") and len(lines) == 3
     assert onnx_export.size_bytes == onnx_export.path.stat().st_size > 0
+
+
+def test_a_run_directory_and_both_exports_are_predictors_with_one_interface(
+    onnx_export, pt2_export, trained_run
+) -> None:
+    """One ``Predictor`` interface; only the run directory's has a network to look inside,
+    and an exported file's is no ``Classifier`` with half of it switched off."""
+    run, _ = trained_run
+    loaded = [load_predictor(source) for source in (run, onnx_export.path, pt2_export.path)]
+    assert all(isinstance(p, Predictor) for p in loaded)
+    assert [isinstance(p, Classifier) for p in loaded] == [True, False, False]
+    assert [hasattr(p, "model") for p in loaded] == [True, False, False]
+    for p in loaded:
+        assert p.classes == ("circle", "square", "triangle") and p.precision == "fp32"
+        assert p.predict_proba([]).shape == (0, 3)
+        assert p is loaded[0] or p.device.type == "cpu"  # exports run on the CPU
+    with pytest.raises(TypeError, match="abstract"):
+        Predictor()  # logits and _size are each kind's own
 
 
 def test_onnx_and_pytorch_predict_the_same_classes(onnx_export, trained_run, shapes_dir) -> None:

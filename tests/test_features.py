@@ -113,6 +113,20 @@ def test_a_damaged_store_is_computed_again(images, tmp_path, caplog) -> None:
     assert "is damaged" in caplog.text
 
 
+def test_a_store_that_cannot_be_written_costs_only_the_computation(
+    images, tmp_path, caplog
+) -> None:
+    net, blocked = _net(), tmp_path / "cache"
+    blocked.write_text("a file where the cache folder goes")
+    with caplog.at_level("WARNING", logger="cnnkit"):
+        got, computed = _extractor(net, blocked).features(images)
+    want, _ = _extractor(net, tmp_path / "writable").features(images)
+    assert computed == 6 and torch.equal(got, want)
+    assert "the feature cache is not saved: cannot write" in caplog.text
+    assert blocked.read_text() == "a file where the cache folder goes"
+    assert _extractor(net, blocked).features(images)[1] == 6  # nothing was stored
+
+
 def test_variants_follow_the_augmentation_and_are_stacked(images, tmp_path, caplog) -> None:
     assert feature_variants(True, True, False) == ("plain", "hflip")
     assert feature_variants(True, True, True) == ("plain", "hflip", "vflip", "hvflip")

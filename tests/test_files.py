@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import cnnkit.files as files_mod
 from cnnkit.errors import OutputError
 from cnnkit.files import (
     MANIFEST,
@@ -20,6 +21,7 @@ from cnnkit.files import (
     record,
     recorded,
     remove_owned,
+    replace_folder,
     survey,
     write_file,
     write_folder,
@@ -211,6 +213,45 @@ def test_a_file_where_a_folder_goes_is_refused(tmp_path: Path) -> None:
         write_folder(tmp_path / "out", _fill(["a"]), overwrite=True)
     with pytest.raises(OutputError, match="is a folder; expected a file name"):
         write_file(tmp_path, lambda p: None, overwrite=True)
+
+
+def test_replace_folder_syncs_all_it_holds_before_the_rename_and_the_parent_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tmp, final = tmp_path / ".new.tmp", tmp_path / "new"
+    (tmp / "sub").mkdir(parents=True)
+    (tmp / "a.bin").write_bytes(b"a")
+    (tmp / "sub" / "b.bin").write_bytes(b"b")
+    events: list[tuple[str, Path]] = []
+    sync, rename = files_mod.fsync, os.replace
+
+    def recording_sync(path: Path) -> None:
+        events.append(("sync", Path(path)))
+        sync(path)
+
+    def recording_rename(src, dst) -> None:
+        events.append(("rename", Path(dst)))
+        rename(src, dst)
+
+    monkeypatch.setattr(files_mod, "fsync", recording_sync)
+    monkeypatch.setattr(files_mod.os, "replace", recording_rename)
+    replace_folder(tmp, final)
+    at = events.index(("rename", final))
+    before = {path for _, path in events[:at]}
+    assert before == {tmp / "a.bin", tmp / "sub" / "b.bin", tmp / "sub", tmp}
+    assert events[at + 1 :] == [("sync", tmp_path)]
+    assert (final / "sub" / "b.bin").read_bytes() == b"b" and not tmp.exists()
+
+
+def test_replace_folder_leaves_both_folders_when_the_name_is_taken(tmp_path: Path) -> None:
+    tmp, final = tmp_path / ".new.tmp", tmp_path / "new"
+    tmp.mkdir()
+    (tmp / "a.bin").write_bytes(b"new")
+    final.mkdir()
+    (final / "a.bin").write_bytes(b"old")
+    with pytest.raises(OSError):
+        replace_folder(tmp, final)
+    assert (final / "a.bin").read_bytes() == b"old" and (tmp / "a.bin").read_bytes() == b"new"
 
 
 def test_records_from_two_writers_are_both_kept(tmp_path: Path) -> None:

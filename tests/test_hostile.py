@@ -32,7 +32,8 @@ from cnnkit.data.dataset import prepare_data
 from cnnkit.data.images import MAX_PIXELS, MAX_SIDE, load_image
 from cnnkit.data.shapes import generate_shapes
 from cnnkit.errors import DataError, ImageError, RunDirError
-from cnnkit.model_io import ModelMeta, atomic_write, save_model
+from cnnkit.files import atomic_write
+from cnnkit.model_io import ModelMeta, save_model
 from cnnkit.models.registry import build_network, load_model_spec
 from cnnkit.training import checkpoints as ckpt
 from conftest import model_meta, training_state

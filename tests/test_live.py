@@ -28,6 +28,7 @@ from cnnkit.inspection.maps import layer_outputs, normalize_maps
 from cnnkit.serve.live import LiveBoard, watch_training
 from cnnkit.training.loop import train
 from conftest import tiny_config
+from serving import wait_until
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -148,6 +149,9 @@ def test_an_error_is_what_the_page_says_and_the_server_stops(tiny_shapes, tmp_pa
     with pytest.raises(RuntimeError, match="disk full"), watch_training(5) as board:
         reader = threading.Thread(target=read_events, args=(board.url + "/events", events, {}))
         reader.start()
+        # The page is connected before training starts: an error at the first epoch would
+        # otherwise stop the server before a slow reader thread got there (a flaky test).
+        wait_until(lambda: board.streams, what="the page never connected")
         train(tiny_config(tiny_shapes, epochs=5), tmp_path / "run", progress=False,
               on_epoch=broken_hook)  # fmt: skip
     reader.join(30)

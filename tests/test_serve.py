@@ -19,9 +19,10 @@ from cnnkit.data.images import load_image, to_model_input
 from cnnkit.data.shapes import draw_shape
 from cnnkit.errors import ConfigError, RunDirError
 from cnnkit.inspection import grad_cam, layer_outputs, normalize_map
+from cnnkit.inspection.render import overlay
+from cnnkit.inspection.walkthrough import inspect_image
 from cnnkit.model_io import load_model
 from cnnkit.serve import SECURITY_HEADERS, create_app
-from cnnkit.serve.explain import heat_overlay
 from serving import GatedModel, wait_until
 
 with warnings.catch_warnings():  # starlette's note about httpx, not about cnnkit
@@ -151,9 +152,33 @@ def test_explain_returns_the_maps_and_grad_cam_the_library_computes(client, trai
     np.testing.assert_allclose(shown, normalize_map(first.values[0]), atol=1)
     heat, index = grad_cam(model, x)
     assert body["class"] == meta.classes[index]
-    overlay = decode_data_url(body["gradcam"])
-    np.testing.assert_allclose(overlay, heat_overlay(pixels, heat), atol=2)
+    drawn = decode_data_url(body["gradcam"])
+    np.testing.assert_allclose(drawn, overlay(pixels, heat), atol=2)
     np.testing.assert_array_equal(decode_data_url(body["input"]).reshape(pixels.shape), pixels)
+
+
+def test_explain_draws_grad_cam_with_the_inspect_reports_colours(
+    client, trained_run, monkeypatch, tmp_path: Path
+) -> None:
+    """The web page and ``cnnkit inspect`` show the same heat map in the same pixels."""
+    run, _ = trained_run
+    ramp = np.linspace(0.0, 1.0, 32 * 32).reshape(32, 32)  # every colour from 0 to 1
+    heat = np.where(np.arange(32)[:, None] % 5 == 0, ramp.T, ramp)  # (32, 32), not symmetric
+
+    def fixed(*args, **kwargs) -> tuple[np.ndarray, int]:  # one heat map for both
+        return heat, 0
+
+    monkeypatch.setattr("cnnkit.serve.explain.grad_cam", fixed)
+    monkeypatch.setattr("cnnkit.inspection.walkthrough.grad_cam", fixed)
+    image = tmp_path / "circle.png"
+    image.write_bytes(shape_png("circle", size=32, seed=5))
+    response = post_image(client, image.read_bytes(), "/explain")
+    assert response.status_code == 200, response.text
+    served = decode_data_url(response.json()["gradcam"])  # (32, 32, 3)
+    inspect_image(run, image, tmp_path / "inspect")
+    report = np.asarray(Image.open(tmp_path / "inspect" / "gradcam.png")).astype(np.int64)
+    scale = report.shape[0] // served.shape[0]  # the report draws it zoomed, nearest-neighbour
+    np.testing.assert_array_equal(served, report[::scale, ::scale])
 
 
 def decode_data_url(url: str) -> np.ndarray:

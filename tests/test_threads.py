@@ -19,6 +19,7 @@ from cnnkit.cli import app
 from cnnkit.errors import ConfigError
 from cnnkit.threads import (
     CpuSample,
+    allowed_cpus,
     cgroup_cpu_quota,
     cpu_limit,
     fit_threads,
@@ -186,6 +187,22 @@ def test_the_affinity_is_read_when_nothing_else_limits(monkeypatch: pytest.Monke
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {3}, raising=False)
     assert cpu_limit(Path("/nonexistent"))[0] == 1
     assert fit_threads(None).threads == 1
+
+
+def test_one_count_of_allowed_cpus_for_threads_workers_and_torchrun(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The decode cache's workers and torchrun's per-process threads count what
+    ``allowed_cpus`` says; without an affinity call (macOS) that is every CPU."""
+    import cnnkit.data.cache as cache_mod
+    import cnnkit.training.distributed as distributed
+
+    assert cache_mod.allowed_cpus is distributed.allowed_cpus is allowed_cpus
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 5)
+    assert allowed_cpus() == {0, 1, 2, 3, 4}
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert cpu_limit(Path("/nonexistent"))[0] == 5
 
 
 # -------------------------------------------------------------------------- in inference

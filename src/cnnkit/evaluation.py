@@ -22,9 +22,8 @@ from cnnkit.config import DataConfig, RunConfig, load_yaml
 from cnnkit.data.dataset import ImageArray, select_images
 from cnnkit.data.folder import SPLIT_FILE
 from cnnkit.errors import DataError
-from cnnkit.files import write_file
+from cnnkit.files import atomic_write, write_file
 from cnnkit.inference import Classifier, load
-from cnnkit.model_io import atomic_write
 from cnnkit.plots import plot_confusion
 
 __all__ = ["EVALUATIONS", "EvalResult", "classification_report", "evaluate", "evaluate_images"]

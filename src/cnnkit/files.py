@@ -1,5 +1,5 @@
-"""Writing files without losing anyone's: atomic replacement, owner locks, and a record of
-what cnnkit wrote.
+"""Writing files without losing anyone's: atomic replacement (``atomic_write`` for a file,
+``replace_folder`` for a folder), owner locks, and a record of what cnnkit wrote.
 
 Every folder cnnkit writes into keeps ``.cnnkit-manifest``: one JSON string per line, each
 the relative path of a file (or, ending in ``/``, a folder) cnnkit wrote there. It is how
@@ -39,10 +39,12 @@ __all__ = [
     "OwnerLock",
     "atomic_write",
     "check_output",
+    "fsync",
     "list_names",
     "record",
     "recorded",
     "remove_owned",
+    "replace_folder",
     "survey",
     "temporary_names",
     "write_file",
@@ -60,10 +62,21 @@ def temporary_names(name: str) -> str:
     return f".{glob.escape(name)}.*.tmp"
 
 
+def fsync(path: Path) -> None:
+    """Flush a file's bytes, or a folder's list of names, to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` for a temporary file beside ``path``, fsync it, rename it to ``path``.
 
     A full disk or an unwritable folder raises ``RunDirError``; ``path`` keeps its old contents.
+    This is cnnkit's one way to replace a file; ``replace_folder`` is its one way to put a
+    whole folder in place.
     """
     tmp = None
     try:
@@ -72,20 +85,31 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         os.close(fd)
         tmp = Path(name)
         write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        fsync(tmp)
         os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync(path.parent)
     except BaseException as exc:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError):
             raise RunDirError(f"cannot write {path}: {exc.strerror or exc}") from None
         raise
+
+
+def replace_folder(tmp: Path, final: Path) -> None:
+    """Rename the filled folder ``tmp`` to ``final`` once everything in it is on the disk.
+
+    Files and folders are synced bottom-up before the rename and ``final``'s parent after it,
+    so a crash leaves either no ``final`` (or the one it replaced) or the complete new one.
+    ``OSError`` (e.g. ``final`` exists and is not empty) is the caller's to handle.
+    """
+    for folder, _, files in os.walk(tmp, topdown=False):
+        for name in files:
+            if not os.path.islink(os.path.join(folder, name)):  # a link's target is not ours
+                fsync(Path(folder, name))
+        fsync(Path(folder))
+    os.replace(tmp, final)
+    fsync(final.parent)
 
 
 def list_names(names: list[str], limit: int = 5) -> str:
@@ -375,9 +399,11 @@ def write_folder(path: str | Path, fill: Callable[[Path], None], *, overwrite: b
         if not path.exists():
             record(tmp, written)
             try:
-                os.rename(tmp, path)
+                replace_folder(tmp, path)
                 return path
             except OSError:  # someone made the folder meanwhile: replace file by file
+                if not tmp.is_dir():
+                    raise  # it was renamed; only the sync after the rename failed
                 (tmp / MANIFEST).unlink()
         record(path, written)  # first: a crash half-way leaves each new file recorded
         for name in written:

@@ -13,6 +13,7 @@ image near a class boundary.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from cnnkit.threads import cap_threads
 __all__ = [
     "Classifier",
     "Prediction",
+    "Predictor",
     "array_image",
     "expand_inputs",
     "inference_precision",
@@ -117,22 +119,19 @@ class Prediction:
         }
 
 
-class Classifier:
-    """A trained network with its preprocessing, ready to classify images.
+class Predictor(ABC):
+    """A loaded model with its preprocessing, ready to classify images, whatever computes
+    its logits: what ``cnnkit predict``, the server and the Python API call.
 
-    ``precision="auto"`` is fp32 (see ``inference_precision``); pass ``"bf16"`` for autocast.
+    ``Classifier`` runs a run directory's PyTorch network; ``OnnxClassifier`` and
+    ``Pt2Classifier`` (``cnnkit.export.runtime``) run exported files. Each brings ``meta``,
+    ``device``, ``precision``, ``logits`` and ``_size``; preprocessing, probabilities,
+    predictions and the displays are written once, here, so every format answers alike.
     """
 
-    def __init__(
-        self, model: Network, meta: ModelMeta, device: str = "auto", precision: str = "auto"
-    ) -> None:
-        self.device = resolve_device(device)
-        if self.device.type == "cpu":
-            cap_threads()  # no more threads than the CPUs this process may use
-        self.precision = inference_precision(precision, self.device)
-        self.model = model.to(self.device, memory_format=torch.channels_last).eval()
-        self.meta = meta
-        self._fast: torch.nn.Module | None = None  # bf16: models.fold's copy, made once
+    meta: ModelMeta
+    device: torch.device
+    precision: str
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -144,23 +143,9 @@ class Classifier:
             image = array_image(image)
         return load_image(image, self.meta.image_size, self.meta.channels, self.meta.resize)
 
+    @abstractmethod
     def logits(self, batch: np.ndarray) -> torch.Tensor:
-        """Logits for preprocessed uint8 images ``(N, S, S, C)``. In bf16 (asked for speed)
-        through a copy with batchnorm folded in and activations fused (``models.fold``)."""
-        model = self.model
-        if self.precision == "bf16":
-            if self._fast is None:
-                self._fast = inference_copy(self.model, self.device, "bf16")
-            model = self._fast
-        return batched_logits(
-            model,
-            batch,
-            self.meta.mean,
-            self.meta.std,
-            self.device,
-            self.precision,
-            tta=self.meta.tta,
-        )
+        """Logits ``(N, classes)`` for preprocessed uint8 images ``(N, S, S, C)``."""
 
     def predict_proba(self, images: Sequence[ImageInput]) -> np.ndarray:
         """Class probabilities ``(N, classes)``; each row sums to 1."""
@@ -202,16 +187,19 @@ class Classifier:
         )
 
     def _what(self) -> str:
-        path = getattr(self, "path", None)  # an exported file (``OnnxClassifier``)
-        return str(path) if path is not None else self.meta.model_name or "custom"
+        """The model's name (an exported file: its path), for the displays."""
+        return self.meta.model_name or "custom"
 
+    @abstractmethod
     def _size(self) -> str:
-        if self.model is None:
-            return "no PyTorch network"
-        return f"{sum(p.numel() for p in self.model.parameters()):,} parameters"
+        """What computes the logits, in a few words (``12,345 parameters``), for the repr."""
+
+    def _layers_html(self) -> str:
+        """The layer table of ``_repr_html_``; none where there is no network to list."""
+        return ""
 
     def _repr_html_(self) -> str:
-        from cnnkit.inspection.html import fragment, model_table, table
+        from cnnkit.inspection.html import fragment, table
 
         meta = self.meta
         facts = [
@@ -220,8 +208,53 @@ class Classifier:
                       f"resized by {meta.resize}"),
             ("runs on", f"{self.device.type}, {self.precision}"),
         ]  # fmt: skip
-        layers = model_table(self.model) if self.model is not None else ""
-        return fragment(f"cnnkit classifier: {self._what()}", table(None, facts) + layers)
+        return fragment(
+            f"cnnkit classifier: {self._what()}", table(None, facts) + self._layers_html()
+        )
+
+
+class Classifier(Predictor):
+    """A run directory's trained network with its preprocessing, ready to classify images.
+
+    ``precision="auto"`` is fp32 (see ``inference_precision``); pass ``"bf16"`` for autocast.
+    """
+
+    def __init__(
+        self, model: Network, meta: ModelMeta, device: str = "auto", precision: str = "auto"
+    ) -> None:
+        self.device = resolve_device(device)
+        if self.device.type == "cpu":
+            cap_threads()  # no more threads than the CPUs this process may use
+        self.precision = inference_precision(precision, self.device)
+        self.model = model.to(self.device, memory_format=torch.channels_last).eval()
+        self.meta = meta
+        self._fast: torch.nn.Module | None = None  # bf16: models.fold's copy, made once
+
+    def logits(self, batch: np.ndarray) -> torch.Tensor:
+        """Logits for preprocessed uint8 images ``(N, S, S, C)``. In bf16 (asked for speed)
+        through a copy with batchnorm folded in and activations fused (``models.fold``)."""
+        model = self.model
+        if self.precision == "bf16":
+            if self._fast is None:
+                self._fast = inference_copy(self.model, self.device, "bf16")
+            model = self._fast
+        return batched_logits(
+            model,
+            batch,
+            self.meta.mean,
+            self.meta.std,
+            self.device,
+            self.precision,
+            tta=self.meta.tta,
+        )
+
+    def _size(self) -> str:
+        return f"{sum(p.numel() for p in self.model.parameters()):,} parameters"
+
+    def _layers_html(self) -> str:
+        from cnnkit.inspection.html import model_table
+
+        return model_table(self.model)
 
 
 def _describe(image: object) -> str:

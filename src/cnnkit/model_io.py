@@ -28,7 +28,7 @@ from cnnkit.models.layers import infer_shapes, parse_layers
 from cnnkit.models.limits import check_budget, check_layer_count
 from cnnkit.models.network import Network
 
-__all__ = ["ModelMeta", "atomic_write", "load_model", "save_model"]
+__all__ = ["ModelMeta", "load_model", "save_model"]
 
 WEIGHTS = "model.safetensors"
 META = "model.json"

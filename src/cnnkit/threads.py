@@ -32,6 +32,7 @@ from cnnkit.errors import ConfigError
 __all__ = [
     "CpuSample",
     "ThreadPlan",
+    "allowed_cpus",
     "cap_threads",
     "cgroup_cpu_quota",
     "cpu_limit",
@@ -56,7 +57,10 @@ class ThreadPlan:
 # ------------------------------------------------------------------ what the process may use
 
 
-def _affinity() -> set[int]:
+def allowed_cpus() -> set[int]:
+    """The CPUs this process may run on: its affinity (``taskset``, a cpuset), or every CPU
+    where the system has none (macOS). cnnkit's one place that asks; ``cpu_limit`` adds the
+    cgroup quota and ``OMP_NUM_THREADS`` to it."""
     try:
         return set(os.sched_getaffinity(0))
     except AttributeError:  # macOS: no affinity; every CPU
@@ -150,7 +154,7 @@ def cpu_limit(
     affinity, a cgroup quota (rounded up: 1.5 CPUs keep two threads busy three quarters of
     the time) and ``OMP_NUM_THREADS``."""
     env = os.environ if env is None else env
-    cpus = affinity if affinity is not None else _affinity()
+    cpus = affinity if affinity is not None else allowed_cpus()
     limits = [(len(cpus), f"{len(cpus)} CPU{'s' if len(cpus) != 1 else ''} allowed by affinity")]
     quota = cgroup_cpu_quota(root)
     if quota is not None:
@@ -181,7 +185,7 @@ def sample_cpus(root: Path = Path("/"), affinity: set[int] | None = None) -> Cpu
     text = _read(root / "proc/stat")
     if text is None:
         return None
-    cpus = affinity if affinity is not None else _affinity()
+    cpus = affinity if affinity is not None else allowed_cpus()
     busy = total = seen = 0
     for line in text.splitlines():
         name, *fields = line.split() or [""]
@@ -236,7 +240,7 @@ def fit_threads(
             raise ConfigError(f"threads: expected a positive integer, got {requested!r}")
         plan = ThreadPlan(requested, "as asked (train.threads)")
     else:
-        cpus = affinity if affinity is not None else _affinity()
+        cpus = affinity if affinity is not None else allowed_cpus()
         limit, why = cpu_limit(root, env, cpus)
         plan = ThreadPlan(limit, ", ".join(why))
         if adapt and limit > 1:

@@ -57,19 +57,7 @@ def export_cmd(
         report = export_pt2(
             run_dir, out_file, tolerance=tolerance, check_images=check_images, overwrite=overwrite
         )
-    what = f"{report.format}, opset {report.opset}" if report.opset else report.format
-    out.print(
-        f"exported {report.path} ({what}, {report.size_bytes / 1e6:.2f} MB) in "
-        f"{report.seconds:.1f}s",
-        markup=False,
-    )
-    p = report.parity
-    out.print(f"verified on {p.source}, batch sizes {', '.join(map(str, p.batch_sizes))}")
-    out.print(
-        f"max abs difference {p.max_abs_diff:.2e} (tolerance {p.tolerance:g}), "
-        f"top-1 agreement {100 * p.top1_agreement:.2f}%",
-        markup=False,
-    )
+    out.print(report.summary(), markup=False)
 
 
 # ----------------------------------------------------------------------------------- serve

@@ -36,6 +36,7 @@ from cnnkit.data.folder import ImageList
 from cnnkit.data.images import GREY_MODES, decode_image
 from cnnkit.errors import DataError, ImageError
 from cnnkit.files import OwnerLock
+from cnnkit.threads import allowed_cpus
 
 __all__ = ["DecodedImages", "decode_cached", "default_cache_root", "file_stamp"]
 
@@ -177,13 +178,6 @@ def _die_with_parent(parent: int) -> None:
         threading.Thread(target=watch, daemon=True).start()
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def _decode_all(
     npy: str, paths: Sequence[str], size: int, channels: int, resize: str
 ) -> list[tuple[str | None, bool]]:
@@ -193,7 +187,7 @@ def _decode_all(
     pool was twice as slow as one thread (28x28 and 128x128 PNGs, 2000x1500 JPEGs alike).
     Processes are forked (as torch's DataLoader does on Linux): nothing is imported again.
     """
-    n, workers = len(paths), min(_cores(), MAX_WORKERS)
+    n, workers = len(paths), min(len(allowed_cpus()), MAX_WORKERS)
     if n < PARALLEL_FROM or workers < 2 or "fork" not in mp.get_all_start_methods():
         return _decode_rows(npy, 0, paths, size, channels, resize)
     with ProcessPoolExecutor(
@@ -321,6 +315,8 @@ def _build(
             "skipped": sorted(skipped),
         }
         (tmp / "meta.json").write_text(json.dumps(meta))
+        # Not files.replace_folder: syncing gigabytes of pixels would buy nothing, as a cache
+        # a crash loses is decoded again; and a folder of the same name is handled here.
         try:
             os.replace(tmp, folder)
         except OSError:

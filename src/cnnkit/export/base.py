@@ -37,10 +37,11 @@ class ExportReport:
     opset: int | None = None
 
     def summary(self) -> str:
+        """Three lines, as ``cnnkit export`` prints them: the file, then ``Parity.summary``."""
         what = f"{self.format}, opset {self.opset}" if self.opset else self.format
         return (
             f"exported {self.path} ({what}, {self.size_bytes / 1e6:.2f} MB) in "
-            f"{self.seconds:.1f}s; {self.parity.summary()}"
+            f"{self.seconds:.1f}s\n{self.parity.summary()}"
         )
 
 

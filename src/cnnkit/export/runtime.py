@@ -1,16 +1,19 @@
 """Predict with an exported model, exactly as ``cnnkit.inference.Classifier`` does.
 
-``OnnxClassifier`` and ``Pt2Classifier`` reuse the classifier's preprocessing and prediction
-code (``load_image`` with the size, channels and resize mode stored in the file, mirror
-averaging for a model trained with ``--tta``, softmax, ``Prediction``); only the logits come
-from onnxruntime or the ``torch.export`` program instead of the run's network. Both run in
-fp32, as a run directory's classifier does by default, so all three give the same top-1.
-``load_predictor`` picks the right one for a path, so ``cnnkit predict`` and ``cnnkit serve``
-take a run directory, a ``.onnx`` or a ``.pt2`` file.
+``OnnxClassifier`` and ``Pt2Classifier`` are ``Predictor``s, as the run directory's
+``Classifier`` is: the preprocessing and prediction code is theirs too (``load_image`` with
+the size, channels and resize mode stored in the file, softmax, ``Prediction``); only the
+logits come from onnxruntime or the ``torch.export`` program instead of the run's network,
+mirror-averaged for a model trained with ``--tta``. Both run in fp32 on the CPU, as a run
+directory's classifier does by default, so all three give the same top-1. There is no
+PyTorch network to look inside (no ``.model``). ``load_predictor`` picks the right one for a
+path, so ``cnnkit predict`` and ``cnnkit serve`` take a run directory, a ``.onnx`` or a
+``.pt2`` file.
 """
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +23,7 @@ from cnnkit.errors import CheckpointError, first_line
 from cnnkit.export.graph import INPUT_NAME
 from cnnkit.export.onnx_check import MAX_ONNX_BYTES, check_onnx
 from cnnkit.extras import require
-from cnnkit.inference import Classifier, load
+from cnnkit.inference import Predictor, load
 from cnnkit.model_io import ModelMeta
 from cnnkit.threads import cap_threads
 
@@ -29,15 +32,16 @@ __all__ = ["OnnxClassifier", "Pt2Classifier", "is_onnx_file", "is_pt2_file", "lo
 CHUNK = 256  # images per onnxruntime call
 
 
-class _ExportedClassifier(Classifier):
-    """What both exports share: no PyTorch network, fp32 on the CPU, ``logits`` from ``_run``."""
+class _ExportedClassifier(Predictor):
+    """What both exports share: a file, fp32 on the CPU, ``logits`` from ``_run``."""
 
-    model = None  # type: ignore[assignment]
-    meta: ModelMeta
+    path: Path
+    device = torch.device("cpu")
+    precision = "fp32"
 
+    @abstractmethod
     def _run(self, batch: np.ndarray) -> np.ndarray:
         """Logits ``(N, classes)`` of contiguous uint8 images ``(N, S, S, C)``."""
-        raise NotImplementedError
 
     def logits(self, batch: np.ndarray) -> torch.Tensor:
         """Logits ``(N, classes)`` for preprocessed uint8 images ``(N, S, S, C)``."""
@@ -50,13 +54,17 @@ class _ExportedClassifier(Classifier):
             logits = (logits + torch.from_numpy(np.asarray(self._run(mirrored), np.float32))) / 2
         return logits
 
+    def _what(self) -> str:
+        return str(self.path)
+
+    def _size(self) -> str:
+        return "no PyTorch network"
+
 
 class OnnxClassifier(_ExportedClassifier):
-    """An exported ``.onnx`` classifier with the ``Classifier`` interface.
-
-    ``.classes``, ``.meta``, ``.preprocess``, ``.predict_proba`` and ``.predict`` behave as
-    for a run directory. There is no PyTorch network: ``.model`` is None.
-    """
+    """An exported ``.onnx`` classifier: a ``Predictor``, so ``.classes``, ``.meta``,
+    ``.preprocess``, ``.logits``, ``.predict_proba`` and ``.predict`` behave as for a run
+    directory; ``.session`` is its onnxruntime session."""
 
     def __init__(self, path: str | Path, threads: int = 0) -> None:
         ort = require("onnxruntime", "export", "predicting with an ONNX model")
@@ -85,8 +93,6 @@ class OnnxClassifier(_ExportedClassifier):
             raise CheckpointError(
                 f"{self.path}: not a valid ONNX model ({first_line(exc, 200)})"
             ) from None
-        self.device = torch.device("cpu")
-        self.precision = "fp32"
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         parts = [
@@ -97,8 +103,8 @@ class OnnxClassifier(_ExportedClassifier):
 
 
 class Pt2Classifier(_ExportedClassifier):
-    """A ``.pt2`` (``torch.export``) classifier with the ``Classifier`` interface, loaded
-    through ``load_pt2`` (which refuses archives that could run code)."""
+    """A ``.pt2`` (``torch.export``) classifier, a ``Predictor`` like ``OnnxClassifier``,
+    loaded through ``load_pt2`` (which refuses archives that could run code)."""
 
     def __init__(self, path: str | Path) -> None:
         from cnnkit.export.pt2_export import load_pt2
@@ -108,8 +114,6 @@ class Pt2Classifier(_ExportedClassifier):
             raise CheckpointError(f"{self.path}: no such pt2 file")
         self._program, self.meta = load_pt2(self.path)
         cap_threads()
-        self.device = torch.device("cpu")
-        self.precision = "fp32"
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         return self._program(batch)
@@ -125,7 +129,7 @@ def is_pt2_file(source: str | Path) -> bool:
     return Path(source).suffix.lower() == ".pt2"
 
 
-def load_predictor(source: str | Path, device: str = "auto", precision: str = "auto") -> Classifier:
+def load_predictor(source: str | Path, device: str = "auto", precision: str = "auto") -> Predictor:
     """A run directory's classifier, or an exported ``.onnx`` or ``.pt2`` file's (same
     interface); all in fp32 unless ``precision="bf16"`` for a run directory."""
     if is_onnx_file(source):

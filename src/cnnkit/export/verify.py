@@ -35,11 +35,12 @@ class Parity:
     tolerance: float
 
     def summary(self) -> str:
+        """Two lines: what it was checked on, and how close it came."""
         sizes = ", ".join(str(b) for b in self.batch_sizes)
         return (
-            f"checked on {self.source} at batch sizes {sizes}: max abs difference "
-            f"{self.max_abs_diff:.2e} (tolerance {self.tolerance:.0e}), top-1 agreement "
-            f"{100 * self.top1_agreement:.2f}%"
+            f"verified on {self.source}, batch sizes {sizes}\n"
+            f"max abs difference {self.max_abs_diff:.2e} (tolerance {self.tolerance:g}), "
+            f"top-1 agreement {100 * self.top1_agreement:.2f}%"
         )
 
 

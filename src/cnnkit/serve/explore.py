@@ -31,9 +31,8 @@ from cnnkit.inference import Classifier
 from cnnkit.inspection.maps import LayerOutput, layer_outputs, normalize_map, normalize_maps
 from cnnkit.inspection.pixel import NoPixelRule, cpu_classifier, explain_value, find_layer
 from cnnkit.inspection.pixel_rules import PIXEL_RULES
-from cnnkit.inspection.render import vector_strip
+from cnnkit.inspection.render import data_uri, vector_strip
 from cnnkit.models.network import Network
-from cnnkit.serve.explain import png_data_url
 from cnnkit.serve.uploads import ApiError, read_images
 
 __all__ = [
@@ -110,7 +109,7 @@ def overview_json(
         elif out.is_map:
             entry["maps"] = [
                 {
-                    "image": png_data_url(normalize_map(v)),
+                    "image": data_uri(normalize_map(v)),
                     "min": float(v.min()),
                     "max": float(v.max()),
                 }
@@ -119,12 +118,12 @@ def overview_json(
         elif out.values.size <= MAX_VECTOR:
             entry["values"] = out.values.tolist()
         elif not grey:
-            entry["strip"] = png_data_url(vector_strip(out.values))
+            entry["strip"] = data_uri(vector_strip(out.values))
         layers.append(entry)
     classes = list(classes)
     best = int(np.argmax(probs))
     return {
-        "input": input_url or png_data_url(pixels),
+        "input": input_url or data_uri(pixels),
         "input_shape": list(model.in_shape),
         "classes": classes,
         "class": classes[best],
@@ -208,7 +207,7 @@ def validation_samples(run_dir: Path, classifier: Classifier, per_class: int) ->
     for label in range(len(meta.classes)):
         for i in np.flatnonzero(split.labels == label)[:per_class]:
             samples.append({"index": int(i), "label": meta.classes[label],
-                            "image": png_data_url(np.asarray(split.images[int(i)]))})  # fmt: skip
+                            "image": data_uri(np.asarray(split.images[int(i)]))})  # fmt: skip
     return {"folder": str(folder), "split": "val", "total": len(split), "samples": samples}
 
 

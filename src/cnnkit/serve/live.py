@@ -36,9 +36,9 @@ from fastapi.staticfiles import StaticFiles
 from cnnkit.data.dataset import PreparedData
 from cnnkit.data.images import to_model_input
 from cnnkit.inspection.maps import LayerOutput, layer_outputs
+from cnnkit.inspection.render import data_uri
 from cnnkit.models.network import Network
 from cnnkit.serve.app import SecurityHeaders, ServeSettings, web_dir
-from cnnkit.serve.explain import png_data_url
 from cnnkit.serve.explore import overview_json
 from cnnkit.serve.runner import background_server, check_address
 
@@ -157,7 +157,7 @@ class LiveBoard:
 
     def _input_url(self, pixels: np.ndarray) -> str:
         if self._input is None:  # the image is fixed: its PNG is made once
-            self._input = png_data_url(pixels)
+            self._input = data_uri(pixels)
         return self._input
 
     def state(self) -> dict[str, Any]:

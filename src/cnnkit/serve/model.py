@@ -1,9 +1,10 @@
 """The one model a server answers with: loaded once at start, never because of a request.
 
-``ServedModel`` wraps a run directory's ``Classifier`` or an exported ``OnnxClassifier``
-(same interface) and adds what the HTTP layer needs: a description for ``GET /model``, a
-warm-up, timed batch prediction on already-opened images, and explanations (feature maps and
-Grad-CAM, run directories only: an ONNX file has no PyTorch network to look inside).
+``ServedModel`` wraps a run directory's ``Classifier`` or an exported ``OnnxClassifier`` or
+``Pt2Classifier`` (all three ``Predictor``s) and adds what the HTTP layer needs: a
+description for ``GET /model``, a warm-up, timed batch prediction on already-opened images,
+and explanations (feature maps and Grad-CAM, run directories only: an exported file has no
+PyTorch network to look inside).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from cnnkit.export.runtime import OnnxClassifier, Pt2Classifier, load_predictor
-from cnnkit.inference import Classifier
+from cnnkit.inference import Classifier, Predictor
 
 __all__ = ["BatchResult", "ServedModel"]
 
@@ -35,7 +36,7 @@ class BatchResult:
 class ServedModel:
     """A loaded classifier plus what a server needs to describe, warm up and explain it."""
 
-    def __init__(self, classifier: Classifier) -> None:
+    def __init__(self, classifier: Predictor) -> None:
         self.classifier = classifier
         exported = {OnnxClassifier: "onnx", Pt2Classifier: "pt2"}
         self.format = exported.get(type(classifier), "run directory")
@@ -52,7 +53,7 @@ class ServedModel:
     @property
     def can_explain(self) -> bool:
         """Feature maps and Grad-CAM need the PyTorch network of a run directory."""
-        return self.classifier.model is not None
+        return isinstance(self.classifier, Classifier)
 
     def info(self) -> dict[str, Any]:
         """What ``GET /model`` returns: classes, input, preprocessing and architecture."""
@@ -99,8 +100,8 @@ class ServedModel:
         """Feature maps layer by layer and the Grad-CAM overlay for one opened image."""
         from cnnkit.serve.explain import explain_image
 
-        model = self.classifier.model
-        if model is None:
+        classifier = self.classifier
+        if not isinstance(classifier, Classifier):
             raise RuntimeError("explain needs a run directory")  # callers check can_explain
-        pixels = self.classifier.preprocess(image)  # (S, S, C) uint8
-        return explain_image(model, self.classifier.meta, pixels, max_maps)
+        pixels = classifier.preprocess(image)  # (S, S, C) uint8
+        return explain_image(classifier.model, classifier.meta, pixels, max_maps)

@@ -35,6 +35,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from cnnkit.errors import CheckpointError, RunDirError, first_line
+from cnnkit.files import replace_folder
 from cnnkit.training.checkpoint_checks import state_problem
 
 __all__ = [
@@ -98,22 +99,6 @@ def _digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write(path: Path, data: bytes) -> None:
-    """Write ``data`` and flush it to disk; a full disk raises ``OSError`` here."""
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _why(exc: OSError) -> str:
     return exc.strerror or str(exc) or type(exc).__name__
 
@@ -165,20 +150,18 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, state: dict[str, Any]
     try:
         weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         blobs = {"model.safetensors": safetensors_bytes(weights)}
-        _write(tmp / "model.safetensors", blobs["model.safetensors"])
+        (tmp / "model.safetensors").write_bytes(blobs["model.safetensors"])
         _fault("checkpoint-write")
         buffer = io.BytesIO()
         torch.save(state, buffer)
         blobs["state.pt"] = buffer.getvalue()
-        _write(tmp / "state.pt", blobs["state.pt"])
+        (tmp / "state.pt").write_bytes(blobs["state.pt"])
         manifest = {
             name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
             for name, data in blobs.items()
         }
-        _write(tmp / "manifest.json", json.dumps(manifest).encode())
-        _fsync(tmp)  # the three names inside the folder, before the folder gets its name
-        os.replace(tmp, final)
-        _fsync(folder)
+        (tmp / "manifest.json").write_bytes(json.dumps(manifest).encode())
+        replace_folder(tmp, final)  # the three files on disk before the folder gets its name
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise RunDirError(

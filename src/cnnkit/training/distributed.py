@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from cnnkit.errors import CnnkitError, ConfigError
+from cnnkit.threads import allowed_cpus
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -228,13 +229,6 @@ def shard_batches(order: torch.Tensor, global_batch: int, rank: int, world: int)
     return batches[:, rank, :].contiguous()
 
 
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        return os.cpu_count() or 1
-
-
 def launch_torchrun(nproc: int, argv: list[str]) -> int:
     """Run ``cnnkit <argv>`` under torchrun with ``nproc`` local processes; its exit code."""
     import subprocess
@@ -253,5 +247,5 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
     ]
     env = dict(os.environ)
     # Each process gets its share of the cores it may run on, instead of all of them each.
-    env.setdefault("OMP_NUM_THREADS", str(max(1, _usable_cores() // nproc)))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, len(allowed_cpus()) // nproc)))
     return subprocess.call(cmd, env=env)

@@ -26,8 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 import zipfile
 from dataclasses import dataclass
@@ -39,6 +37,8 @@ import torch
 from cnnkit.data.cache import file_stamp
 from cnnkit.data.dataset import ImageArray
 from cnnkit.data.images import to_model_input
+from cnnkit.errors import RunDirError
+from cnnkit.files import atomic_write
 from cnnkit.models.fold import FastNetwork, inference_copy
 from cnnkit.models.network import Network
 
@@ -165,21 +165,18 @@ def _read(path: Path, dim: int) -> tuple[torch.Tensor, list[str]]:
 
 
 def _write(path: Path, features: torch.Tensor, stamps: list[str]) -> None:
-    """Replace the store at ``path`` whole (a temporary file renamed into place). A cache
-    that cannot be written costs the next run the same computation, nothing else."""
+    """Replace the store at ``path`` whole (``atomic_write``). A cache that cannot be written
+    costs the next run the same computation, nothing else."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a name
+            encoded = np.array([s.encode("utf-8", "surrogateescape") for s in stamps])
+            np.savez(f, stamps=encoded, features=features.numpy())
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".", suffix=".npz", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                encoded = np.array([s.encode("utf-8", "surrogateescape") for s in stamps])
-                np.savez(f, stamps=encoded, features=features.numpy())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    except OSError as exc:
-        log.warning("cannot write the feature cache in %s: %s", path.parent, exc.strerror or exc)
+        atomic_write(path, write)
+    except RunDirError as exc:
+        log.warning("the feature cache is not saved: %s", exc)
 
 
 def cached_features(

@@ -31,7 +31,8 @@ from torch import nn
 from cnnkit.config import RunConfig, TrainConfig, load_yaml
 from cnnkit.data.dataset import PreparedData
 from cnnkit.errors import CnnkitError, RunDirError
-from cnnkit.model_io import atomic_write, save_model
+from cnnkit.files import atomic_write
+from cnnkit.model_io import save_model
 from cnnkit.runtime import autocast
 from cnnkit.threads import fit_threads
 from cnnkit.training import checkpoints as ckpt

@@ -21,8 +21,8 @@ from cnnkit.config import RunConfig, channel_count
 from cnnkit.data.dataset import PreparedData
 from cnnkit.data.folder import SPLIT_COLUMNS, SPLIT_FILE
 from cnnkit.errors import ConfigError
-from cnnkit.files import list_names
-from cnnkit.model_io import ModelMeta, atomic_write
+from cnnkit.files import atomic_write, list_names
+from cnnkit.model_io import ModelMeta
 from cnnkit.plots import plot_curves
 
 __all__ = [
