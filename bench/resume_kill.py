@@ -4,7 +4,7 @@ Runs ``cnnkit train`` (CPU, ``--deterministic``, a checkpoint every step) on a t
 shapes folder twice: once without interruption (the reference), once as a chain of processes
 each killed with SIGKILL and continued with ``cnnkit train --resume RUN``. Each kill is one of:
 
-- ``write``: inside a checkpoint write, through the test hook ``CNNKIT_FAULT=checkpoint-write:N``
+- ``write``: inside a checkpoint write, run through ``tests/faults.py checkpoint-write:N``
   (the process kills itself between the weights file and the state file of its N-th write);
 - ``early``: at a random moment before the process wrote a checkpoint (imports, data
   preparation, loading the checkpoint, the first steps), or right after its first one;
@@ -27,11 +27,12 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
 
-from benchlib import BENCH_DIR, cnnkit_command, emit, fresh_dir, log, machine, shapes_folder
+from benchlib import BENCH_DIR, REPO, cnnkit_command, emit, fresh_dir, log, machine, shapes_folder
 
 
 def newest(run: Path) -> int:
@@ -97,15 +98,15 @@ def main() -> None:
         "--checkpoint-every", "1", "--deterministic", "--precision", "fp32", "--device", "cpu",
         "--quiet",
     ]  # fmt: skip
-    first = [*cnnkit_command(), "train", str(data), "--out", str(run), *options]
-    resume = [*cnnkit_command(), "train", "--resume", str(run), "--quiet"]
+    cnnkit = cnnkit_command()
+    first = [*cnnkit, "train", str(data), "--out", str(run), *options]
+    resume = [*cnnkit, "train", "--resume", str(run), "--quiet"]
     core = min(os.sched_getaffinity(0))
 
     def start_process(cmd: list[str], cache: str, fault: str | None = None) -> subprocess.Popen:
         env = {**os.environ, "CNNKIT_CACHE_DIR": str(BENCH_DIR / cache), "MPLBACKEND": "Agg"}
-        env.pop("CNNKIT_FAULT", None)
-        if fault:
-            env["CNNKIT_FAULT"] = fault
+        if fault:  # the same arguments, through tests/faults.py (python, not the cnnkit script)
+            cmd = [sys.executable, str(REPO / "tests" / "faults.py"), fault, *cmd[len(cnnkit) :]]
         pin = (lambda: os.sched_setaffinity(0, {core})) if args.one_core else None
         return subprocess.Popen(
             cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+import faults
 from cnnkit.data.shapes import generate_shapes
 from cnnkit.errors import CnnkitError, ConfigError
 from cnnkit.evaluation import evaluate
@@ -55,7 +56,7 @@ LAUNCH_TIMEOUT_S = 240  # a hang fails the test instead of stalling the suite
 
 
 def _env(tmp: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CNNKIT_FAULT", "WORLD_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WORLD_")}
     for key in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     env.update(
@@ -201,7 +202,8 @@ def jobs(
     jobs.start("world", _torchrun(3, str(tiny), "--out", str(jobs.run_dir("world")), *small))
     # Rank 1 fails at the end of epoch 1, while rank 0 waits for it in an all-reduce.
     fault = [str(shapes), "--out", str(jobs.run_dir("fault")), *small, "--epochs", "2"]
-    jobs.start("fault", _torchrun(2, *fault, "--batch-size", "16"), CNNKIT_FAULT_RANK="1")
+    failing = [*TORCHRUN, "--nproc-per-node=2", str(faults.FAULTS), "rank-fails:1", "train"]
+    jobs.start("fault", [*failing, *fault, "--batch-size", "16"])
     yield jobs
     jobs.stop_all()
 
@@ -456,7 +458,7 @@ def test_a_failing_rank_ends_the_whole_job(jobs: Jobs) -> None:
     """
     proc = jobs.result("fault")
     assert proc.returncode != 0
-    assert "RuntimeError: CNNKIT_FAULT_RANK: simulated failure on rank 1" in proc.stderr
+    assert "RuntimeError: simulated failure on rank 1" in proc.stderr
     # Rank 0 says in one line why it stopped (unless torchrun stopped it first), no traceback.
     assert "[rank0]: Traceback" not in proc.stderr
     assert "best validation accuracy" not in proc.stdout  # rank 0 never finished

@@ -1,8 +1,8 @@
 """Never lose work: kill a run anywhere, resume it, and end with bit-identical weights.
 
 The kill-and-resume test drives the real CLI in subprocesses on a tiny generated data set
-(CPU, ``--deterministic``): one kill inside a checkpoint write (through the
-``CNNKIT_FAULT`` test hook), one SIGKILL at a random moment, then SIGTERM and SIGINT, each
+(CPU, ``--deterministic``): one kill inside a checkpoint write (``tests/faults.py``), one
+SIGKILL at a random moment, then SIGTERM and SIGINT, each
 followed by ``--resume``. An uninterrupted run trains beside it; the final weights, the last
 checkpoint and the metrics must match exactly. The other tests resume in-process.
 """
@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+import faults
 from cnnkit.cli import app
 from cnnkit.config import AugmentConfig, DataConfig, RunConfig, TrainConfig
 from cnnkit.data.shapes import generate_shapes
@@ -82,7 +83,6 @@ class Cli:
 
     def __init__(self, cache: Path, core: int | None) -> None:
         self.env = {**os.environ, "CNNKIT_CACHE_DIR": str(cache), "MPLBACKEND": "Agg"}
-        self.env.pop("CNNKIT_FAULT", None)
         self.core = core
 
     def _pin(self) -> None:
@@ -90,10 +90,10 @@ class Cli:
             os.sched_setaffinity(0, {self.core})
 
     def start(self, *args: str, fault: str | None = None) -> subprocess.Popen[str]:
-        env = {**self.env, "CNNKIT_FAULT": fault} if fault else self.env
+        cmd = faults.command(fault, *args) if fault else [sys.executable, "-m", "cnnkit", *args]
         return subprocess.Popen(
-            [sys.executable, "-m", "cnnkit", *args],
-            env=env,
+            cmd,
+            env=self.env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

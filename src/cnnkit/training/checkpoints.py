@@ -20,10 +20,8 @@ import hashlib
 import io
 import json
 import logging
-import os
 import random
 import shutil
-import signal
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -103,16 +101,10 @@ def _why(exc: OSError) -> str:
     return exc.strerror or str(exc) or type(exc).__name__
 
 
-def _fault(point: str) -> None:
-    """Test hook: ``CNNKIT_FAULT=<point>:<n>`` kills this process the n-th time it passes."""
-    spec = os.environ.get("CNNKIT_FAULT", "")
-    name, _, count = spec.partition(":")
-    if name != point:
-        return
-    left = int(count or "1") - 1
-    os.environ["CNNKIT_FAULT"] = f"{name}:{left}"
-    if left <= 0:
-        os.kill(os.getpid(), signal.SIGKILL)
+def _write_file(path: Path, data: bytes) -> None:
+    """One file of a checkpoint being built (``replace_folder`` syncs them all). A crash
+    between two of them leaves a folder without a manifest, which loading never trusts."""
+    path.write_bytes(data)
 
 
 def _sequence(path: Path) -> int:
@@ -149,18 +141,16 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, state: dict[str, Any]
         raise RunDirError(f"cannot write a checkpoint in {folder}: {_why(exc)}") from None
     try:
         weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        blobs = {"model.safetensors": safetensors_bytes(weights)}
-        (tmp / "model.safetensors").write_bytes(blobs["model.safetensors"])
-        _fault("checkpoint-write")
         buffer = io.BytesIO()
         torch.save(state, buffer)
-        blobs["state.pt"] = buffer.getvalue()
-        (tmp / "state.pt").write_bytes(blobs["state.pt"])
+        blobs = {"model.safetensors": safetensors_bytes(weights), "state.pt": buffer.getvalue()}
         manifest = {
             name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
             for name, data in blobs.items()
         }
-        (tmp / "manifest.json").write_bytes(json.dumps(manifest).encode())
+        blobs["manifest.json"] = json.dumps(manifest).encode()
+        for name, data in blobs.items():  # in this order: the manifest last
+            _write_file(tmp / name, data)
         replace_folder(tmp, final)  # the three files on disk before the folder gets its name
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)

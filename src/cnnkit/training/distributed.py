@@ -181,11 +181,6 @@ def all_sum(info: DistInfo, values: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over all ranks (returned; the input is left as it was)."""
     if not info.enabled:
         return values
-    # Test hook: ``CNNKIT_FAULT_RANK=<rank>`` makes that rank fail here, at the end of the
-    # first epoch, while the other ranks already wait in the all-reduce: the case where a
-    # survivor could hang if nothing tore the job down.
-    if os.environ.get("CNNKIT_FAULT_RANK") == str(info.rank):
-        raise RuntimeError(f"CNNKIT_FAULT_RANK: simulated failure on rank {info.rank}")
     out = values.clone()
     with _waiting_for_others(info, "summing figures over the processes"):
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
