@@ -232,7 +232,8 @@ def test_an_interrupted_fine_tune_resumes_bit_identical(
     run: Path, tmp_path: Path, single_thread: None
 ) -> None:
     from cnnkit.config import RunConfig, load_yaml
-    from cnnkit.training.loop import TrainingInterrupted, train
+    from cnnkit.errors import TrainingInterrupted
+    from cnnkit.training.loop import train
 
     saved = load_yaml(run / "config.yaml")
     saved["train"].update(deterministic=True, checkpoint_every=2, weights_sha256=None)

@@ -21,12 +21,12 @@ from safetensors.torch import load_file
 
 from cnnkit.config import AugmentConfig, DataConfig, Overrides, RunConfig, TrainConfig
 from cnnkit.data.shapes import generate_shapes
-from cnnkit.errors import ConfigError
+from cnnkit.errors import ConfigError, TrainingInterrupted
 from cnnkit.evaluation import evaluate
 from cnnkit.models.registry import build_network, load_model_spec
 from cnnkit.training import checkpoints as ckpt
 from cnnkit.training import optim
-from cnnkit.training.loop import TrainingInterrupted, train
+from cnnkit.training.loop import train
 from cnnkit.training.phases import Phases, make_optimizer, make_schedule
 from cnnkit.training.plan import settings
 from interrupt import interrupt_at

@@ -29,6 +29,7 @@ from cnnkit.errors import (
     ImageError,
     OutputError,
     RunDirError,
+    TrainingInterrupted,
 )
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ __all__ = [
     "ImageError",
     "OutputError",
     "RunDirError",
+    "TrainingInterrupted",
     "__version__",
     "evaluate",
     "explain_conv",

@@ -57,7 +57,7 @@ def array_image(image: np.ndarray) -> Image.Image:
         image = image[:, :, None]
     if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
         raise ImageError(
-            f"array of shape {image.shape}: expected (H, W), (H, W, 1), (H, W, 3) or (H, W, 4)"
+            f"array of shape {image.shape}", "expected (H, W), (H, W, 1), (H, W, 3) or (H, W, 4)"
         )
     if image.dtype == np.uint8:
         arr = image

@@ -23,7 +23,7 @@ from typer.core import TyperGroup
 import cnnkit
 from cnnkit.config import AugmentConfig, DataConfig, RunConfig, TrainConfig
 from cnnkit.console import console, setup_logging
-from cnnkit.errors import CnnkitError
+from cnnkit.errors import CnnkitError, TrainingInterrupted, display_path
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -135,6 +135,48 @@ def _root(
     """Train, understand and ship CNN image classifiers."""
 
 
+# The flags that set what library errors name (``CnnkitError.setting``, and the settings a
+# message advises, with the value to pass): an error reads as the user typed the command.
+FLAGS = {
+    "channels": "--channels",
+    "class_name": "--class",
+    "classes": "--classes",
+    "data.strict": "--strict",
+    "feature_map": "--map",
+    "force=True": "--force",
+    "host": "--host",
+    "image": "--image",
+    "image_size": "--image-size",
+    "kernel": "--kernel",
+    "layers": "--layers",
+    "model": "--model",
+    "nproc": "--nproc",
+    "opset": "--opset",
+    "out": "--out",
+    "overwrite": "--overwrite",
+    "overwrite=True": "--overwrite",
+    "pad_value": "--pad-value",
+    "padding": "--padding",
+    "port": "--port",
+    "resume=True": "--resume",
+    "size": "--size",
+    "stride": "--stride",
+    "train.batch_size": "--batch-size",
+    "train.device=cpu": "--device cpu",
+    "train.weights": "--weights",
+}
+
+
+def error_line(exc: CnnkitError) -> str:
+    """``error: ...`` for a cnnkit error, its settings named by their flags."""
+    if isinstance(exc, TrainingInterrupted):  # the command that continues the run
+        return (
+            f"error: interrupted by {exc.signal}; checkpoint saved, continue with: "
+            f"cnnkit train --resume {display_path(exc.path or '')}"
+        )
+    return f"error: {exc.words(FLAGS)}"
+
+
 def one_line_errors(fn: F) -> F:
     """Turn cnnkit's own errors into ``error: ...`` and exit 1, without a traceback."""
 
@@ -144,7 +186,7 @@ def one_line_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except CnnkitError as exc:
-            console.print(f"error: {exc}", markup=False, soft_wrap=True)
+            console.print(error_line(exc), markup=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             console.print("interrupted", markup=False)

@@ -84,15 +84,19 @@ NOT_REGULAR = {
 }
 
 
-def _regular_file(name: str, st: os.stat_result) -> None:
+def _regular_file(path: str | Path, name: str, st: os.stat_result) -> None:
     if not stat.S_ISREG(st.st_mode):
         kind = NOT_REGULAR.get(stat.S_IFMT(st.st_mode))
-        raise ImageError(f"{name}: not a file" + (f" ({kind})" if kind else ""))
+        raise ImageError(name, "not a file" + (f" ({kind})" if kind else ""), path=path)
     if st.st_size == 0:
-        raise ImageError(f"{name}: empty file (0 bytes)")
+        raise ImageError(name, "empty file (0 bytes)", path=path)
     if st.st_size > MAX_FILE_BYTES:
         raise ImageTooLarge(
-            f"{name}: refused, {st.st_size:,} bytes is more than {MAX_FILE_BYTES:,} for one image"
+            name,
+            f"refused, {st.st_size:,} bytes is more than {MAX_FILE_BYTES:,} for one image",
+            path=path,
+            value=st.st_size,
+            limit=MAX_FILE_BYTES,
         )
 
 
@@ -107,31 +111,37 @@ def read_image_file(path: str | Path) -> bytes:
     name = display_path(path)
     try:
         try:  # one stat call before opening: this runs once per image of a data set
-            _regular_file(name, os.stat(path))
+            _regular_file(path, name, os.stat(path))
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError):
-            raise ImageError(f"{name}: file not found") from None
+            raise ImageError(name, "file not found", path=path) from None
         except OSError as exc:
             if exc.errno != errno.ELOOP:
                 raise
-            raise ImageError(f"{name}: file not found") from None
+            raise ImageError(name, "file not found", path=path) from None
         with os.fdopen(fd, "rb") as f:
-            _regular_file(name, os.fstat(f.fileno()))
+            _regular_file(path, name, os.fstat(f.fileno()))
             data = f.read(MAX_FILE_BYTES + 1)
     except ImageError:
         raise
     except PermissionError:
-        raise ImageError(f"{name}: permission denied") from None
+        raise ImageError(name, "permission denied", path=path) from None
     except OSError as exc:
-        raise ImageError(f"{name}: unreadable ({exc.strerror or _reason(exc)})") from None
+        reason = f"unreadable ({exc.strerror or _reason(exc)})"
+        raise ImageError(name, reason, path=path) from None
     if len(data) > MAX_FILE_BYTES:
-        raise ImageTooLarge(f"{name}: refused, more than {MAX_FILE_BYTES:,} bytes for one image")
+        raise ImageTooLarge(
+            name,
+            f"refused, more than {MAX_FILE_BYTES:,} bytes for one image",
+            path=path,
+            limit=MAX_FILE_BYTES,
+        )
     if not data:
-        raise ImageError(f"{name}: empty file (0 bytes)")
+        raise ImageError(name, "empty file (0 bytes)", path=path)
     return data
 
 
-def _check_decode_work(name: str, image: Image.Image, data: bytes) -> None:
+def _check_decode_work(name: str, image: Image.Image, data: bytes, path: str | Path | None) -> None:
     """Refuse a JPEG whose scans would take too long to decode (see ``MAX_SCAN_WORK``)."""
     if image.format != "JPEG":
         return
@@ -139,13 +149,21 @@ def _check_decode_work(name: str, image: Image.Image, data: bytes) -> None:
     pixels = image.size[0] * image.size[1]
     if scans > MAX_JPEG_SCANS:
         raise ImageTooLarge(
-            f"{name}: refused, a JPEG with more than {MAX_JPEG_SCANS} scans (a normal one has "
-            "under 20): decoding it would take too long"
+            name,
+            f"refused, a JPEG with more than {MAX_JPEG_SCANS} scans (a normal one has under "
+            "20): decoding it would take too long",
+            path=path,
+            value=scans,
+            limit=MAX_JPEG_SCANS,
         )
     if pixels * scans > MAX_SCAN_WORK:
         raise ImageTooLarge(
-            f"{name}: refused, {image.size[0]}x{image.size[1]} pixels in {scans} JPEG scans is "
-            f"more decode work than {MAX_SCAN_WORK:,} pixel-scans"
+            name,
+            f"refused, {image.size[0]}x{image.size[1]} pixels in {scans} JPEG scans is more "
+            f"decode work than {MAX_SCAN_WORK:,} pixel-scans",
+            path=path,
+            value=pixels * scans,
+            limit=MAX_SCAN_WORK,
         )
 
 
@@ -154,12 +172,13 @@ def open_image(source: Source, name: str | None = None) -> Image.Image:
     pixels not yet read. A path is read into memory first (``read_image_file``). Errors
     name the file as ``name`` when given (bytes read from a file elsewhere)."""
     name = name or _name(source)
+    path = source if isinstance(source, str | Path) else None
     try:
-        if isinstance(source, str | Path):
-            source = read_image_file(source)
+        if path is not None:
+            source = read_image_file(path)
         if isinstance(source, bytes):
             if not source:
-                raise ImageError(f"{name}: empty (0 bytes)")
+                raise ImageError(name, "empty (0 bytes)")
             fp: BinaryIO = io.BytesIO(source)
         else:
             fp = source
@@ -169,36 +188,41 @@ def open_image(source: Source, name: str | None = None) -> Image.Image:
     except ImageError:
         raise
     except UnidentifiedImageError:
-        raise ImageError(
-            f"{name}: not an image in a supported format ({', '.join(ALLOWED_FORMATS)})"
-        ) from None
+        formats = ", ".join(ALLOWED_FORMATS)
+        reason = f"not an image in a supported format ({formats})"
+        raise ImageError(name, reason, path=path) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageTooLarge(
-            f"{name}: refused, more than {MAX_PIXELS:,} pixels (decompression bomb)"
-        ) from None
+        reason = f"refused, more than {MAX_PIXELS:,} pixels (decompression bomb)"
+        raise ImageTooLarge(name, reason, path=path, limit=MAX_PIXELS) from None
     except (OSError, ValueError, SyntaxError) as exc:
-        raise ImageError(f"{name}: unreadable ({_reason(exc)})") from None
+        raise ImageError(name, f"unreadable ({_reason(exc)})", path=path) from None
     width, height = image.size
     if width < 1 or height < 1:
-        raise ImageError(f"{name}: has no pixels ({width}x{height})")
+        raise ImageError(name, f"has no pixels ({width}x{height})", path=path)
     if width * height > MAX_PIXELS:
         raise ImageTooLarge(
-            f"{name}: refused, {width}x{height} is more than {MAX_PIXELS:,} pixels "
-            "(decompression bomb)"
+            name,
+            f"refused, {width}x{height} is more than {MAX_PIXELS:,} pixels (decompression bomb)",
+            path=path,
+            value=width * height,
+            limit=MAX_PIXELS,
         )
     if max(width, height) > MAX_SIDE:
         raise ImageTooLarge(
-            f"{name}: refused, {width}x{height} has a side over {MAX_SIDE:,} pixels "
-            "(decompression bomb)"
+            name,
+            f"refused, {width}x{height} has a side over {MAX_SIDE:,} pixels (decompression bomb)",
+            path=path,
+            value=max(width, height),
+            limit=MAX_SIDE,
         )
     if isinstance(source, bytes):
-        _check_decode_work(name, image, source)
+        _check_decode_work(name, image, source, path)
     elif image.format == "JPEG":  # an open file: the whole of it is needed to count scans
         position = fp.tell()
         fp.seek(0)
         data = fp.read(MAX_FILE_BYTES + 1)
         fp.seek(position)
-        _check_decode_work(name, image, data)
+        _check_decode_work(name, image, data, path)
     return image
 
 
@@ -299,6 +323,7 @@ def decode_image(
     """``load_image``'s array and the mode the image was stored in (``"L"``, ``"RGB"``, ...),
     from one opening of the file: the decode cache tells greyscale data sets by it."""
     name = _name(source) if not isinstance(source, Image.Image) else "<PIL image>"
+    path = source if isinstance(source, str | Path) else None
     image = source if isinstance(source, Image.Image) else open_image(source)
     stored = image.mode
     try:
@@ -319,9 +344,10 @@ def decode_image(
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageTooLarge(f"{name}: refused, too many pixels (decompression bomb)") from None
+        reason = "refused, too many pixels (decompression bomb)"
+        raise ImageTooLarge(name, reason, path=path, limit=MAX_PIXELS) from None
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
-        raise ImageError(f"{name}: unreadable ({_reason(exc)})") from None
+        raise ImageError(name, f"unreadable ({_reason(exc)})", path=path) from None
     if arr.ndim == 2:
         arr = arr[:, :, None]
     return np.ascontiguousarray(arr), stored

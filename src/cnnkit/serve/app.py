@@ -234,7 +234,7 @@ def create_app(
                 504, f"inference timed out after {settings.timeout_s:g}s", busy_headers
             ) from None
         except ImageError as exc:
-            raise ApiError(error_status(exc), str(exc).removeprefix("<PIL image>: ")) from None
+            raise ApiError(error_status(exc), exc.reason) from None
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:

@@ -35,6 +35,7 @@ from fastapi.staticfiles import StaticFiles
 
 from cnnkit.data.dataset import PreparedData
 from cnnkit.data.images import to_model_input
+from cnnkit.errors import TrainingInterrupted
 from cnnkit.inspection.maps import LayerOutput, layer_outputs
 from cnnkit.inspection.render import data_uri
 from cnnkit.models.network import Network
@@ -266,6 +267,9 @@ def watch_training(
             yield board
         except KeyboardInterrupt:
             board.finish("Training stopped: interrupted (Ctrl-C).")
+            raise
+        except TrainingInterrupted as exc:  # how to resume: where the run was started
+            board.finish(f"Training stopped: interrupted by {exc.signal}; checkpoint saved.")
             raise
         except BaseException as exc:
             board.finish(f"Training stopped: {exc or type(exc).__name__}")

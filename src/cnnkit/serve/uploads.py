@@ -151,9 +151,8 @@ async def _multipart_files(
 def _open(data: bytes, name: str, limits: UploadLimits) -> Upload:
     try:
         image = open_image(data)  # header only: format allowed, size within MAX_PIXELS
-    except ImageError as exc:
-        reason = str(exc).removeprefix("<image bytes>: ")
-        raise ApiError(error_status(exc), f"{name}: {reason}") from None
+    except ImageError as exc:  # named as the client named the upload
+        raise ApiError(error_status(exc), f"{name}: {exc.reason}") from None
     width, height = image.size
     if width * height > limits.max_pixels:
         raise ApiError(

@@ -30,7 +30,7 @@ from torch import nn
 
 from cnnkit.config import RunConfig, TrainConfig, load_yaml
 from cnnkit.data.dataset import PreparedData
-from cnnkit.errors import CnnkitError, RunDirError
+from cnnkit.errors import RunDirError, TrainingInterrupted
 from cnnkit.files import atomic_write
 from cnnkit.model_io import save_model
 from cnnkit.runtime import autocast
@@ -58,13 +58,9 @@ from cnnkit.training.session import Clock, EpochBar, EpochHook, Meter, stop_on_s
 from cnnkit.training.setup import Model, Session, build_model, load_data, setup
 from cnnkit.training.stages import Stage, build_stage
 
-__all__ = ["TrainResult", "TrainingInterrupted", "train"]
+__all__ = ["TrainResult", "train"]
 
 log = logging.getLogger("cnnkit")
-
-
-class TrainingInterrupted(CnnkitError):
-    """SIGINT or SIGTERM arrived; a checkpoint was saved and the run can be resumed."""
 
 
 def train(
@@ -249,10 +245,7 @@ def _epochs(r: Run, p: Progress, clock: Clock, progress: bool) -> torch.Tensor |
                     best_logits = logits
             _checkpoint(r, p, clock)
             if signals:  # (one that arrives after the last checkpoint lets the run finish)
-                raise TrainingInterrupted(
-                    f"interrupted by {signal.Signals(signals[0]).name}; checkpoint saved, "
-                    f"continue with: cnnkit train --resume {r.s.out}"
-                )
+                raise TrainingInterrupted(signal.Signals(signals[0]).name, r.s.out)
     return best_logits
 
 
