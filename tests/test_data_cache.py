@@ -134,7 +134,7 @@ def test_strict_makes_bad_files_an_error(small_set: Path) -> None:
     with pytest.raises(DataError) as info:
         prepare_data(DataConfig(path=str(small_set), strict=True), SIZE)
     message = str(info.value)
-    assert message.startswith(f"{len(expected)} unreadable image(s) with --strict, first: ")
+    assert message.startswith(f"{len(expected)} unreadable image(s) with data.strict, first: ")
     first = message.split("first: ", 1)[1]
     assert any(first.startswith(reason) for reason in expected.values()), first
 
@@ -142,7 +142,7 @@ def test_strict_makes_bad_files_an_error(small_set: Path) -> None:
 def test_strict_also_fails_on_a_cached_set(small_set: Path) -> None:
     _add_bad_files(small_set)
     prepare_data(DataConfig(path=str(small_set)), SIZE)  # caches, skipping the bad files
-    with pytest.raises(DataError, match="with --strict"):
+    with pytest.raises(DataError, match=r"with data\.strict"):
         prepare_data(DataConfig(path=str(small_set), strict=True), SIZE)
 
 

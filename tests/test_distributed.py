@@ -355,7 +355,7 @@ def test_launch_torchrun_command(monkeypatch: pytest.MonkeyPatch) -> None:
         "RUN",
     ]
     assert env["OMP_NUM_THREADS"] == str(max(1, len(os.sched_getaffinity(0)) // 2))
-    with pytest.raises(ConfigError, match="--nproc: expected a positive integer, got 0"):
+    with pytest.raises(ConfigError, match=r"^nproc: expected a positive integer, got 0$"):
         ddp.launch_torchrun(0, [])
 
 

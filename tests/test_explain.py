@@ -212,15 +212,15 @@ def test_missing_file_and_bad_settings(tmp_path: Path) -> None:
     cases = [
         (
             lambda: explain_conv([[1, 2], [3, 4]]),
-            "--kernel: the 3x3 kernel is larger than the 2x2 image",
+            "kernel: the 3x3 kernel is larger than the 2x2 image",
         ),
-        (lambda: explain_conv(stride=0), "--stride: expected a positive integer, got 0"),
-        (lambda: explain_conv(padding="same"), "--padding: expected border or zero, got 'same'"),
+        (lambda: explain_conv(stride=0), "stride: expected a positive integer, got 0"),
+        (lambda: explain_conv(padding="same"), "padding: expected border or zero, got 'same'"),
         (
             lambda: explain_pool(np.ones((3, 3)), size=4),
-            "--size: the 4x4 window is larger than the 3x3 map",
+            "size: the 4x4 window is larger than the 3x3 map",
         ),
-        (lambda: explain_pool(stride=-1), "--stride: expected a positive integer, got -1"),
+        (lambda: explain_pool(stride=-1), "stride: expected a positive integer, got -1"),
     ]
     for call, message in cases:
         with pytest.raises(ConfigError) as info:

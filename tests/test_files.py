@@ -120,7 +120,7 @@ def test_write_file_refuses_a_users_file_and_replaces_its_own(tmp_path: Path) ->
         write_file(mine, lambda p: p.write_text("report"), overwrite=False)
     assert str(info.value) == (
         f"{mine} exists and cnnkit did not write it; choose another name, or pass "
-        "--overwrite to replace it"
+        "overwrite=True to replace it"
     )
     assert mine.read_text() == "my notes"
     write_file(mine, lambda p: p.write_text("report 1"), overwrite=True)
@@ -183,7 +183,7 @@ def test_write_folder_refuses_a_users_folder_and_overwrite_deletes_nothing(
         write_folder(out, _fill(["index.html"]), overwrite=False)
     assert str(info.value) == (
         f"{out} holds files cnnkit did not write (circle/, index.html); choose another "
-        "folder, or pass --overwrite to write into it (only the files cnnkit writes are "
+        "folder, or pass overwrite=True to write into it (only the files cnnkit writes are "
         "replaced)"
     )
     assert (out / "index.html").read_text() == "mine too"

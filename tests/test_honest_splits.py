@@ -147,7 +147,7 @@ def test_a_given_split_names_shared_images_and_strict_refuses_them(
     assert "train/circle/circle_00001.png = val/circle/leak.png" in caplog.text
     assert [Path(p).name for p in data.held_back.paths].count("leak.png") == 1
     with pytest.raises(
-        DataError, match=r"3 group\(s\) of identical images lie in .* --strict refuses"
+        DataError, match=r"3 group\(s\) of identical images lie in .* data.strict refuses"
     ):
         prepare_data(DataConfig(path=str(root), strict=True), 16)
 

@@ -163,7 +163,7 @@ def test_training_data_skips_bombs_with_a_warning(
 
 
 def test_training_data_with_strict_refuses_bombs(data_with_bombs: Path) -> None:
-    with pytest.raises(DataError, match=r"2 unreadable image\(s\) with --strict, first: .*bomb"):
+    with pytest.raises(DataError, match=r"2 unreadable image\(s\) with data.strict, first: .*bomb"):
         prepare_data(DataConfig(path=str(data_with_bombs), image_size=16, strict=True), 16)
 
 

@@ -139,11 +139,11 @@ def test_layers_and_class_options(trained_run, shapes_dir: Path, tmp_path: Path)
     assert not (tmp_path / "maps_maxpool1.png").exists()
     with pytest.raises(ConfigError) as info:
         inspect_image(run_dir, image, tmp_path, layers=["conv9"])
-    assert str(info.value).startswith("--layers: unknown layer 'conv9', expected names from: conv1")
+    assert str(info.value).startswith("layers: unknown layer 'conv9', expected names from: conv1")
     with pytest.raises(ConfigError) as info:
         inspect_image(run_dir, image, tmp_path, class_name="hexagon")
     assert str(info.value) == (
-        "--class: unknown class 'hexagon', expected one of: circle, square, triangle"
+        "class_name: unknown class 'hexagon', expected one of: circle, square, triangle"
     )
 
 

@@ -616,9 +616,9 @@ def test_fast_preset_is_as_described() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"classes": 1}, "--classes: expected at least 2, got 1"),
-        ({"channels": 2}, "--channels: expected 1 or 3, got 2"),
-        ({"image_size": 2}, "--image-size: expected 4 to 1024 pixels, got 2"),
+        ({"classes": 1}, "classes: expected at least 2, got 1"),
+        ({"channels": 2}, "channels: expected 1 or 3, got 2"),
+        ({"image_size": 2}, "image_size: expected 4 to 1024 pixels, got 2"),
     ],
 )
 def test_summary_errors(kwargs: dict, message: str) -> None:

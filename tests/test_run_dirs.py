@@ -53,7 +53,7 @@ def test_a_run_directory_in_use_is_refused_naming_its_owner(
                 train(tiny_config(tiny_shapes, epochs=2), out, progress=False, **how)
             assert str(info.value) == (
                 f"{out} is in use by another training run (pid {os.getpid()} on "
-                f"{socket.gethostname()}); wait for it to finish or choose another --out"
+                f"{socket.gethostname()}); wait for it to finish or choose another out"
             )
     finally:
         running.release()
@@ -115,8 +115,8 @@ def test_overwrite_removes_exactly_what_the_earlier_run_wrote(
     with pytest.raises(RunDirError) as info:
         train(tiny_config(tiny_shapes, epochs=1), out, overwrite=True, progress=False)
     assert str(info.value) == (
-        f"--out {out} holds files cnnkit did not write: checkpoints/notes.txt, plots/; "
-        "move them away or choose another --out"
+        f"out {out} holds files cnnkit did not write: checkpoints/notes.txt, plots/; "
+        "move them away or choose another out"
     )
     (out / "checkpoints" / "notes.txt").unlink()
     (out / "plots").rmdir()
@@ -154,8 +154,8 @@ def test_overwrite_never_deletes_a_folder_that_only_looks_like_a_run(
     with pytest.raises(RunDirError) as info:
         train(tiny_config(tiny_shapes, epochs=1), out, overwrite=True, progress=False)
     assert str(info.value) == (
-        f"--out {out} holds files cnnkit did not write: checkpoints/, config.yaml (no "
-        ".cnnkit-manifest: cnnkit wrote nothing there); move them away or choose another --out"
+        f"out {out} holds files cnnkit did not write: checkpoints/, config.yaml (no "
+        ".cnnkit-manifest: cnnkit wrote nothing there); move them away or choose another out"
     )
     assert snapshot(out) == before
 

@@ -292,5 +292,5 @@ def test_loopback_addresses_are_not_warned_about(
 
 
 def test_an_unknown_host_is_one_error() -> None:
-    with pytest.raises(ConfigError, match=r"^--host: cannot resolve 'no-such-host\.invalid'"):
+    with pytest.raises(ConfigError, match=r"^host: cannot resolve 'no-such-host\.invalid'"):
         check_address("no-such-host.invalid", 8000)

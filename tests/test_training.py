@@ -254,12 +254,15 @@ def test_an_occupied_run_directory_is_refused(tiny_shapes: Path, tmp_path: Path)
     (out / "notes.txt").write_text("mine")
     with pytest.raises(RunDirError) as info:
         train(tiny_config(tiny_shapes), out, progress=False)
-    assert str(info.value).startswith(f"--out {out} already holds files; choose a new folder")
+    assert str(info.value) == (
+        f"out {out} already holds files; choose a new folder, pass overwrite=True, or "
+        "resume=True to continue it"
+    )
     with pytest.raises(RunDirError) as info:  # --overwrite deletes only what cnnkit wrote
         train(tiny_config(tiny_shapes), out, overwrite=True, progress=False)
     assert str(info.value) == (
-        f"--out {out} holds files cnnkit did not write: notes.txt (no .cnnkit-manifest: "
-        "cnnkit wrote nothing there); move them away or choose another --out"
+        f"out {out} holds files cnnkit did not write: notes.txt (no .cnnkit-manifest: "
+        "cnnkit wrote nothing there); move them away or choose another out"
     )
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
     assert (out / "notes.txt").read_text() == "mine"

@@ -201,7 +201,7 @@ def test_offline_fails_at_once_naming_the_url_and_the_way_round(
     message = str(info.value)
     assert "\n" not in message
     assert message.startswith(f"cannot download http://127.0.0.1:{port}/models/{name} (")
-    assert f"fetch that file elsewhere and pass it: --weights /path/to/{name}" in message
+    assert f"fetch that file elsewhere and pass it: train.weights /path/to/{name}" in message
 
 
 # ------------------------------------------------------------------------- packaged
@@ -396,7 +396,8 @@ def test_weights_that_are_nothing_known_are_an_error(tmp_path: Path) -> None:
     with pytest.raises(WeightsError) as info:
         plan_weights(str(tmp_path / "missing.pth"), load_model_spec("fast"))
     assert str(info.value) == (
-        f"--weights {tmp_path / 'missing.pth'}: not a file, URL or run directory, nor weights "
+        f"train.weights {tmp_path / 'missing.pth'}: not a file, URL or run directory, nor "
+        "weights "
         "published for fast (none published)"
     )
     with pytest.raises(WeightsError, match="not a cnnkit run directory"):
@@ -512,9 +513,9 @@ def test_the_cli_takes_weights_and_says_what_is_wrong_in_one_line(tiny_shapes, t
     [
         ("imagenet", "efficientnet_lite0", None),
         ("RUN", "fast", None),
-        ("nope.pth", None, "--weights nope.pth: not a file, URL, run directory or 'imagenet'"),
-        ("FILE", None, "say which network the weights are for with --model (e.g. "),
-        ("http://127.0.0.1:9/w.pth", None, "say which network the weights are for with --model"),
+        ("nope.pth", None, "train.weights nope.pth: not a file, URL, run directory or 'imagenet'"),
+        ("FILE", None, "say which network the weights are for with model (e.g. "),
+        ("http://127.0.0.1:9/w.pth", None, "say which network the weights are for with model"),
     ],
 )
 def test_model_auto_with_weights_is_the_network_they_are_for(

@@ -317,14 +317,6 @@ def remove_owned(contents: FolderContents) -> None:
 # --------------------------------------------------------------------------------- outputs
 
 
-def _refusal(path: Path, foreign: list[str]) -> str:
-    return (
-        f"{path} holds files cnnkit did not write ({list_names(foreign)}); choose another "
-        "folder, or pass --overwrite to write into it (only the files cnnkit writes are "
-        "replaced)"
-    )
-
-
 def check_output(path: str | Path, *, overwrite: bool) -> Path:
     """``path`` if cnnkit may write the file there: it does not exist, cnnkit wrote it
     (its folder's manifest says so), or ``overwrite``. Else ``OutputError``."""
@@ -334,8 +326,10 @@ def check_output(path: str | Path, *, overwrite: bool) -> Path:
     exists = path.exists() or path.is_symlink()
     if exists and not overwrite and path.name not in recorded(path.parent):
         raise OutputError(
-            f"{path} exists and cnnkit did not write it; choose another name, or pass "
-            "--overwrite to replace it"
+            "{path} exists and cnnkit did not write it; choose another name, or pass "
+            "{overwrite=True} to replace it",
+            setting="overwrite",
+            path=path,
         )
     return path
 
@@ -389,7 +383,13 @@ def write_folder(path: str | Path, fill: Callable[[Path], None], *, overwrite: b
     except OSError as exc:
         raise OutputError(f"cannot read {path}: {exc.strerror or exc}") from None
     if before.foreign and not overwrite:
-        raise OutputError(_refusal(path, before.foreign))
+        raise OutputError(
+            "{path} holds files cnnkit did not write ({names}); choose another folder, or "
+            "pass {overwrite=True} to write into it (only the files cnnkit writes are replaced)",
+            setting="overwrite",
+            path=path,
+            names=list_names(before.foreign),
+        )
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

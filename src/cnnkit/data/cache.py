@@ -114,7 +114,10 @@ def _report(skipped: list[tuple[str, str]], used: int, strict: bool) -> None:
         log.warning("%d images used, %d skipped", used, len(skipped))
         if strict:
             raise DataError(
-                f"{len(skipped)} unreadable image(s) with --strict, first: {skipped[0][1]}"
+                "{value} unreadable image(s) with {setting}, first: {first}",
+                setting="data.strict",
+                value=len(skipped),
+                first=skipped[0][1],
             )
 
 

@@ -250,7 +250,9 @@ def _report_shared(groups: tuple[tuple[str, ...], ...], root: Path, strict: bool
         f"{root}: {len(groups)} group(s) of identical images lie in more than one split ({listed})"
     )
     if strict:
-        raise DataError(f"{what}; --strict refuses splits that share images")
+        raise DataError(
+            "{what}; {setting} refuses splits that share images", setting="data.strict", what=what
+        )
     log.warning("%s: scores on them are not scores on unseen images", what)
 
 

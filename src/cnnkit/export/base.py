@@ -66,9 +66,19 @@ def output_path(
     """
     path = Path(out) if out is not None else Path(run_dir) / f"model{suffix}"
     if path.suffix != suffix:
-        raise ExportError(f"--out {path}: expected a file name ending in {suffix}")
+        raise ExportError(
+            "{setting} {path}: expected a file name ending in {suffix}",
+            setting="out",
+            path=path,
+            suffix=suffix,
+        )
     if path.is_dir():
-        raise ExportError(f"--out {path}: is a folder, expected a file name ending in {suffix}")
+        raise ExportError(
+            "{setting} {path}: is a folder, expected a file name ending in {suffix}",
+            setting="out",
+            path=path,
+            suffix=suffix,
+        )
     if out is not None:
         check_output(path, overwrite=overwrite)
     return path

@@ -55,7 +55,12 @@ def export_onnx(
     onnx = require("onnx", "export", "exporting to ONNX")
 
     if opset is not None and opset < MIN_OPSET:
-        raise ExportError(f"--opset: expected {MIN_OPSET} or newer, got {opset}")
+        raise ExportError(
+            "{setting}: expected {limit} or newer, got {value}",
+            setting="opset",
+            value=opset,
+            limit=MIN_OPSET,
+        )
     start = time.perf_counter()
     path = output_path(run_dir, out, ".onnx", overwrite)
     model, meta, module, example, batch = export_inputs(run_dir)

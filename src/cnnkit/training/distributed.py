@@ -101,9 +101,13 @@ def setup(device_kind: str) -> DistInfo:
             gpus = torch.cuda.device_count()
             if local_rank >= gpus:
                 raise ConfigError(
-                    f"process {rank} (local rank {local_rank}) has no GPU of its own: this "
-                    f"machine has {gpus} CUDA GPU(s); start at most {gpus} processes per "
-                    "machine, or train on the CPU with --device cpu"
+                    "process {rank} (local rank {value}) has no GPU of its own: this machine "
+                    "has {limit} CUDA GPU(s); start at most {limit} processes per machine, or "
+                    "train on the CPU with {train.device=cpu}",
+                    setting="train.device",
+                    value=local_rank,
+                    limit=gpus,
+                    rank=rank,
                 )
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if device_kind == "cuda" else "gloo", timeout=timeout())
@@ -204,21 +208,29 @@ def shard_batches(order: torch.Tensor, global_batch: int, rank: int, world: int)
         )
     if global_batch < world:
         raise ConfigError(
-            f"train.batch_size: the global batch ({global_batch}) must be at least the "
-            f"number of processes ({world}), one image per process per step"
+            "{setting}: the global batch ({value}) must be at least the number of processes "
+            "({limit}), one image per process per step",
+            setting="train.batch_size",
+            value=global_batch,
+            limit=world,
         )
     if global_batch % world:
         raise ConfigError(
-            f"train.batch_size: the global batch ({global_batch}) must divide "
-            f"evenly over {world} processes"
+            "{setting}: the global batch ({value}) must divide evenly over {world} processes",
+            setting="train.batch_size",
+            value=global_batch,
+            world=world,
         )
     per_rank = global_batch // world
     steps = len(order) // global_batch
     if steps < 1:
         raise ConfigError(
-            f"{len(order)} training images cannot fill one global batch of "
-            f"{global_batch} over {world} processes; use a smaller --batch-size "
-            "or fewer processes"
+            "{images} training images cannot fill one global batch of {value} over {world} "
+            "processes; use a smaller {setting} or fewer processes",
+            setting="train.batch_size",
+            value=global_batch,
+            images=len(order),
+            world=world,
         )
     batches = order[: steps * global_batch].view(steps, world, per_rank)
     return batches[:, rank, :].contiguous()
@@ -229,7 +241,9 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
     import subprocess
 
     if nproc < 1:
-        raise ConfigError(f"--nproc: expected a positive integer, got {nproc}")
+        raise ConfigError(
+            "{setting}: expected a positive integer, got {value}", setting="nproc", value=nproc
+        )
     cmd = [
         sys.executable,
         "-m",

@@ -231,7 +231,11 @@ def check_resumable(
     paths = sorted([*data.train.paths, *data.val.paths]) if data is not None else []
     changes = describe_changes(old, new, paths)
     if changes and not force:
-        raise ConfigError(f"cannot resume: {'; '.join(changes)} (pass --force to resume anyway)")
+        raise ConfigError(
+            "cannot resume: {changes} (pass {force=True} to resume anyway)",
+            setting="resume",
+            changes="; ".join(changes),
+        )
 
 
 def write_outputs(out: Path, result: TrainResult) -> None:

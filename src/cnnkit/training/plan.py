@@ -153,8 +153,17 @@ def _network_of_run(run: Path) -> str:
         if (run / "config.yaml").is_file():
             return RunConfig.from_dict(load_yaml(run / "config.yaml")).model
     except (OSError, ValueError, AttributeError, RecursionError, ConfigError) as exc:
-        raise ConfigError(f"--weights {run}: cannot tell its network ({exc})") from None
-    raise ConfigError(f"--weights {run}: cannot tell its network; name it with --model")
+        raise ConfigError(
+            "{setting} {path}: cannot tell its network ({why})",
+            setting="train.weights",
+            path=run,
+            why=exc,
+        ) from None
+    raise ConfigError(
+        "{setting} {path}: cannot tell its network; name it with {model}",
+        setting="train.weights",
+        path=run,
+    )
 
 
 def _model_of_weights(config: RunConfig) -> RunConfig:
@@ -172,9 +181,16 @@ def _model_of_weights(config: RunConfig) -> RunConfig:
     elif weights.startswith(("http://", "https://")) or run.is_file():
         with_weights = [n for n in list_presets() if load_model_spec(n).pretrained]
         raise ConfigError(
-            f"--weights {weights}: say which network the weights are for with --model "
-            f"(e.g. {', '.join(with_weights)})"
+            "{setting} {value}: say which network the weights are for with {model} "
+            "(e.g. {presets})",
+            setting="train.weights",
+            value=weights,
+            presets=", ".join(with_weights),
         )
     else:
-        raise ConfigError(f"--weights {weights}: not a file, URL, run directory or 'imagenet'")
+        raise ConfigError(
+            "{setting} {value}: not a file, URL, run directory or 'imagenet'",
+            setting="train.weights",
+            value=weights,
+        )
     return dataclasses.replace(config, model=model)

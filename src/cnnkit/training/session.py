@@ -83,7 +83,7 @@ def claim_run_dir(out: Path, overwrite: bool, resume: bool) -> Iterator[None]:
     else. A run that fails before writing anything leaves no folder it created behind.
     """
     if out.exists() and not out.is_dir():
-        raise RunDirError(f"--out {out} exists and is not a folder")
+        raise RunDirError("{setting} {path} exists and is not a folder", setting="out", path=out)
     if resume and not (out / "config.yaml").is_file():
         raise RunDirError(f"cannot resume: {out} is not a run directory (no config.yaml)")
     created = not out.exists()
@@ -98,8 +98,11 @@ def claim_run_dir(out: Path, overwrite: bool, resume: bool) -> Iterator[None]:
         locked = True
     if not locked:
         raise RunDirError(
-            f"{out} is in use by another training run ({lock.owner()}); wait for it to "
-            "finish or choose another --out"
+            "{path} is in use by another training run ({owner}); wait for it to finish or "
+            "choose another {setting}",
+            setting="out",
+            path=out,
+            owner=lock.owner(),
         )
     try:
         if not resume:
@@ -140,20 +143,28 @@ def _clear(out: Path, overwrite: bool) -> None:
         return
     if not overwrite:
         raise RunDirError(
-            f"--out {out} already holds files; choose a new folder, pass "
-            "--overwrite, or --resume it"
+            "{setting} {path} already holds files; choose a new folder, pass "
+            "{overwrite=True}, or {resume=True} to continue it",
+            setting="out",
+            path=out,
         )
     if contents.foreign:
         why = "" if contents.has_manifest else f" (no {MANIFEST}: cnnkit wrote nothing there)"
         raise RunDirError(
-            f"--out {out} holds files cnnkit did not write: "
-            f"{list_names(contents.foreign)}{why}; move them away or choose another --out"
+            "{setting} {path} holds files cnnkit did not write: {names}{why}; move them "
+            "away or choose another {setting}",
+            setting="out",
+            path=out,
+            names=list_names(contents.foreign),
+            why=why,
         )
     try:
         remove_owned(contents)
         (out / MANIFEST).unlink(missing_ok=True)
     except OSError as exc:
-        raise RunDirError(f"--overwrite: cannot empty {out}: {exc.strerror}") from None
+        raise RunDirError(
+            "{setting}: cannot empty {path}: {why}", setting="overwrite", path=out, why=exc.strerror
+        ) from None
 
 
 def progress_bar(enabled: bool) -> Any:
