@@ -144,6 +144,148 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     )
 
 
+class _Server:
+    """One app's model, worker, limits and readiness, and the handlers of its routes."""
+
+    def __init__(self, served: ServedModel, settings: ServeSettings) -> None:
+        self.served, self.settings = served, settings
+        self.worker = ModelWorker(served, settings.max_queue, settings.max_batch)
+        self.budget = MemoryBudget(settings.max_inflight_bytes)
+        self.ready = threading.Event()
+        self.warm_error: list[str] = []
+        self.upload_limits = UploadLimits(
+            settings.max_body_bytes,
+            settings.max_images,
+            settings.max_pixels,
+            settings.max_request_pixels,
+            served.classifier.meta.image_size,
+            settings.retry_after_s,
+        )
+        self.busy_headers = {"retry-after": str(settings.retry_after_s)}
+
+    def warm_up(self) -> None:
+        try:
+            self.served.warm_up()
+            self.ready.set()
+        except Exception as exc:  # reported by /readyz; the process stays up for /healthz
+            self.warm_error.append(f"warm-up failed: {exc}")
+            log.error("model warm-up failed: %s", exc)
+
+    @asynccontextmanager
+    async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
+        if self.worker.submit(self.warm_up) is None:  # pragma: no cover - empty at start
+            self.warm_error.append("warm-up could not be queued")
+        try:
+            yield
+        finally:
+            self.worker.close()
+
+    async def run_model(self, future: Future | None, hold: Hold) -> Any:
+        """The worker's answer within the timeout; image errors become 400/413. What the
+        request holds of the memory budget goes back when the work is done, not before."""
+        settings = self.settings
+        if future is None:
+            raise ApiError(
+                503, f"server busy: {settings.max_queue} requests queued; retry", self.busy_headers
+            )
+        hold.release_with(future)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), settings.timeout_s)
+        except TimeoutError:
+            raise ApiError(
+                504, f"inference timed out after {settings.timeout_s:g}s", self.busy_headers
+            ) from None
+        except ImageError as exc:
+            raise ApiError(error_status(exc), exc.reason) from None
+
+    async def index(self) -> FileResponse:
+        return FileResponse(web_dir() / "index.html", media_type="text/html; charset=utf-8")
+
+    async def healthz(self) -> JSONResponse:
+        return JSONResponse({"status": "ok"}, headers={"cache-control": "no-store"})
+
+    async def readyz(self) -> JSONResponse:
+        if self.ready.is_set():
+            return JSONResponse({"ready": True}, headers={"cache-control": "no-store"})
+        why = self.warm_error[0] if self.warm_error else "model is warming up"
+        return _error(503, why, self.busy_headers)
+
+    async def model_info(self) -> JSONResponse:
+        return JSONResponse(self.served.info(), headers={"cache-control": "no-store"})
+
+    async def predict(self, request: Request) -> JSONResponse:
+        start = time.perf_counter()
+        with self.budget.hold() as hold:
+            uploads = await read_images(request, self.upload_limits, hold)
+            images = [u.image for u in uploads]
+            result = await self.run_model(self.worker.predict(images), hold)
+        classes = self.served.classes
+        predictions = []
+        for upload, probs in zip(uploads, result.probabilities, strict=True):
+            best = int(probs.argmax())
+            predictions.append(
+                {
+                    "name": upload.name,
+                    "class": classes[best],
+                    "confidence": round(float(probs[best]), 6),
+                    "probabilities": {
+                        c: round(float(p), 6) for c, p in zip(classes, probs, strict=True)
+                    },
+                }
+            )
+        latency = {
+            "decode": round(result.decode_ms, 3),
+            "inference": round(result.inference_ms, 3),
+            "total": round(1000 * (time.perf_counter() - start), 3),
+        }
+        body = {
+            "predictions": predictions,
+            "batch_size": len(uploads),
+            "model_batch_size": result.batch_size,  # with other requests' images
+            "latency_ms": latency,
+        }
+        return JSONResponse(body, headers={"cache-control": "no-store"})
+
+    async def explain(self, request: Request) -> JSONResponse:
+        start = time.perf_counter()
+        if not self.served.can_explain:
+            raise ApiError(
+                501,
+                "feature maps and Grad-CAM need a run directory; "
+                f"this server runs an exported {self.served.format} file",
+            )
+        with self.budget.hold() as hold:
+            uploads = await read_images(request, self.upload_limits, hold)
+            if len(uploads) != 1:
+                raise ApiError(400, f"explain takes one image, got {len(uploads)}")
+            image = uploads[0].image
+
+            def explain_and_close() -> dict[str, Any]:
+                with image:  # its decoded pixels are freed as soon as the work is done
+                    return self.served.explain(image, self.settings.max_maps)
+
+            body = await self.run_model(self.worker.submit(explain_and_close), hold)
+        body["latency_ms"] = {"total": round(1000 * (time.perf_counter() - start), 3)}
+        return JSONResponse(body, headers={"cache-control": "no-store"})
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error as JSON ``{"error": ...}`` with its status; nothing else leaks."""
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, exc.message, exc.headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail), dict(exc.headers or {}))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
+        log.error("internal error: %s: %s", type(exc).__name__, exc)
+        return _error(500, "internal server error")
+
+
 def create_app(
     model_source: str | Path | ServedModel, *, token: str | None = None, **limits: Any
 ) -> FastAPI:
@@ -159,164 +301,33 @@ def create_app(
     served = (
         model_source if isinstance(model_source, ServedModel) else ServedModel.load(model_source)
     )
-    worker = ModelWorker(served, settings.max_queue, settings.max_batch)
-    budget = MemoryBudget(settings.max_inflight_bytes)
-    ready = threading.Event()
-    warm_error: list[str] = []
-    upload_limits = UploadLimits(
-        settings.max_body_bytes,
-        settings.max_images,
-        settings.max_pixels,
-        settings.max_request_pixels,
-        served.classifier.meta.image_size,
-        settings.retry_after_s,
-    )
-    busy_headers = {"retry-after": str(settings.retry_after_s)}
-
-    def warm_up() -> None:
-        try:
-            served.warm_up()
-            ready.set()
-        except Exception as exc:  # reported by /readyz; the process stays up for /healthz
-            warm_error.append(f"warm-up failed: {exc}")
-            log.error("model warm-up failed: %s", exc)
-
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        if worker.submit(warm_up) is None:  # pragma: no cover - the queue is empty at start
-            warm_error.append("warm-up could not be queued")
-        try:
-            yield
-        finally:
-            worker.close()
-
+    server = _Server(served, settings)
     app = FastAPI(
         title="cnnkit",
-        lifespan=lifespan,
+        lifespan=server.lifespan,
         docs_url=None,  # the interactive docs load scripts from a CDN: not with this CSP
         redoc_url=None,
         openapi_url=None,
     )
     app.state.served = served
     app.state.settings = settings
-    app.state.worker = worker
-    app.state.budget = budget
+    app.state.worker = server.worker
+    app.state.budget = server.budget
     app.add_middleware(BodyDeadline, seconds=settings.body_timeout_s)
     if token is not None:
         app.add_middleware(BearerAuth, token=token)
     app.add_middleware(SecurityHeaders)  # the last added runs first: 401s get the headers too
-
-    @app.exception_handler(ApiError)
-    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.message, exc.headers)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail), dict(exc.headers or {}))
-
-    @app.exception_handler(Exception)
-    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
-        log.error("internal error: %s: %s", type(exc).__name__, exc)
-        return _error(500, "internal server error")
-
-    async def run_model(future: Future | None, hold: Hold) -> Any:
-        """The worker's answer within the timeout; image errors become 400/413. What the
-        request holds of the memory budget goes back when the work is done, not before."""
-        if future is None:
-            raise ApiError(
-                503, f"server busy: {settings.max_queue} requests queued; retry", busy_headers
-            )
-        hold.release_with(future)
-        try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), settings.timeout_s)
-        except TimeoutError:
-            raise ApiError(
-                504, f"inference timed out after {settings.timeout_s:g}s", busy_headers
-            ) from None
-        except ImageError as exc:
-            raise ApiError(error_status(exc), exc.reason) from None
-
-    @app.get("/", include_in_schema=False)
-    async def index() -> FileResponse:
-        return FileResponse(web_dir() / "index.html", media_type="text/html; charset=utf-8")
-
-    @app.get("/healthz")
-    async def healthz() -> JSONResponse:
-        return JSONResponse({"status": "ok"}, headers={"cache-control": "no-store"})
-
-    @app.get("/readyz")
-    async def readyz() -> JSONResponse:
-        if ready.is_set():
-            return JSONResponse({"ready": True}, headers={"cache-control": "no-store"})
-        why = warm_error[0] if warm_error else "model is warming up"
-        return _error(503, why, busy_headers)
-
-    @app.get("/model")
-    async def model_info() -> JSONResponse:
-        return JSONResponse(served.info(), headers={"cache-control": "no-store"})
-
-    @app.post("/predict")
-    async def predict(request: Request) -> JSONResponse:
-        start = time.perf_counter()
-        with budget.hold() as hold:
-            uploads = await read_images(request, upload_limits, hold)
-            result = await run_model(worker.predict([u.image for u in uploads]), hold)
-        predictions = []
-        for upload, probs in zip(uploads, result.probabilities, strict=True):
-            best = int(probs.argmax())
-            predictions.append(
-                {
-                    "name": upload.name,
-                    "class": served.classes[best],
-                    "confidence": round(float(probs[best]), 6),
-                    "probabilities": {
-                        c: round(float(p), 6) for c, p in zip(served.classes, probs, strict=True)
-                    },
-                }
-            )
-        latency = {
-            "decode": round(result.decode_ms, 3),
-            "inference": round(result.inference_ms, 3),
-            "total": round(1000 * (time.perf_counter() - start), 3),
-        }
-        return JSONResponse(
-            {
-                "predictions": predictions,
-                "batch_size": len(uploads),
-                "model_batch_size": result.batch_size,  # with other requests' images
-                "latency_ms": latency,
-            },
-            headers={"cache-control": "no-store"},
-        )
-
-    @app.post("/explain")
-    async def explain(request: Request) -> JSONResponse:
-        start = time.perf_counter()
-        if not served.can_explain:
-            raise ApiError(
-                501,
-                "feature maps and Grad-CAM need a run directory; "
-                f"this server runs an exported {served.format} file",
-            )
-        with budget.hold() as hold:
-            uploads = await read_images(request, upload_limits, hold)
-            if len(uploads) != 1:
-                raise ApiError(400, f"explain takes one image, got {len(uploads)}")
-            image = uploads[0].image
-
-            def explain_and_close() -> dict[str, Any]:
-                with image:  # its decoded pixels are freed as soon as the work is done
-                    return served.explain(image, settings.max_maps)
-
-            body = await run_model(worker.submit(explain_and_close), hold)
-        body["latency_ms"] = {"total": round(1000 * (time.perf_counter() - start), 3)}
-        return JSONResponse(body, headers={"cache-control": "no-store"})
-
-    app.state.run_model = run_model  # the explorer's routes wait for the model the same way
+    _add_error_handlers(app)
+    app.add_api_route("/", server.index, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/healthz", server.healthz, methods=["GET"])
+    app.add_api_route("/readyz", server.readyz, methods=["GET"])
+    app.add_api_route("/model", server.model_info, methods=["GET"])
+    app.add_api_route("/predict", server.predict, methods=["POST"])
+    app.add_api_route("/explain", server.explain, methods=["POST"])
+    app.state.run_model = server.run_model  # the explorer's routes wait for the model so too
     app.state.limits = limits
-    app.state.upload_limits = upload_limits
+    app.state.upload_limits = server.upload_limits
     source = None if isinstance(model_source, ServedModel) else Path(model_source)
     add_explore_routes(app, source)
-
     app.mount("/static", StaticFiles(directory=web_dir()), name="static")
     return app
