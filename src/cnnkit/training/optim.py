@@ -3,7 +3,7 @@
 Why not ``torch.optim``: the first call into any of its optimizers imports ``torch._dynamo``,
 which costs 1.5-2 s of start-up on a 2-core CPU, a fifth of a whole small run (MNIST to 99%
 in about 10 s). These are the same update rules computed with the same ``torch._foreach_*``
-kernels as ``torch.optim``'s foreach implementations; ``tests/test_optim.py`` checks them
+kernels as ``torch.optim``'s foreach implementations; ``tests/training/test_optim.py`` checks them
 step by step against ``torch.optim``.
 
 Muon (Keller Jordan, 2024; the optimizer of the CIFAR-10 speed records since) steps each

@@ -31,7 +31,7 @@ from cnnkit.models.registry import build_network, load_model_spec
 from cnnkit.training import checkpoints as ckpt
 from conftest import model_meta, training_state
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "cnnkit"
+SRC = Path(__file__).resolve().parents[2] / "src" / "cnnkit"
 
 
 # ------------------------------------------------------------------------------ helpers
