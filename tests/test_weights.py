@@ -19,9 +19,10 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+from cnnkit.data.preprocessing import Preprocessing
 from cnnkit.errors import ConfigError, WeightsError
 from cnnkit.models import build_network, load_model_spec
-from cnnkit.models.weights import Preprocessing, load_pretrained, plan_weights
+from cnnkit.models.weights import load_pretrained, plan_weights
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 TINY_LAYERS = [
@@ -140,7 +141,7 @@ def test_published_weights_download_once_into_the_cache(published, server, caplo
     model, state, name = published
     spec = load_model_spec(str(model))
     plan = plan_weights("imagenet", spec)
-    assert plan.preprocessing.mean == tuple(MEAN) and plan.preprocessing.image_size == 16
+    assert plan.preprocessing.mean == tuple(MEAN) and plan.preprocessing.size == 16
     net = build_network(spec.layers, 3, 3, 16)
     with caplog.at_level("INFO", logger="cnnkit"):
         loaded = load_pretrained(net, plan, progress=False)
@@ -433,7 +434,7 @@ def test_a_run_directory_keeps_its_head_for_the_same_classes_only(run_dir: Path)
     spec = load_model_spec("fast")
     plan = plan_weights(str(run_dir), spec)
     assert plan.kind == "run" and plan.classes == ("circle", "square", "triangle")
-    assert plan.preprocessing == Preprocessing((0.5, 0.4, 0.3), (0.2, 0.25, 0.3), 32, "pad", 3)
+    assert plan.preprocessing == Preprocessing(32, 3, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), "pad")
     saved = load_file(str(run_dir / "model.safetensors"))
     same = build_network(spec.layers, 3, 3, 32)
     assert load_pretrained(same, plan, ("circle", "square", "triangle")).new_head is None
@@ -535,7 +536,7 @@ def test_a_url_is_downloaded_once_and_its_layout_recognised(published, server) -
     _, state, name = published
     url = f"{server.url}/models/{name}"
     plan = plan_weights(url, load_model_spec("resnet18"))
-    assert (plan.kind, plan.layout, plan.preprocessing.image_size) == ("url", "auto", 224)
+    assert (plan.kind, plan.layout, plan.preprocessing.size) == ("url", "auto", 224)
     net = build_network(_spec_layers(), 10, 3, 16)
     load_pretrained(net, plan, progress=False)
     load_pretrained(build_network(_spec_layers(), 10, 3, 16), plan, progress=False)
