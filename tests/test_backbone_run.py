@@ -79,7 +79,7 @@ def test_inspect_and_grad_cam_on_the_last_convolutional_block(
     assert default_cam_layer(model) == "features.17.2"  # conv 1x1, batchnorm, ReLU6: 2x2 maps
     x = to_model_input(
         torch.from_numpy(np.array(Image.open(image).convert("RGB").resize((SIZE, SIZE)))[None]),
-        meta.mean, meta.std,
+        meta.preprocessing.mean, meta.preprocessing.std,
     )  # fmt: skip
     heat, chosen = grad_cam(model, x)
     assert heat.shape == (SIZE, SIZE) and np.isfinite(heat).all() and 0 <= chosen < 3

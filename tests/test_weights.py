@@ -416,11 +416,13 @@ def run_dir(tmp_path: Path) -> Path:
     net = build_network(load_model_spec("fast").layers, 3, 3, 32)
     meta = ModelMeta(
         classes=("circle", "square", "triangle"),
-        channels=3,
-        image_size=32,
-        resize="pad",
-        mean=(0.5, 0.4, 0.3),
-        std=(0.2, 0.25, 0.3),
+        preprocessing=Preprocessing(
+            size=32,
+            channels=3,
+            mean=(0.5, 0.4, 0.3),
+            std=(0.2, 0.25, 0.3),
+            resize="pad",
+        ),
         architecture=tuple(net.architecture()),
         model_name="fast",
     )
@@ -476,8 +478,9 @@ def test_a_run_starts_from_weights_records_them_and_feeds_as_they_expect(
     assert config["data"]["image_size"] == 32  # the weights' input size (fast's own is 64)
     meta = json.loads((out / "model.json").read_text())
     assert meta["weights"] == {"source": str(run_dir), "sha256": sha}
-    assert meta["mean"] == [0.5, 0.4, 0.3] and meta["std"] == [0.2, 0.25, 0.3]  # the weights'
-    assert meta["image_size"] == 32 and meta["classes"] == ["circle", "square"]
+    pre = meta["preprocessing"]
+    assert pre["mean"] == [0.5, 0.4, 0.3] and pre["std"] == [0.2, 0.25, 0.3]  # the weights'
+    assert pre["size"] == 32 and meta["classes"] == ["circle", "square"]
     # Resumed for one more epoch: the checkpoint's weights, still fed as the weights expect.
     from cnnkit.config import RunConfig
     from cnnkit.training.loop import train
@@ -486,7 +489,7 @@ def test_a_run_starts_from_weights_records_them_and_feeds_as_they_expect(
     train(RunConfig.from_dict(config), out, resume=True, progress=False)
     assert len((out / "metrics.csv").read_text().strip().splitlines()) == 3  # header + 2
     meta = json.loads((out / "model.json").read_text())
-    assert meta["mean"] == [0.5, 0.4, 0.3] and meta["weights"]["sha256"] == sha
+    assert meta["preprocessing"]["mean"] == [0.5, 0.4, 0.3] and meta["weights"]["sha256"] == sha
 
 
 def test_the_cli_takes_weights_and_says_what_is_wrong_in_one_line(tiny_shapes, tmp_path) -> None:

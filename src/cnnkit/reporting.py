@@ -143,7 +143,7 @@ def _gather(
             )
     else:
         try:
-            run.data = prepare_data(run.config.data, meta.image_size)
+            run.data = prepare_data(run.config.data, meta.preprocessing.size)
             if not other:
                 run.evaluation = evaluate(run_dir, recorded, split="val", plot=False)
         except CnnkitError as exc:

@@ -59,11 +59,11 @@ class ServedModel:
         meta = self.classifier.meta
         return {
             "classes": list(meta.classes),
-            "input_size": meta.image_size,
-            "channels": meta.channels,
-            "resize": meta.resize,
-            "mean": list(meta.mean),
-            "std": list(meta.std),
+            "input_size": meta.preprocessing.size,
+            "channels": meta.preprocessing.channels,
+            "resize": meta.preprocessing.resize,
+            "mean": list(meta.preprocessing.mean),
+            "std": list(meta.preprocessing.std),
             "model_name": meta.model_name,
             "architecture": list(meta.architecture),
             "format": self.format,
@@ -72,8 +72,8 @@ class ServedModel:
 
     def warm_up(self) -> None:
         """Run every code path once so the first real request is not the slow one."""
-        meta = self.classifier.meta
-        blank = Image.new("L" if meta.channels == 1 else "RGB", (meta.image_size,) * 2)
+        pre = self.classifier.meta.preprocessing
+        blank = Image.new("L" if pre.channels == 1 else "RGB", (pre.size, pre.size))
         self.predict([blank])
         if self.can_explain:
             self.explain(blank, max_maps=1)
