@@ -89,7 +89,7 @@ def test_health_ready_and_model(client: TestClient) -> None:
     assert client.get("/readyz").json() == {"ready": True}
     info = client.get("/model").json()
     assert info["classes"] == ["circle", "square", "triangle"]
-    assert info["input_size"] == 32 and info["channels"] in (1, 3)
+    assert info["preprocessing"]["size"] == 32 and info["preprocessing"]["channels"] in (1, 3)
     assert info["format"] == "run directory" and info["explain"] is True
     assert [layer["type"] for layer in info["architecture"]][:3] == ["conv", "batchnorm", "relu"]
 

@@ -64,11 +64,7 @@ def metadata_for(meta: ModelMeta) -> dict[str, str]:
         "input_name": INPUT_NAME,
         "input_layout": "NHWC",
         "input_dtype": "uint8",
-        "input_size": str(meta.preprocessing.size),
-        "channels": str(meta.preprocessing.channels),
-        "resize": meta.preprocessing.resize,
-        "mean": json.dumps(list(meta.preprocessing.mean)),
-        "std": json.dumps(list(meta.preprocessing.std)),
+        "preprocessing": json.dumps(meta.preprocessing.to_dict()),  # as in model.json
         "normalization": "inside the graph: x = (pixel / 255 - mean) / std, then NCHW",
         "outputs": ", ".join(OUTPUT_NAMES),
         "model_name": meta.model_name,

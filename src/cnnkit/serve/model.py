@@ -55,15 +55,11 @@ class ServedModel:
         return self.classifier.model is not None
 
     def info(self) -> dict[str, Any]:
-        """What ``GET /model`` returns: classes, input, preprocessing and architecture."""
+        """What ``GET /model`` returns: classes, preprocessing and architecture."""
         meta = self.classifier.meta
         return {
             "classes": list(meta.classes),
-            "input_size": meta.preprocessing.size,
-            "channels": meta.preprocessing.channels,
-            "resize": meta.preprocessing.resize,
-            "mean": list(meta.preprocessing.mean),
-            "std": list(meta.preprocessing.std),
+            "preprocessing": meta.preprocessing.to_dict(),  # as in model.json and the exports
             "model_name": meta.model_name,
             "architecture": list(meta.architecture),
             "format": self.format,
