@@ -62,7 +62,9 @@ def test_the_run_records_the_phases_and_the_weights(run: Path) -> None:
     assert config["train"]["freeze_epochs"] == 1 and config["train"]["weights"] == "imagenet"
     assert config["train"]["backbone_lr_factor"] == 0.1 and config["train"]["freeze_bn"] is True
     meta = json.loads((run / "model.json").read_text())
-    assert meta["weights"]["sha256"].startswith("57934424") and meta["image_size"] == SIZE
+    assert (
+        meta["weights"]["sha256"].startswith("57934424") and meta["preprocessing"]["size"] == SIZE
+    )
     assert len((run / "metrics.csv").read_text().splitlines()) == 3
 
 
