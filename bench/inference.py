@@ -58,7 +58,9 @@ def latency_ms(seconds: np.ndarray) -> dict[str, float]:
 def measure(clf: Classifier, one: Path, files: list[Path], args: argparse.Namespace) -> dict:
     """Latencies and batched throughput of one loaded classifier."""
     image = clf.preprocess(one)[None].copy()  # (1, S, S, C) uint8, writable
-    x = to_model_input(torch.from_numpy(image), clf.meta.mean, clf.meta.std)
+    x = to_model_input(
+        torch.from_numpy(image), clf.meta.preprocessing.mean, clf.meta.preprocessing.std
+    )
     batch = np.stack([clf.preprocess(f) for f in files])  # (B, S, S, C) uint8
 
     def forward() -> torch.Tensor:
@@ -69,7 +71,7 @@ def measure(clf: Classifier, one: Path, files: list[Path], args: argparse.Namesp
     logits = timed(lambda: clf.logits(batch), args.batch_runs, 2)
     predict_files = timed(lambda: clf.predict(files), args.batch_runs, 2)
     return {
-        "image_size": clf.meta.image_size,
+        "image_size": clf.meta.preprocessing.size,
         "precision": clf.precision,
         "predict_file": latency_ms(timed(lambda: clf.predict(one), n, warm)),
         "preprocess_file": latency_ms(timed(lambda: clf.preprocess(one), n, warm)),

@@ -44,6 +44,7 @@ def make_model(folder: Path, onnx: bool) -> Path:
     """A run directory holding an untrained ``fast`` network (or its verified ONNX export)."""
     import torch
 
+    from cnnkit.data.preprocessing import Preprocessing
     from cnnkit.data.shapes import SHAPE_CLASSES
     from cnnkit.model_io import ModelMeta, save_model
     from cnnkit.models import build_network, load_model_spec
@@ -53,11 +54,13 @@ def make_model(folder: Path, onnx: bool) -> Path:
     model = build_network(spec.layers, len(SHAPE_CLASSES), 3, IMAGE_SIZE).eval()
     meta = ModelMeta(
         classes=tuple(SHAPE_CLASSES),
-        channels=3,
-        image_size=IMAGE_SIZE,
-        resize="crop",
-        mean=(0.5, 0.5, 0.5),
-        std=(0.25, 0.25, 0.25),
+        preprocessing=Preprocessing(
+            size=IMAGE_SIZE,
+            channels=3,
+            mean=(0.5, 0.5, 0.5),
+            std=(0.25, 0.25, 0.25),
+            resize="crop",
+        ),
         architecture=tuple(model.architecture()),
         model_name="fast",
     )

@@ -5,6 +5,7 @@ installs it), and a real server on 127.0.0.1 that is ready before a page asks it
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,8 @@ def open_page(
     page, problems = watched_page(browser, init_script, **context)
     page.goto(url + path)
     page.wait_for_selector("#model-info:has-text('classes')")
+    shown = page.locator("#model-info").text_content() or ""
+    assert re.search(r"\b\d+×\d+\b", shown), shown  # the input size, from /model's preprocessing
     return page, problems
 
 

@@ -15,6 +15,7 @@ import pytest
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 from cnnkit.config import AugmentConfig, DataConfig, RunConfig, TrainConfig
+from cnnkit.data.preprocessing import Preprocessing
 from cnnkit.data.shapes import generate_shapes
 from cnnkit.model_io import ModelMeta
 from cnnkit.models.network import Network
@@ -113,11 +114,13 @@ def model_meta(
     """What ``save_model`` needs for an untrained ``model``: mean 0.5 and std 0.25 per channel."""
     return ModelMeta(
         classes=tuple(classes),
-        channels=channels,
-        image_size=size,
-        resize=resize,
-        mean=(0.5,) * channels,
-        std=(0.25,) * channels,
+        preprocessing=Preprocessing(
+            size=size,
+            channels=channels,
+            mean=(0.5,) * channels,
+            std=(0.25,) * channels,
+            resize=resize,
+        ),
         architecture=tuple(model.architecture()),
         model_name=model_name,
     )

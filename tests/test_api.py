@@ -75,7 +75,7 @@ def test_train_from_a_config_file(tiny_shapes: Path, tmp_path: Path) -> None:
     cnnkit.train(tiny_shapes, tmp_path / "run", config=config, epochs=2)
     cfg = RunConfig.from_dict(load_yaml(tmp_path / "run" / "config.yaml"))
     assert cfg.train.epochs == 2 and cfg.train.lr == 0.005 and cfg.data.resize == "pad"
-    assert cnnkit.load(tmp_path / "run").meta.resize == "pad"
+    assert cnnkit.load(tmp_path / "run").meta.preprocessing.resize == "pad"
 
 
 def test_load_and_predict(api_run: tuple[Path, TrainResult], tiny_shapes: Path) -> None:

@@ -173,7 +173,7 @@ def test_preprocessing_comes_from_the_model_without_config_yaml(run: Path, tmp_p
     for name in ("model.json", "model.safetensors"):
         shutil.copy(run / name, copy / name)
     meta = json.loads((copy / "model.json").read_text())
-    meta["resize"] = "pad"
+    meta["preprocessing"]["resize"] = "pad"
     (copy / "model.json").write_text(json.dumps(meta))
     data = tmp_path / "wide"
     generate_shapes(data, count=3, size=32, seed=9)

@@ -30,6 +30,7 @@ from cnnkit.cli import app
 from cnnkit.config import DataConfig
 from cnnkit.data.dataset import prepare_data
 from cnnkit.data.images import MAX_PIXELS, MAX_SIDE, load_image
+from cnnkit.data.preprocessing import Preprocessing
 from cnnkit.data.shapes import generate_shapes
 from cnnkit.errors import DataError, ImageError, RunDirError
 from cnnkit.files import atomic_write
@@ -316,7 +317,7 @@ def test_atomic_write_on_a_full_disk_keeps_the_old_file(
 def test_save_model_on_a_full_disk_keeps_the_old_model(run_dir: Path) -> None:
     before = files_under(run_dir)
     model = build_network(load_model_spec("fast").layers, 3, 3, 16)
-    meta = ModelMeta(("a", "b", "c"), 3, 16, "crop", (0.5,) * 3, (0.2,) * 3, ())
+    meta = ModelMeta(("a", "b", "c"), Preprocessing(16, 3, (0.5,) * 3, (0.2,) * 3, "crop"), ())
     with FileSizeLimit(4096), pytest.raises(RunDirError, match=r"model\.safetensors: File too"):
         save_model(run_dir, model, meta)
     assert files_under(run_dir) == before

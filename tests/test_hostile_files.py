@@ -244,15 +244,15 @@ MODEL_JSON = {
         r"architecture is invalid \(layers: 100,000 layers, more than the 1,000",
     ),
     "image size 30000": (
-        lambda m: m.__setitem__("image_size", 30_000),
-        r"damaged \(image_size: expected 4 to 1024 pixels, got 30000\)",
+        lambda m: m["preprocessing"].__setitem__("size", 30_000),
+        r"damaged \(size: expected 4 to 1024 pixels, got 30000\)",
     ),
     "7 channels": (
-        lambda m: m.__setitem__("channels", 7),
+        lambda m: m["preprocessing"].__setitem__("channels", 7),
         r"damaged \(channels: expected 1 or 3, got 7\)",
     ),
     "a NaN mean": (
-        lambda m: m.__setitem__("mean", [float("nan")] * 3),
+        lambda m: m["preprocessing"].__setitem__("mean", [float("nan")] * 3),
         r"damaged \(normalisation mean\[0\] is nan: not a finite number\)",
     ),
     "one class": (

@@ -37,7 +37,7 @@ def new_shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_classifier_knows_its_model(classifier: Classifier) -> None:
     assert classifier.classes == SHAPE_CLASSES
-    assert classifier.meta.image_size == 32 and classifier.meta.channels == 3
+    assert classifier.meta.preprocessing.size == 32 and classifier.meta.preprocessing.channels == 3
     assert classifier.precision == "fp32" and classifier.device.type == "cpu"
     assert not classifier.model.training
 
@@ -118,7 +118,7 @@ def test_preprocess_equals_the_cached_training_array(
 ) -> None:
     run, _ = fast_trained_run
     cfg = RunConfig.from_dict(load_yaml(run / "config.yaml"))
-    data = prepare_data(cfg.data, classifier.meta.image_size)
+    data = prepare_data(cfg.data, classifier.meta.preprocessing.size)
     for split in (data.train, data.val):
         for i in (0, 7, len(split) - 1):
             np.testing.assert_array_equal(classifier.preprocess(split.paths[i]), split.images[i])
@@ -131,7 +131,7 @@ def test_preprocess_follows_the_model_settings(
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     meta = json.loads((copy / "model.json").read_text())
-    meta["resize"] = "pad"
+    meta["preprocessing"]["resize"] = "pad"
     (copy / "model.json").write_text(json.dumps(meta))
     wide = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 60, 3), np.uint8))
     padded = load(copy, device="cpu", precision="fp32").preprocess(wide)
@@ -146,7 +146,11 @@ def test_logits_match_the_model(classifier: Classifier, new_shapes: Path) -> Non
 
     batch = np.stack([classifier.preprocess(p) for p in expand_inputs([new_shapes / "square"])])
     with torch.no_grad():
-        x = to_model_input(torch.from_numpy(batch), classifier.meta.mean, classifier.meta.std)
+        x = to_model_input(
+            torch.from_numpy(batch),
+            classifier.meta.preprocessing.mean,
+            classifier.meta.preprocessing.std,
+        )
         expected = classifier.model(x)
     torch.testing.assert_close(classifier.logits(batch), expected)
 

@@ -41,7 +41,12 @@ def val_paths(run: Path) -> list[Path]:
     config = RunConfig.from_dict(load_yaml(run / "config.yaml"))
     meta = load(run).meta
     val = load_split(
-        config.data.path, "val", meta.classes, config.data, meta.image_size, meta.channels
+        config.data.path,
+        "val",
+        meta.classes,
+        config.data,
+        meta.preprocessing.size,
+        meta.preprocessing.channels,
     )
     assert len(val) >= 60
     return [Path(p) for p in val.paths]

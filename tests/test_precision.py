@@ -22,7 +22,12 @@ def test_bf16_and_fp32_predictions_agree(
     fp32, bf16 = load(run, precision="fp32"), load(run, precision="bf16")
     meta = fp32.meta
     images = load_split(
-        shapes_dir, "all", meta.classes, DataConfig(), meta.image_size, meta.channels
+        shapes_dir,
+        "all",
+        meta.classes,
+        DataConfig(),
+        meta.preprocessing.size,
+        meta.preprocessing.channels,
     )
     p32 = torch.softmax(fp32.logits(images.images), 1).numpy()
     p16 = torch.softmax(bf16.logits(images.images), 1).numpy()

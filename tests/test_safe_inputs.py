@@ -204,7 +204,7 @@ def test_a_model_whose_normalisation_is_not_finite_is_refused_at_load(
     save_model(tmp_path / "run", model, model_meta(model))
     meta_file = tmp_path / "run" / "model.json"
     meta = json.loads(meta_file.read_text())
-    meta[field] = values
+    meta["preprocessing"][field] = values
     meta_file.write_text(json.dumps(meta))  # json writes NaN and Infinity as Python reads them
     with pytest.raises(RunDirError) as info:
         load_model(tmp_path / "run")

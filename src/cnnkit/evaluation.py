@@ -143,14 +143,15 @@ def evaluate(
     data_cfg = DataConfig()
     if (run / "config.yaml").is_file():  # the folder the run trained on, and its split
         data_cfg = RunConfig.from_dict(load_yaml(run / "config.yaml")).data
-    data_cfg = dataclasses.replace(data_cfg, resize=meta.resize)  # as the model was fed
+    pre = meta.preprocessing
+    data_cfg = dataclasses.replace(data_cfg, resize=pre.resize)  # as the model was fed
     chosen = select_images(
         data,
         split,
         meta.classes,
         data_cfg,
-        meta.image_size,
-        meta.channels,
+        pre.size,
+        pre.channels,
         split_file=run / SPLIT_FILE,
     )
     if len(chosen.images) == 0:

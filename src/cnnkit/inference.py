@@ -141,7 +141,7 @@ class Predictor(ABC):
         """One image to the uint8 ``(S, S, C)`` array the model is fed."""
         if isinstance(image, np.ndarray):
             image = array_image(image)
-        return load_image(image, self.meta.image_size, self.meta.channels, self.meta.resize)
+        return self.meta.preprocessing.load_image(image)
 
     @abstractmethod
     def logits(self, batch: np.ndarray) -> torch.Tensor:
@@ -152,9 +152,7 @@ class Predictor(ABC):
         batch = (
             np.stack([self.preprocess(im) for im in images])
             if len(images)
-            else np.zeros(
-                (0, self.meta.image_size, self.meta.image_size, self.meta.channels), np.uint8
-            )
+            else np.zeros((0, *self.meta.preprocessing.shape), np.uint8)
         )
         if not len(batch):
             return np.zeros((0, len(self.classes)), dtype=np.float32)
@@ -178,11 +176,11 @@ class Predictor(ABC):
         )
 
     def __repr__(self) -> str:
-        meta = self.meta
+        meta, pre = self.meta, self.meta.preprocessing
         classes = ", ".join(meta.classes[:8]) + (", ..." if len(meta.classes) > 8 else "")
         return (
             f"{type(self).__name__}({self._what()}, {len(meta.classes)} classes: {classes}; "
-            f"input {meta.image_size}x{meta.image_size}x{meta.channels} ({meta.resize}); "
+            f"input {pre.size}x{pre.size}x{pre.channels} ({pre.resize}); "
             f"{self._size()}; {self.device.type}, {self.precision})"
         )
 
@@ -201,11 +199,10 @@ class Predictor(ABC):
     def _repr_html_(self) -> str:
         from cnnkit.inspection.html import fragment, table
 
-        meta = self.meta
+        meta, pre = self.meta, self.meta.preprocessing
         facts = [
             ("classes", f"{len(meta.classes)}: {', '.join(meta.classes)}"),
-            ("input", f"{meta.image_size}x{meta.image_size}, {meta.channels} channel(s), "
-                      f"resized by {meta.resize}"),
+            ("input", f"{pre.size}x{pre.size}, {pre.channels} channel(s), resized by {pre.resize}"),
             ("runs on", f"{self.device.type}, {self.precision}"),
         ]  # fmt: skip
         return fragment(
@@ -241,8 +238,8 @@ class Classifier(Predictor):
         return batched_logits(
             model,
             batch,
-            self.meta.mean,
-            self.meta.std,
+            self.meta.preprocessing.mean,
+            self.meta.preprocessing.std,
             self.device,
             self.precision,
             tta=self.meta.tta,

@@ -12,7 +12,6 @@ leaves a half-written file under its final name.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from cnnkit._version import __version__
+from cnnkit.data.preprocessing import Preprocessing
 from cnnkit.errors import CheckpointError, ConfigError, RunDirError
 from cnnkit.files import atomic_write
 from cnnkit.models.layers import infer_shapes, parse_layers
@@ -34,7 +34,6 @@ WEIGHTS = "model.safetensors"
 META = "model.json"
 MAX_META_BYTES = 16 << 20  # model.json: classes and layers; a real one is a few kilobytes
 MAX_CLASSES = 100_000
-MIN_STD = 1e-6  # a smaller normalisation std makes inputs overflow; training clamps at 1e-3
 
 
 @dataclass(frozen=True)
@@ -42,11 +41,7 @@ class ModelMeta:
     """Everything needed to rebuild a model and feed it exactly as in training."""
 
     classes: tuple[str, ...]
-    channels: int
-    image_size: int
-    resize: str
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    preprocessing: Preprocessing  # size, channels, resize, mean, std
     architecture: tuple[dict[str, Any], ...]
     model_name: str = ""
     tta: bool = False  # average each image's prediction with its mirror image's
@@ -55,17 +50,8 @@ class ModelMeta:
     weights: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
-        self._check_sizes()
-        self._check_normalisation()
-
-    def _check_sizes(self) -> None:
-        """Refuse what cnnkit never writes. Metadata comes from files a user may have been
-        handed (``model.json``, an export's metadata): a size of 30,000 pixels, 7 channels
-        or no classes would otherwise fail later, deep inside a resize or an allocation."""
-        if self.channels not in (1, 3):
-            raise ConfigError(f"channels: expected 1 or 3, got {self.channels}")
-        if not 4 <= self.image_size <= 1024:
-            raise ConfigError(f"image_size: expected 4 to 1024 pixels, got {self.image_size}")
+        # Metadata comes from files a user may have been handed (``model.json``, an export's
+        # metadata): refuse what cnnkit never writes (``Preprocessing`` checks its own).
         if not 2 <= len(self.classes) <= MAX_CLASSES:
             raise ConfigError(
                 f"classes: expected 2 to {MAX_CLASSES:,} names, got {len(self.classes):,}"
@@ -73,48 +59,18 @@ class ModelMeta:
         if not all(isinstance(name, str) and name for name in self.classes):
             raise ConfigError("classes: expected non-empty names")
 
-    def _check_normalisation(self) -> None:
-        """Refuse a mean or std that would turn every input into NaN or infinity: a model
-        that answers "nan%" is refused when it is loaded, not at its first prediction."""
-        for name in ("mean", "std"):
-            values = getattr(self, name)
-            if len(values) != self.channels:
-                raise ConfigError(
-                    f"normalisation {name} has {len(values)} values for {self.channels} channels"
-                )
-            for i, value in enumerate(values):
-                if not math.isfinite(value):
-                    raise ConfigError(f"normalisation {name}[{i}] is {value}: not a finite number")
-                if name == "std" and value < MIN_STD:
-                    raise ConfigError(
-                        f"normalisation std[{i}] is {value}: every input would be divided by it "
-                        f"(at least {MIN_STD:g} is needed; training writes at least 0.001)"
-                    )
-
     def to_json(self) -> str:
         data = asdict(self)
-        data["preprocessing"] = {
-            "input_size": self.image_size,
-            "channels": self.channels,
-            "resize": self.resize,
-            "scale": "pixel / 255",
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "layout": "NCHW float32, x = (pixel / 255 - mean) / std",
-        }
+        data["preprocessing"] = self.preprocessing.to_dict()
         return json.dumps(data, indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> ModelMeta:
+        """Read what ``to_json`` writes, and the older form (see ``Preprocessing.of_model``)."""
         data = json.loads(text)
-        data.pop("preprocessing", None)
         return cls(
             classes=tuple(data["classes"]),
-            channels=int(data["channels"]),
-            image_size=int(data["image_size"]),
-            resize=str(data["resize"]),
-            mean=tuple(float(v) for v in data["mean"]),
-            std=tuple(float(v) for v in data["std"]),
+            preprocessing=Preprocessing.of_model(data),
             architecture=tuple(data["architecture"]),
             model_name=str(data.get("model_name", "")),
             tta=bool(data.get("tta", False)),
@@ -150,7 +106,8 @@ def load_model(run_dir: str | Path) -> tuple[Network, ModelMeta]:
         raise RunDirError(f"{meta_path}: damaged (nested too deeply)") from None
     except (ValueError, KeyError, TypeError) as exc:
         raise RunDirError(f"{meta_path}: damaged ({exc})") from None
-    in_shape = (meta.channels, meta.image_size, meta.image_size)
+    pre = meta.preprocessing
+    in_shape = (pre.channels, pre.size, pre.size)
     try:
         check_layer_count(len(meta.architecture))
         layers = parse_layers(list(meta.architecture))

@@ -227,8 +227,8 @@ def test_load_split_redraws_the_training_split(small_set: Path) -> None:
 def test_channel_stats_match_numpy(small_set: Path) -> None:
     data = prepare_data(DataConfig(path=str(small_set)), SIZE)
     x = np.asarray(data.train.images, dtype=np.float64) / 255.0
-    np.testing.assert_allclose(data.mean, x.mean(axis=(0, 1, 2)), atol=1e-6)
-    np.testing.assert_allclose(data.std, x.std(axis=(0, 1, 2)), atol=1e-6)
+    np.testing.assert_allclose(data.preprocessing.mean, x.mean(axis=(0, 1, 2)), atol=1e-6)
+    np.testing.assert_allclose(data.preprocessing.std, x.std(axis=(0, 1, 2)), atol=1e-6)
     flat = np.zeros((3, 2, 2, 1), np.uint8)
     assert channel_stats(flat) == ([0.0], [0.001])  # a constant image: std floored
     # uint8 images are counted per value; other dtypes go through floats: the same figures
@@ -264,7 +264,7 @@ def test_second_prepare_decodes_nothing(small_set: Path, count_decodes: list[str
     second = prepare_data(cfg, SIZE)
     assert len(count_decodes) == 18  # every image came from the cache
     assert np.array_equal(first.train.images, second.train.images)
-    assert first.val.paths == second.val.paths and first.mean == second.mean
+    assert first.val.paths == second.val.paths and first.preprocessing == second.preprocessing
 
 
 def test_changed_file_is_decoded_again(small_set: Path, count_decodes: list[str]) -> None:
@@ -314,13 +314,13 @@ def test_an_auto_decode_serves_its_resolved_channel_count(
     small_set: Path, count_decodes: list[str]
 ) -> None:
     auto = prepare_data(DataConfig(path=str(small_set)), SIZE)
-    assert auto.channels == 3 and len(count_decodes) == 18
+    assert auto.preprocessing.channels == 3 and len(count_decodes) == 18
     count_decodes.clear()
     explicit = prepare_data(DataConfig(path=str(small_set), channels="3"), SIZE)
     assert count_decodes == []  # what a resumed run or an evaluation asks for by number
     assert np.array_equal(explicit.train.images, auto.train.images)
     grey = prepare_data(DataConfig(path=str(small_set), channels="1"), SIZE)
-    assert len(count_decodes) == 18 and grey.channels == 1
+    assert len(count_decodes) == 18 and grey.preprocessing.channels == 1
 
 
 def _cache_folders(root: Path) -> list[Path]:
@@ -384,9 +384,9 @@ def test_all_greyscale_gives_one_channel(small_set: Path) -> None:
     Image.new("LA", (SIZE, SIZE), (90, 255)).save(small_set / "circle" / "la.png")
     Image.new("1", (SIZE, SIZE), 1).save(small_set / "circle" / "bits.png")
     data = prepare_data(DataConfig(path=str(small_set)), SIZE)
-    assert data.channels == 1
+    assert data.preprocessing.channels == 1
     assert data.train.images.shape[1:] == (SIZE, SIZE, 1)
-    assert len(data.mean) == len(data.std) == 1
+    assert len(data.preprocessing.mean) == len(data.preprocessing.std) == 1
 
 
 def test_auto_greyscale_pixels_equal_a_greyscale_decode(tmp_path: Path) -> None:
@@ -410,15 +410,20 @@ def test_one_colour_image_gives_three_channels(small_set: Path) -> None:
     _to_grey(small_set)
     Image.new("RGB", (SIZE, SIZE), (200, 0, 0)).save(small_set / "square" / "colour.png")
     data = prepare_data(DataConfig(path=str(small_set)), SIZE)
-    assert data.channels == 3 and data.train.images.shape[-1] == 3
+    assert data.preprocessing.channels == 3 and data.train.images.shape[-1] == 3
 
 
 def test_channels_can_be_forced(small_set: Path) -> None:
     _to_grey(small_set)
-    assert prepare_data(DataConfig(path=str(small_set), channels="3"), SIZE).channels == 3
+    assert (
+        prepare_data(DataConfig(path=str(small_set), channels="3"), SIZE).preprocessing.channels
+        == 3
+    )
     colour = small_set.parent / "colour"
     generate_shapes(colour, count=2, size=SIZE, seed=0)
-    assert prepare_data(DataConfig(path=str(colour), channels="1"), SIZE).channels == 1
+    assert (
+        prepare_data(DataConfig(path=str(colour), channels="1"), SIZE).preprocessing.channels == 1
+    )
 
 
 def test_val_split_folder_follows_the_training_channels(tmp_path: Path) -> None:
@@ -426,7 +431,7 @@ def test_val_split_folder_follows_the_training_channels(tmp_path: Path) -> None:
     generate_shapes(tmp_path / "val", count=1, size=SIZE, seed=1)
     _to_grey(tmp_path / "train")
     data = prepare_data(DataConfig(path=str(tmp_path)), SIZE)
-    assert data.channels == 1
+    assert data.preprocessing.channels == 1
     assert data.val.images.shape[-1] == 1  # colour val images become grey too
 
 
@@ -444,7 +449,7 @@ def test_memory_mapped_path_gives_the_same_batches(
     assert not isinstance(mapped.train.images, np.ndarray)
     assert mapped.train.images.shape == in_ram.train.images.shape
     assert len(mapped.train.images) == len(in_ram.train)
-    assert mapped.mean == in_ram.mean and mapped.std == in_ram.std
+    assert mapped.preprocessing == in_ram.preprocessing
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
         a: ImageArray = getattr(in_ram, split)

@@ -13,6 +13,7 @@ import onnx
 import pytest
 import torch
 
+from cnnkit.data.preprocessing import Preprocessing
 from cnnkit.errors import CheckpointError, ExportError, RunDirError
 from cnnkit.export import (
     ExportReport,
@@ -58,8 +59,8 @@ def torch_logits(run: Path, images: np.ndarray) -> np.ndarray:
     """The trusted reference: the run's network in fp32 on explicitly normalised floats."""
     model, meta = load_model(run)
     x = torch.from_numpy(images).float().permute(0, 3, 1, 2) / 255.0  # (B, C, S, S)
-    mean = torch.tensor(meta.mean).view(1, -1, 1, 1)
-    std = torch.tensor(meta.std).view(1, -1, 1, 1)
+    mean = torch.tensor(meta.preprocessing.mean).view(1, -1, 1, 1)
+    std = torch.tensor(meta.preprocessing.std).view(1, -1, 1, 1)
     with torch.no_grad():
         return model.eval()((x - mean) / std).numpy()
 
@@ -92,15 +93,12 @@ def test_onnx_file_has_dynamic_batch_uint8_input_and_metadata(onnx_export, train
     assert inp.name == "image"
     assert inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
     assert dims[0].dim_param and not dims[0].dim_value  # symbolic: any batch size
-    assert [d.dim_value for d in dims[1:]] == [meta.image_size, meta.image_size, meta.channels]
+    assert tuple(d.dim_value for d in dims[1:]) == meta.preprocessing.shape
     assert [o.name for o in proto.graph.output] == ["logits", "probabilities"]
     props = {p.key: p.value for p in proto.metadata_props}
     assert json.loads(props["classes"]) == list(meta.classes) == ["circle", "square", "triangle"]
-    assert json.loads(props["mean"]) == pytest.approx(meta.mean)
-    assert json.loads(props["std"]) == pytest.approx(meta.std)
-    assert props["input_size"] == str(meta.image_size)
-    assert props["channels"] == str(meta.channels)
-    assert props["resize"] == meta.resize
+    assert Preprocessing.from_dict(json.loads(props["preprocessing"])) == meta.preprocessing
+    assert not {"input_size", "channels", "mean", "std", "resize"} & set(props)  # said once
     assert props["input_layout"] == "NHWC" and props["input_dtype"] == "uint8"
     assert "inside the graph" in props["normalization"]
     # no training-mode operators survive: batchnorm is folded or in inference form
@@ -262,7 +260,12 @@ def test_sample_images_fall_back_to_random_ones(trained_run, tmp_path) -> None:
     assert (
         source == f"5 random images, because the data folder {tmp_path / 'gone'} no longer exists"
     )
-    assert images.shape == (5, meta.image_size, meta.image_size, meta.channels)
+    assert images.shape == (
+        5,
+        meta.preprocessing.size,
+        meta.preprocessing.size,
+        meta.preprocessing.channels,
+    )
     assert images.dtype == np.uint8
     again, _ = sample_images(copy, meta, count=5)
     np.testing.assert_array_equal(images, again)  # seeded

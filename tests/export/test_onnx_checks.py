@@ -22,6 +22,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from cnnkit.cli import app  # noqa: E402
+from cnnkit.data.preprocessing import Preprocessing  # noqa: E402
 from cnnkit.errors import CheckpointError  # noqa: E402
 from cnnkit.export import onnx_check, runtime  # noqa: E402
 from cnnkit.export.graph import metadata_for  # noqa: E402
@@ -30,11 +31,13 @@ from cnnkit.model_io import ModelMeta  # noqa: E402
 
 META = ModelMeta(
     classes=("circle", "square", "triangle"),
-    channels=3,
-    image_size=16,
-    resize="crop",
-    mean=(0.5, 0.5, 0.5),
-    std=(0.25, 0.25, 0.25),
+    preprocessing=Preprocessing(
+        size=16,
+        channels=3,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+        resize="crop",
+    ),
     architecture=(),
 )
 OPSET = 17
@@ -51,7 +54,7 @@ def export_like(
     ``middle(nodes, weights)`` may add nodes after the ReLU (output ``"r"``, shape
     (batch, 4, S, S)) and returns the name to pool instead.
     """
-    side, channels = image_side or meta.image_size, meta.channels
+    side, channels = image_side or meta.preprocessing.size, meta.preprocessing.channels
     classes = outputs or len(meta.classes)
     rng = np.random.default_rng(0)
     weights = [
@@ -248,16 +251,25 @@ def meta_json(change: Callable[[dict], None]) -> str:
 
 METADATA = {
     "image size 30000": (
-        lambda d: d.update(image_size=30_000),
-        "image_size: expected 4 to 1024 pixels, got 30000",
+        lambda d: d["preprocessing"].update(size=30_000),
+        "size: expected 4 to 1024 pixels, got 30000",
     ),
-    "a NaN mean": (lambda d: d.update(mean=[float("nan")] * 3), "normalisation mean[0] is nan"),
-    "a std of 0": (lambda d: d.update(std=[0.25, 0.0, 0.25]), "normalisation std[1] is 0.0"),
+    "a NaN mean": (
+        lambda d: d["preprocessing"].update(mean=[float("nan")] * 3),
+        "normalisation mean[0] is nan",
+    ),
+    "a std of 0": (
+        lambda d: d["preprocessing"].update(std=[0.25, 0.0, 0.25]),
+        "normalisation std[1] is 0.0",
+    ),
     "four channels of mean": (
-        lambda d: d.update(mean=[0.5] * 4),
+        lambda d: d["preprocessing"].update(mean=[0.5] * 4),
         "normalisation mean has 4 values",
     ),
-    "2 channels": (lambda d: d.update(channels=2), "channels: expected 1 or 3, got 2"),
+    "2 channels": (
+        lambda d: d["preprocessing"].update(channels=2),
+        "channels: expected 1 or 3, got 2",
+    ),
     "no classes": (lambda d: d.update(classes=[]), "classes: expected 2 to 100,000 names"),
 }
 

@@ -108,15 +108,22 @@ def test_grad_cam_rejects_bad_arguments() -> None:
 def test_grad_cam_weighs_the_shape_more_than_the_background(trained_run, tmp_path: Path) -> None:
     run_dir, _ = trained_run
     classifier = load(run_dir, device="cpu", precision="fp32")
-    size = classifier.meta.image_size
+    size = classifier.meta.preprocessing.size
     rng = np.random.default_rng(3)
     inside_means, outside_means = [], []
     for kind in classifier.classes:
         for _ in range(3):
             image = draw_shape(kind, size, rng)
-            arr = load_image(image, size, classifier.meta.channels, classifier.meta.resize)
+            arr = load_image(
+                image,
+                size,
+                classifier.meta.preprocessing.channels,
+                classifier.meta.preprocessing.resize,
+            )
             x = to_model_input(
-                torch.from_numpy(arr[None].copy()), classifier.meta.mean, classifier.meta.std
+                torch.from_numpy(arr[None].copy()),
+                classifier.meta.preprocessing.mean,
+                classifier.meta.preprocessing.std,
             )
             heat, _ = grad_cam(classifier.model, x)
             mask = _shape_mask(arr)

@@ -35,8 +35,12 @@ def inspected(trained_run, shapes_dir: Path, tmp_path_factory: pytest.TempPathFa
 
 def _model_input(run_dir: Path, image: Path) -> tuple[torch.Tensor, object]:
     model, meta = load_model(run_dir)
-    pixels = load_image(image, meta.image_size, meta.channels, meta.resize)
-    x = to_model_input(torch.from_numpy(pixels[None].copy()), meta.mean, meta.std)
+    pixels = load_image(
+        image, meta.preprocessing.size, meta.preprocessing.channels, meta.preprocessing.resize
+    )
+    x = to_model_input(
+        torch.from_numpy(pixels[None].copy()), meta.preprocessing.mean, meta.preprocessing.std
+    )
     return x, model.eval()
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cnnkit.data.preprocessing import Preprocessing
 from cnnkit.export import export_onnx, export_pt2
 from cnnkit.model_io import ModelMeta, save_model
 from cnnkit.models import build_network, load_model_spec
@@ -90,11 +91,13 @@ def test_backbone_exports_to_onnx_and_pt2(name: str, tmp_path: Path) -> None:
     net = build_network(load_model_spec(name).layers, 3, 3, size).eval()
     meta = ModelMeta(
         classes=("a", "b", "c"),
-        channels=3,
-        image_size=size,
-        resize="crop",
-        mean=(0.485, 0.456, 0.406),
-        std=(0.229, 0.224, 0.225),
+        preprocessing=Preprocessing(
+            size=size,
+            channels=3,
+            mean=(0.485, 0.456, 0.406),
+            std=(0.229, 0.224, 0.225),
+            resize="crop",
+        ),
         architecture=tuple(net.architecture()),
         model_name=name,
     )

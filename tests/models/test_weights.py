@@ -19,9 +19,10 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+from cnnkit.data.preprocessing import Preprocessing
 from cnnkit.errors import ConfigError, WeightsError
 from cnnkit.models import build_network, load_model_spec
-from cnnkit.models.weights import Preprocessing, load_pretrained, plan_weights
+from cnnkit.models.weights import load_pretrained, plan_weights
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 TINY_LAYERS = [
@@ -140,7 +141,7 @@ def test_published_weights_download_once_into_the_cache(published, server, caplo
     model, state, name = published
     spec = load_model_spec(str(model))
     plan = plan_weights("imagenet", spec)
-    assert plan.preprocessing.mean == tuple(MEAN) and plan.preprocessing.image_size == 16
+    assert plan.preprocessing.mean == tuple(MEAN) and plan.preprocessing.size == 16
     net = build_network(spec.layers, 3, 3, 16)
     with caplog.at_level("INFO", logger="cnnkit"):
         loaded = load_pretrained(net, plan, progress=False)
@@ -416,11 +417,13 @@ def run_dir(tmp_path: Path) -> Path:
     net = build_network(load_model_spec("fast").layers, 3, 3, 32)
     meta = ModelMeta(
         classes=("circle", "square", "triangle"),
-        channels=3,
-        image_size=32,
-        resize="pad",
-        mean=(0.5, 0.4, 0.3),
-        std=(0.2, 0.25, 0.3),
+        preprocessing=Preprocessing(
+            size=32,
+            channels=3,
+            mean=(0.5, 0.4, 0.3),
+            std=(0.2, 0.25, 0.3),
+            resize="pad",
+        ),
         architecture=tuple(net.architecture()),
         model_name="fast",
     )
@@ -434,7 +437,7 @@ def test_a_run_directory_keeps_its_head_for_the_same_classes_only(run_dir: Path)
     spec = load_model_spec("fast")
     plan = plan_weights(str(run_dir), spec)
     assert plan.kind == "run" and plan.classes == ("circle", "square", "triangle")
-    assert plan.preprocessing == Preprocessing((0.5, 0.4, 0.3), (0.2, 0.25, 0.3), 32, "pad", 3)
+    assert plan.preprocessing == Preprocessing(32, 3, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), "pad")
     saved = load_file(str(run_dir / "model.safetensors"))
     same = build_network(spec.layers, 3, 3, 32)
     assert load_pretrained(same, plan, ("circle", "square", "triangle")).new_head is None
@@ -476,8 +479,9 @@ def test_a_run_starts_from_weights_records_them_and_feeds_as_they_expect(
     assert config["data"]["image_size"] == 32  # the weights' input size (fast's own is 64)
     meta = json.loads((out / "model.json").read_text())
     assert meta["weights"] == {"source": str(run_dir), "sha256": sha}
-    assert meta["mean"] == [0.5, 0.4, 0.3] and meta["std"] == [0.2, 0.25, 0.3]  # the weights'
-    assert meta["image_size"] == 32 and meta["classes"] == ["circle", "square"]
+    pre = meta["preprocessing"]
+    assert pre["mean"] == [0.5, 0.4, 0.3] and pre["std"] == [0.2, 0.25, 0.3]  # the weights'
+    assert pre["size"] == 32 and meta["classes"] == ["circle", "square"]
     # Resumed for one more epoch: the checkpoint's weights, still fed as the weights expect.
     from cnnkit.config import RunConfig
     from cnnkit.training.loop import train
@@ -486,7 +490,7 @@ def test_a_run_starts_from_weights_records_them_and_feeds_as_they_expect(
     train(RunConfig.from_dict(config), out, resume=True, progress=False)
     assert len((out / "metrics.csv").read_text().strip().splitlines()) == 3  # header + 2
     meta = json.loads((out / "model.json").read_text())
-    assert meta["mean"] == [0.5, 0.4, 0.3] and meta["weights"]["sha256"] == sha
+    assert meta["preprocessing"]["mean"] == [0.5, 0.4, 0.3] and meta["weights"]["sha256"] == sha
 
 
 def test_the_cli_takes_weights_and_says_what_is_wrong_in_one_line(tiny_shapes, tmp_path) -> None:
@@ -537,7 +541,7 @@ def test_a_url_is_downloaded_once_and_its_layout_recognised(published, server) -
     _, state, name = published
     url = f"{server.url}/models/{name}"
     plan = plan_weights(url, load_model_spec("resnet18"))
-    assert (plan.kind, plan.layout, plan.preprocessing.image_size) == ("url", "auto", 224)
+    assert (plan.kind, plan.layout, plan.preprocessing.size) == ("url", "auto", 224)
     net = build_network(_spec_layers(), 10, 3, 16)
     load_pretrained(net, plan, progress=False)
     load_pretrained(build_network(_spec_layers(), 10, 3, 16), plan, progress=False)

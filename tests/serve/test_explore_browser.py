@@ -65,7 +65,9 @@ def forward_pass(run: Path, image: Path) -> dict[str, np.ndarray]:
     model, meta = load_model(run)
     pixels = torch.from_numpy(np.asarray(Image.open(image).convert("RGB"))[None].copy())
     with torch.no_grad():
-        maps = model.eval().feature_maps(to_model_input(pixels, meta.mean, meta.std))
+        maps = model.eval().feature_maps(
+            to_model_input(pixels, meta.preprocessing.mean, meta.preprocessing.std)
+        )
     return {name: t[0].numpy() for name, t in maps}
 
 

@@ -77,7 +77,9 @@ def test_the_page_gets_each_epoch_while_training_runs(tiny_shapes: Path, tmp_pat
         def hook(row, model, data):
             board.epoch_end(row, model, data)
             pixels = torch.from_numpy(np.asarray(data.val.images[0])[None].copy())
-            outputs = layer_outputs(model, to_model_input(pixels, data.mean, data.std))
+            outputs = layer_outputs(
+                model, to_model_input(pixels, data.preprocessing.mean, data.preprocessing.std)
+            )
             own_maps[row["epoch"]] = (
                 {o.name: (o.min, o.max) for o in outputs},
                 {o.name: o.values for o in outputs},

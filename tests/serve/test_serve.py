@@ -90,7 +90,7 @@ def test_health_ready_and_model(client: TestClient) -> None:
     assert client.get("/readyz").json() == {"ready": True}
     info = client.get("/model").json()
     assert info["classes"] == ["circle", "square", "triangle"]
-    assert info["input_size"] == 32 and info["channels"] in (1, 3)
+    assert info["preprocessing"]["size"] == 32 and info["preprocessing"]["channels"] in (1, 3)
     assert info["format"] == "run directory" and info["explain"] is True
     assert [layer["type"] for layer in info["architecture"]][:3] == ["conv", "batchnorm", "relu"]
 
@@ -140,8 +140,10 @@ def test_explain_returns_the_maps_and_grad_cam_the_library_computes(client, trai
     assert response.status_code == 200, response.text
     body = response.json()
     model, meta = load_model(run)
-    pixels = load_image(image, meta.image_size, meta.channels, meta.resize)  # (S, S, C)
-    x = to_model_input(torch.tensor(pixels[None]), meta.mean, meta.std)
+    pixels = load_image(
+        image, meta.preprocessing.size, meta.preprocessing.channels, meta.preprocessing.resize
+    )  # (S, S, C)
+    x = to_model_input(torch.tensor(pixels[None]), meta.preprocessing.mean, meta.preprocessing.std)
     outputs = [o for o in layer_outputs(model, x) if o.is_map]
     assert [layer["name"] for layer in body["layers"]] == [o.name for o in outputs]
     first, served = outputs[0], body["layers"][0]

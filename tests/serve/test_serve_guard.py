@@ -137,7 +137,7 @@ def test_a_model_with_std_zero_is_refused_when_the_app_is_made(tmp_path: Path) -
     model = build_network(load_model_spec("fast").layers, 3, 3, 16)
     save_model(tmp_path / "run", model, model_meta(model))
     meta = json.loads((tmp_path / "run" / "model.json").read_text())
-    meta["std"] = [0.0, 0.0, 0.0]
+    meta["preprocessing"]["std"] = [0.0, 0.0, 0.0]
     (tmp_path / "run" / "model.json").write_text(json.dumps(meta))
     with pytest.raises(RunDirError, match=r"normalisation std\[0\] is 0\.0"):
         create_app(tmp_path / "run")

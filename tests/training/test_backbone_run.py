@@ -62,7 +62,9 @@ def test_the_run_records_the_phases_and_the_weights(run: Path) -> None:
     assert config["train"]["freeze_epochs"] == 1 and config["train"]["weights"] == "imagenet"
     assert config["train"]["backbone_lr_factor"] == 0.1 and config["train"]["freeze_bn"] is True
     meta = json.loads((run / "model.json").read_text())
-    assert meta["weights"]["sha256"].startswith("57934424") and meta["image_size"] == SIZE
+    assert (
+        meta["weights"]["sha256"].startswith("57934424") and meta["preprocessing"]["size"] == SIZE
+    )
     assert len((run / "metrics.csv").read_text().splitlines()) == 3
 
 
@@ -79,7 +81,7 @@ def test_inspect_and_grad_cam_on_the_last_convolutional_block(
     assert default_cam_layer(model) == "features.17.2"  # conv 1x1, batchnorm, ReLU6: 2x2 maps
     x = to_model_input(
         torch.from_numpy(np.array(Image.open(image).convert("RGB").resize((SIZE, SIZE)))[None]),
-        meta.mean, meta.std,
+        meta.preprocessing.mean, meta.preprocessing.std,
     )  # fmt: skip
     heat, chosen = grad_cam(model, x)
     assert heat.shape == (SIZE, SIZE) and np.isfinite(heat).all() and 0 <= chosen < 3

@@ -96,10 +96,11 @@ def test_model_json_describes_the_preprocessing(fast_trained_run: tuple[Path, Tr
     run, _ = fast_trained_run
     meta = json.loads((run / "model.json").read_text())
     assert meta["classes"] == ["circle", "square", "triangle"]
-    assert (meta["image_size"], meta["channels"], meta["resize"]) == (32, 3, "crop")
+    pre = meta["preprocessing"]
+    assert (pre["size"], pre["channels"], pre["resize"]) == (32, 3, "crop")
     assert meta["model_name"] == "fast"
-    assert len(meta["mean"]) == len(meta["std"]) == 3
-    assert meta["preprocessing"]["input_size"] == 32
+    assert len(pre["mean"]) == len(pre["std"]) == 3
+    assert not {"image_size", "input_size", "channels", "mean", "std"} & set(meta)  # once
 
 
 def test_the_best_epoch_is_what_was_saved(
@@ -229,7 +230,7 @@ def test_greyscale_data_trains_a_one_channel_model(tiny_shapes: Path, tmp_path: 
         Image.open(path).convert("L").save(target)
     train(tiny_config(grey), tmp_path / "run", progress=False)
     model, meta = load_model(tmp_path / "run")
-    assert meta.channels == 1 and model.in_shape == (1, 16, 16)
+    assert meta.preprocessing.channels == 1 and model.in_shape == (1, 16, 16)
 
 
 def test_train_val_folders_are_used_as_given(tiny_shapes: Path, tmp_path: Path) -> None:
@@ -321,8 +322,8 @@ def test_config_yaml_holds_the_resolved_input_size(tiny_shapes: Path, tmp_path: 
     written = load_yaml(tmp_path / "run" / "config.yaml")["data"]
     assert written["image_size"] == 64
     assert written["channels"] is None  # auto: model.json records the channels used
-    assert load_model(tmp_path / "run")[1].channels == 3
-    assert np.isfinite(load_model(tmp_path / "run")[1].mean).all()
+    assert load_model(tmp_path / "run")[1].preprocessing.channels == 3
+    assert np.isfinite(load_model(tmp_path / "run")[1].preprocessing.mean).all()
 
 
 def test_a_data_error_leaves_no_empty_run_directory(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from cnnkit.data.cache import DecodedImages, decode_cached, default_cache_root
 from cnnkit.data.dataset import ImageArray, PreparedData, load_split, prepare_data
 from cnnkit.data.folder import FolderLayout, ImageList, scan_folder, stratified_split
 from cnnkit.data.images import load_image, open_image, to_model_input
+from cnnkit.data.preprocessing import Preprocessing
 from cnnkit.data.shapes import SHAPE_CLASSES, draw_shape, generate_shapes
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "ImageArray",
     "ImageList",
     "PreparedData",
+    "Preprocessing",
     "decode_cached",
     "default_cache_root",
     "draw_shape",

@@ -21,6 +21,7 @@ from cnnkit.data.folder import (
     scan_folder,
     stratified_split,
 )
+from cnnkit.data.preprocessing import Preprocessing
 from cnnkit.errors import DataError
 
 __all__ = [
@@ -59,15 +60,12 @@ class ImageArray:
 
 @dataclass(frozen=True)
 class PreparedData:
-    """A data set split for training, with what preprocessing needs to know about it."""
+    """A data set split for training, with how a model trained on it is fed."""
 
     classes: tuple[str, ...]
     train: ImageArray
     val: ImageArray
-    channels: int
-    image_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    preprocessing: Preprocessing  # the training images' size, channels, mean and std
     skipped: int
     root: str = ""  # the data folder, absolute
     held_back: ImageList | None = None  # test/ when validating on val/: never trained on
@@ -218,10 +216,9 @@ def prepare_data(cfg: DataConfig, image_size: int) -> PreparedData:
         classes=layout.classes,
         train=train_arr,
         val=val_arr,
-        channels=train.channels,
-        image_size=image_size,
-        mean=tuple(mean),
-        std=tuple(std),
+        preprocessing=Preprocessing(
+            image_size, train.channels, tuple(mean), tuple(std), cfg.resize
+        ),
         skipped=skipped,
         root=str(layout.root),
         held_back=held_back,

@@ -51,7 +51,8 @@ def reference_logits(model: Network, meta: ModelMeta) -> Logits:
     cpu = torch.device("cpu")
 
     def run(images: np.ndarray) -> np.ndarray:
-        return batched_logits(model, images, meta.mean, meta.std, cpu, "fp32", tta=meta.tta).numpy()
+        pre = meta.preprocessing
+        return batched_logits(model, images, pre.mean, pre.std, cpu, "fp32", tta=meta.tta).numpy()
 
     return run
 
@@ -157,5 +158,5 @@ def export_inputs(
     preprocessing, an example uint8 batch ``(2, S, S, C)`` and the dynamic batch dimension."""
     model, meta = load_model(run_dir)  # eval mode
     module = ExportModule(model, meta).eval()
-    example = torch.zeros((2, meta.image_size, meta.image_size, meta.channels), dtype=torch.uint8)
+    example = torch.zeros((2, *meta.preprocessing.shape), dtype=torch.uint8)
     return model, meta, module, example, torch.export.Dim("batch", min=1, max=MAX_BATCH)

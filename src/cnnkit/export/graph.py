@@ -21,7 +21,6 @@ from torch import nn
 from cnnkit.config import RunConfig, load_yaml
 from cnnkit.data.dataset import select_images
 from cnnkit.data.folder import SPLIT_FILE, folder_problem
-from cnnkit.data.images import to_model_input
 from cnnkit.errors import CheckpointError, CnnkitError
 from cnnkit.model_io import ModelMeta
 from cnnkit.models.network import Network
@@ -50,11 +49,10 @@ class ExportModule(nn.Module):
     def __init__(self, model: Network, meta: ModelMeta) -> None:
         super().__init__()
         self.model = model.float().eval()
-        self.mean = list(meta.mean)
-        self.std = list(meta.std)
+        self.preprocessing = meta.preprocessing
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = to_model_input(image, self.mean, self.std)  # (B, C, S, S) float32
+        x = self.preprocessing.to_model_input(image)  # (B, C, S, S) float32
         logits = self.model(x)  # (B, classes)
         return logits, torch.softmax(logits, dim=1)
 
@@ -66,11 +64,7 @@ def metadata_for(meta: ModelMeta) -> dict[str, str]:
         "input_name": INPUT_NAME,
         "input_layout": "NHWC",
         "input_dtype": "uint8",
-        "input_size": str(meta.image_size),
-        "channels": str(meta.channels),
-        "resize": meta.resize,
-        "mean": json.dumps(list(meta.mean)),
-        "std": json.dumps(list(meta.std)),
+        "preprocessing": json.dumps(meta.preprocessing.to_dict()),  # as in model.json
         "normalization": "inside the graph: x = (pixel / 255 - mean) / std, then NCHW",
         "outputs": ", ".join(OUTPUT_NAMES),
         "model_name": meta.model_name,
@@ -104,7 +98,7 @@ def sample_images(
     is still there, else seeded random images. Returns the images and, in words, which
     they are and why (a check on random images says so, and for what reason).
     """
-    size, channels = meta.image_size, meta.channels
+    size, channels = meta.preprocessing.size, meta.preprocessing.channels
     config = Path(run_dir) / "config.yaml"
     why = f"{config} is missing"
     if config.is_file():
@@ -131,5 +125,5 @@ def sample_images(
             why = f"its validation images cannot be read: {exc}"
     log.info("export check: validation images unavailable (%s); using random ones", why)
     rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, size=(count, size, size, channels), dtype=np.uint8)
+    images = rng.integers(0, 256, size=(count, *meta.preprocessing.shape), dtype=np.uint8)
     return images, f"{count} random images, because {why}"

@@ -2,7 +2,7 @@
 
 An ``.onnx`` file is a program: a few hundred bytes of ``Expand``, ``Tile`` or broadcasting
 can ask onnxruntime for gigabytes at the first prediction, initialisers can name external
-files, and the metadata can say ``input_size: 30000``. ``check_onnx`` reads the file itself
+files, and the metadata can ask for a size of 30,000 pixels. ``check_onnx`` reads the file itself
 (at most ``MAX_ONNX_BYTES``) and accepts only what a cnnkit export is:
 
 - metadata that ``ModelMeta`` accepts (size, channels, classes, finite mean and std);
@@ -112,7 +112,7 @@ def _check_signature(model: Any, meta: ModelMeta, onnx: Any, where: str) -> None
         raise _refuse(where, f"expected input {INPUT_NAME!r} and outputs {', '.join(OUTPUT_NAMES)}")
     tensor = inputs[0].type.tensor_type
     dims = list(tensor.shape.dim)
-    want = [meta.image_size, meta.image_size, meta.channels]
+    want = list(meta.preprocessing.shape)
     if (
         tensor.elem_type != onnx.TensorProto.UINT8
         or len(dims) != 4

@@ -33,7 +33,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from cnnkit.data.images import to_model_input
 from cnnkit.errors import ConfigError
 from cnnkit.inference import Classifier, ImageInput, load
 from cnnkit.inspection.explain import format_number
@@ -182,7 +181,7 @@ def explain_pixel(
     classifier = cpu_classifier(classifier)
     meta = classifier.meta
     pixels = classifier.preprocess(image)  # (S, S, C) uint8, exactly as in training
-    x = to_model_input(torch.from_numpy(pixels[None].copy()), meta.mean, meta.std)
+    x = meta.preprocessing.to_model_input(torch.from_numpy(pixels[None].copy()))
     return explain_value(
         classifier.model,
         x.contiguous(),
@@ -190,8 +189,8 @@ def explain_pixel(
         map,
         at,
         pixels=pixels,
-        mean=meta.mean,
-        std=meta.std,
+        mean=meta.preprocessing.mean,
+        std=meta.preprocessing.std,
         classes=meta.classes,
     )
 

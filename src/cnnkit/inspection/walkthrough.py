@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnnkit.data.images import to_model_input
 from cnnkit.errors import ConfigError
 from cnnkit.files import write_folder
 from cnnkit.inference import Classifier, load
@@ -201,7 +200,7 @@ def inspect_image(
 
 def _model_input(classifier: Classifier, pixels: np.ndarray) -> torch.Tensor:
     batch = torch.from_numpy(pixels[None].copy())  # (1, S, S, C) uint8
-    return to_model_input(batch, classifier.meta.mean, classifier.meta.std).contiguous()
+    return classifier.meta.preprocessing.to_model_input(batch).contiguous()
 
 
 def _layer_record(output: LayerOutput, in_shape: tuple, out_shape: tuple) -> dict:
@@ -327,15 +326,15 @@ def _layer_section(
 
 def _html(result: InspectResult, image: str | Path, classifier: Classifier) -> str:
     name = Path(image).name
-    meta = classifier.meta
+    meta, pre = classifier.meta, classifier.meta.preprocessing
     probs = sorted(result.probabilities.items(), key=lambda kv: -kv[1])
     prob_rows = [(c, f"{100 * p:.2f}%") for c, p in probs]
     nav = " ".join(f"<a href='#{esc(r['name'])}'>{esc(r['name'])}</a>" for r in result.layers)
     body = [
         f"<h1>Inside the network: {esc(name)}</h1>",
         f"<p class='note'>Model {esc(meta.model_name or 'custom')} trained on "
-        f"{len(meta.classes)} classes; the image is resized to {meta.image_size}x"
-        f"{meta.image_size} ({esc(meta.resize)}), {meta.channels} channel(s), as in training.</p>",
+        f"{len(meta.classes)} classes; the image is resized to {pre.size}x{pre.size} "
+        f"({esc(pre.resize)}), {pre.channels} channel(s), as in training.</p>",
         f"<p>Predicted <b>{esc(result.predicted)}</b> "
         f"({100 * result.probabilities[result.predicted]:.2f}%).</p>",
         "<div class='row'>",

@@ -38,13 +38,13 @@ import torch
 from torch import nn
 
 from cnnkit.config import RunConfig, TrainConfig
-from cnnkit.errors import WeightsError
+from cnnkit.data.preprocessing import Preprocessing
+from cnnkit.errors import ConfigError, WeightsError
 from cnnkit.models.download import fetch, sha256_of
 from cnnkit.models.registry import ModelSpec
 
 __all__ = [
     "LoadedWeights",
-    "Preprocessing",
     "Pretrained",
     "fit_config",
     "load_pretrained",
@@ -54,17 +54,6 @@ __all__ = [
 
 log = logging.getLogger("cnnkit")
 BASE_URL_ENV = "CNNKIT_WEIGHTS_URL"
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How the weights were fed in training (``x = (pixel / 255 - mean) / std``)."""
-
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    image_size: int
-    resize: str
-    channels: int
 
 
 @dataclass(frozen=True)
@@ -103,11 +92,11 @@ def _preprocessing(entry: Any, spec: ModelSpec) -> Preprocessing | None:
     if not entry:
         return None
     return Preprocessing(
-        tuple(float(v) for v in entry["mean"]),
-        tuple(float(v) for v in entry["std"]),
-        spec.input_size,
-        str(entry.get("resize", "crop")),
-        len(entry["mean"]),
+        size=spec.input_size,
+        channels=len(entry["mean"]),
+        mean=tuple(float(v) for v in entry["mean"]),
+        std=tuple(float(v) for v in entry["std"]),
+        resize=str(entry.get("resize", "crop")),
     )
 
 
@@ -148,12 +137,9 @@ def _run_dir(folder: Path, spec: ModelSpec) -> Pretrained:
         )
     try:
         meta = json.loads(meta_path.read_text())
-        pre = Preprocessing(
-            tuple(meta["mean"]), tuple(meta["std"]), int(meta["image_size"]),
-            str(meta["resize"]), int(meta["channels"]),
-        )  # fmt: skip
+        pre = Preprocessing.of_model(meta)  # either form of model.json
         classes = tuple(meta["classes"])
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, ConfigError) as exc:
         raise WeightsError(f"{meta_path}: damaged ({exc})") from None
     location = str(folder / "model.safetensors")
     source_network = str(meta.get("model_name", ""))
@@ -200,7 +186,7 @@ def fit_config(config: RunConfig, plan: Pretrained | None) -> RunConfig:
             "the weights were trained on images resized by %s, this run uses %s", pre.resize,
             data.resize,
         )  # fmt: skip
-    size = data.image_size or pre.image_size
+    size = data.image_size or pre.size
     channels = pre.channels if data.channels is None else data.channels
     return replace(config, data=replace(data, image_size=size, channels=channels))
 

@@ -152,7 +152,7 @@ def _gather(
             )
     else:
         try:
-            run.data = prepare_data(run.config.data, classifier.meta.image_size)
+            run.data = prepare_data(run.config.data, classifier.meta.preprocessing.size)
             if not other:
                 run.evaluation = evaluate(
                     run_dir, recorded, split="val", plot=False, classifier=classifier

@@ -17,7 +17,6 @@ import torch
 
 from cnnkit.config import RunConfig
 from cnnkit.data.dataset import PreparedData
-from cnnkit.data.images import load_image, to_model_input
 from cnnkit.errors import CnnkitError
 from cnnkit.evaluation import EvalResult
 from cnnkit.inspection.html import (
@@ -108,12 +107,12 @@ def _pct(value: float) -> str:
 
 
 def _summary(run: Run) -> str:
-    classes = run.meta.classes
+    classes, pre = run.meta.classes, run.meta.preprocessing
     params = sum(p.numel() for p in run.model.parameters())
     facts = [
         ("model", f"{run.meta.model_name or 'custom'}, {params:,} parameters"),
         ("classes", f"{len(classes)}: {', '.join(classes)}"),
-        ("input", f"{run.meta.image_size}x{run.meta.image_size}, {run.meta.channels} channel(s)"),
+        ("input", f"{pre.size}x{pre.size}, {pre.channels} channel(s)"),
     ]
     s = run.summary
     if s:
@@ -204,14 +203,14 @@ def _augmented(run: Run) -> str:
     n = min(AUGMENTED, len(data.train))
     idx = np.linspace(0, len(data.train) - 1, num=n).astype(np.int64)
     images, _ = data.train.batch(idx)  # (n, S, S, C) uint8
-    x = to_model_input(images, data.mean, data.std)
+    x = data.preprocessing.to_model_input(images)
     augment = build_augmentation(run.config.augment)
     if augment is not None:
         with torch.random.fork_rng(devices=[]):  # the same pictures every time
             torch.manual_seed(0)
             x = augment(x)
-    mean = torch.tensor(data.mean).view(1, -1, 1, 1)
-    std = torch.tensor(data.std).view(1, -1, 1, 1)
+    mean = torch.tensor(data.preprocessing.mean).view(1, -1, 1, 1)
+    std = torch.tensor(data.preprocessing.std).view(1, -1, 1, 1)
     pixels = ((x * std + mean) * 255).clamp(0, 255).round().to(torch.uint8)
     pixels = pixels.permute(0, 2, 3, 1).numpy()  # (n, S, S, C)
     scale = display_scale(pixels.shape[1], target=96, most=4)
@@ -279,8 +278,10 @@ def _mistakes(run: Run) -> str:
     for wrong in ev.most_wrong[:MISTAKES]:
         path = str(wrong["path"])
         try:
-            pixels = load_image(path, meta.image_size, meta.channels, meta.resize)
-            picture = _img(upscale(pixels, display_scale(meta.image_size, 96, 4)), path, "photo")
+            pixels = meta.preprocessing.load_image(path)
+            picture = _img(
+                upscale(pixels, display_scale(meta.preprocessing.size, 96, 4)), path, "photo"
+            )
         except CnnkitError:
             picture = "<p class='note'>(image no longer readable)</p>"
         probs = ev.probabilities[where[path]] if ev.probabilities is not None else None
@@ -311,7 +312,7 @@ def _kernels(run: Run) -> str:
     first = conv is run.model.infos[0]  # its input channels are the image's
     source = (run.meta.weights or {}).get("source")  # pretrained: learnt from far more images
     started = f" They started as the {esc(source)} weights' kernels." if source else ""
-    figure = kernel_figure(shown, rgb=first and run.meta.channels == 3)
+    figure = kernel_figure(shown, rgb=first and run.meta.preprocessing.channels == 3)
     count = f"first {len(shown)} of {len(weight)}" if len(shown) < len(weight) else len(weight)
     inputs = (
         f" (its first {shown.shape[1]} of {weight.shape[1]} input channels)"
@@ -340,7 +341,7 @@ def _feature_maps(run: Run) -> str:
     if len(data.val) == 0:
         raise CnnkitError("the run has no validation images")
     pixels = np.asarray(data.val.images[0])  # (S, S, C) uint8
-    x = to_model_input(torch.from_numpy(pixels[None].copy()), data.mean, data.std)
+    x = data.preprocessing.to_model_input(torch.from_numpy(pixels[None].copy()))
     outputs = layer_outputs(run.model, x)
     label = data.classes[int(data.val.labels[0])]
     parts = [

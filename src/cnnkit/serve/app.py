@@ -158,7 +158,7 @@ class _Server:
             settings.max_images,
             settings.max_pixels,
             settings.max_request_pixels,
-            served.classifier.meta.image_size,
+            served.classifier.meta.preprocessing.size,
             settings.retry_after_s,
         )
         self.busy_headers = {"retry-after": str(settings.retry_after_s)}

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from cnnkit.data.images import to_model_input
 from cnnkit.inspection import default_cam_layer, grad_cam, layer_outputs, normalize_map
 from cnnkit.inspection.render import data_uri, overlay
 from cnnkit.model_io import ModelMeta
@@ -31,7 +30,7 @@ def explain_image(
     ``pixels`` is the preprocessed uint8 ``(S, S, C)`` image the model is fed.
     """
     param = next(model.parameters())
-    x = to_model_input(torch.tensor(pixels[None]), meta.mean, meta.std)  # (1, C, S, S)
+    x = meta.preprocessing.to_model_input(torch.tensor(pixels[None]))  # (1, C, S, S)
     x = x.to(param.device, param.dtype)
     outputs = layer_outputs(model, x)
     with torch.no_grad():

@@ -25,7 +25,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 from torch import nn
 
-from cnnkit.data.images import to_model_input
 from cnnkit.errors import CnnkitError, ConfigError, DataError
 from cnnkit.inference import Classifier
 from cnnkit.inspection.maps import LayerOutput, layer_outputs, normalize_map, normalize_maps
@@ -59,7 +58,7 @@ def _forward(
     """(pixels (S, S, C) uint8, model input (1, C, S, S), every layer's output)."""
     meta = classifier.meta
     pixels = classifier.preprocess(image)
-    x = to_model_input(torch.from_numpy(pixels[None].copy()), meta.mean, meta.std).contiguous()
+    x = meta.preprocessing.to_model_input(torch.from_numpy(pixels[None].copy())).contiguous()
     return pixels, x, layer_outputs(classifier.model, x)
 
 
@@ -183,7 +182,8 @@ def pixel_detail(
     meta = classifier.meta
     explanation = explain_value(
         classifier.model, x, layer, map, at,
-        pixels=pixels, mean=meta.mean, std=meta.std, classes=meta.classes, outputs=outputs,
+        pixels=pixels, mean=meta.preprocessing.mean, std=meta.preprocessing.std,
+        classes=meta.classes, outputs=outputs,
     )  # fmt: skip
     return explanation.to_dict()
 
@@ -202,7 +202,8 @@ def validation_samples(run_dir: Path, classifier: Classifier, per_class: int) ->
     if folder is None or not folder.is_dir():
         raise DataError(f"the run's data folder {folder} no longer exists")
     meta = classifier.meta
-    split = load_split(folder, "val", meta.classes, config.data, meta.image_size, meta.channels)
+    pre = meta.preprocessing
+    split = load_split(folder, "val", meta.classes, config.data, pre.size, pre.channels)
     samples = []
     for label in range(len(meta.classes)):
         for i in np.flatnonzero(split.labels == label)[:per_class]:

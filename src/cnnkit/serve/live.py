@@ -34,7 +34,6 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
 from cnnkit.data.dataset import PreparedData
-from cnnkit.data.images import to_model_input
 from cnnkit.errors import TrainingInterrupted
 from cnnkit.inspection.maps import LayerOutput, layer_outputs
 from cnnkit.inspection.render import data_uri
@@ -92,7 +91,7 @@ class LiveBoard:
             if self._image is None:
                 self._image = _fixed_image(data)
             pixels = self._image[0]
-            x = to_model_input(torch.from_numpy(pixels[None].copy()), data.mean, data.std)
+            x = data.preprocessing.to_model_input(torch.from_numpy(pixels[None].copy()))
             outputs = layer_outputs(model, x.contiguous())  # (values copied to numpy)
             snapshot = (model, pixels, outputs, tuple(data.classes))
         except Exception as exc:

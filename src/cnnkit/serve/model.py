@@ -56,15 +56,11 @@ class ServedModel:
         return isinstance(self.classifier, Classifier)
 
     def info(self) -> dict[str, Any]:
-        """What ``GET /model`` returns: classes, input, preprocessing and architecture."""
+        """What ``GET /model`` returns: classes, preprocessing and architecture."""
         meta = self.classifier.meta
         return {
             "classes": list(meta.classes),
-            "input_size": meta.image_size,
-            "channels": meta.channels,
-            "resize": meta.resize,
-            "mean": list(meta.mean),
-            "std": list(meta.std),
+            "preprocessing": meta.preprocessing.to_dict(),  # as in model.json and the exports
             "model_name": meta.model_name,
             "architecture": list(meta.architecture),
             "format": self.format,
@@ -73,8 +69,8 @@ class ServedModel:
 
     def warm_up(self) -> None:
         """Run every code path once so the first real request is not the slow one."""
-        meta = self.classifier.meta
-        blank = Image.new("L" if meta.channels == 1 else "RGB", (meta.image_size,) * 2)
+        pre = self.classifier.meta.preprocessing
+        blank = Image.new("L" if pre.channels == 1 else "RGB", (pre.size, pre.size))
         self.predict([blank])
         if self.can_explain:
             self.explain(blank, max_maps=1)

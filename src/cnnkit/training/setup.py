@@ -106,7 +106,8 @@ def load_data(s: Session) -> PreparedData:
         data = prepare_data(config.data, s.image_size)
     pre = s.pretrained.preprocessing if s.pretrained is not None else None
     if pre is not None:  # fed as the weights were
-        data = dataclasses.replace(data, mean=pre.mean, std=pre.std)
+        fed = dataclasses.replace(data.preprocessing, mean=pre.mean, std=pre.std)
+        data = dataclasses.replace(data, preprocessing=fed)
     return data
 
 
@@ -129,7 +130,8 @@ def build_model(s: Session, data: PreparedData, resume: bool, progress: bool) ->
     """The network for the data's classes, from the starting weights when given (rank 0
     loads them; DDP hands them to the others), whitening fitted, channels_last."""
     cfg = s.cfg
-    model = build_network(s.spec.layers, len(data.classes), data.channels, s.image_size)
+    pre = data.preprocessing
+    model = build_network(s.spec.layers, len(data.classes), pre.channels, pre.size)
     if s.pretrained is not None and not resume and s.info.is_main:
         loaded = load_pretrained(
             model, s.pretrained, data.classes, progress=progress, expect_sha256=cfg.weights_sha256
@@ -152,11 +154,7 @@ def build_model(s: Session, data: PreparedData, resume: bool, progress: bool) ->
         )
     meta = ModelMeta(
         classes=data.classes,
-        channels=data.channels,
-        image_size=s.image_size,
-        resize=s.config.data.resize,
-        mean=data.mean,
-        std=data.std,
+        preprocessing=pre,
         architecture=tuple(model.architecture()),
         model_name=s.spec.name,
         tta=cfg.tta,
@@ -171,7 +169,8 @@ def _fit_whitening(model: Network, data: PreparedData, sample: int = 5000) -> No
     if not whitens:
         return
     idx = np.linspace(0, len(data.train) - 1, num=min(sample, len(data.train))).astype(np.int64)
-    x = to_model_input(data.train.batch(idx)[0], data.mean, data.std)  # (N, C, S, S)
+    pre = data.preprocessing
+    x = to_model_input(data.train.batch(idx)[0], pre.mean, pre.std)  # (N, C, S, S)
     with torch.no_grad():
         for name, module in model.layers.items():
             if isinstance(module, Whiten):

@@ -57,14 +57,15 @@ def build_stage(
         log.info("%s", line)
     if not head_only:
         augment = build_augmentation(s.config.augment)
-        feed = ImageFeed(data.train, s.device, data.mean, data.std, augment)
+        pre = data.preprocessing
+        feed = ImageFeed(data.train, s.device, pre.mean, pre.std, augment)
 
         def score(evaluated: nn.Module, idx: np.ndarray) -> torch.Tensor:
             images = data.val.images[idx] if s.info.enabled else data.val.images
             if s.precision == "bf16":  # folded, fused, all bf16: as fast as inference gets
                 evaluated = inference_copy(evaluated, s.device, s.precision)
             return batched_logits(
-                evaluated, images, data.mean, data.std, s.device, s.precision, tta=s.cfg.tta
+                evaluated, images, pre.mean, pre.std, s.device, s.precision, tta=s.cfg.tta
             )
 
         return Stage(False, feed, _parallel(s, model), score)
@@ -97,8 +98,9 @@ def _head_features(
     (with their mirror images for ``tta``); rank 0 computes what the cache lacks."""
     aug = s.config.augment
     root = Path(s.config.data.cache_dir) if s.config.data.cache_dir else default_cache_root()
+    pre = data.preprocessing
     extractor = FeatureExtractor.create(
-        model, phases.feature_index + 1, mean=data.mean, std=data.std,
+        model, phases.feature_index + 1, mean=pre.mean, std=pre.std,
         resize=s.config.data.resize, precision=s.precision, device=s.device, cache_root=root,
     )  # fmt: skip
     variants = feature_variants(aug.enabled, aug.hflip, aug.vflip)

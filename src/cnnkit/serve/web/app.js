@@ -58,7 +58,7 @@ async function loadModel() {
     const name = model.model_name ? `${model.model_name}, ` : "";
     $("model-info").textContent =
       `${name}${model.classes.length} classes (${model.classes.join(", ")}), ` +
-      `${model.input_size}×${model.input_size} input, ${model.format}`;
+      `${model.preprocessing.size}×${model.preprocessing.size} input, ${model.format}`;
     if (!model.explain) {
       $("explain-status").textContent =
         `This server runs an exported ${model.format} file: ` +

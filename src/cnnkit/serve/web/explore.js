@@ -7,9 +7,10 @@ async function loadModel() {
   try {
     const model = await fetchJson("/model");
     const name = model.model_name ? `${model.model_name}, ` : "";
+    const pre = model.preprocessing;
     $("model-info").textContent =
       `${name}${model.classes.length} classes (${model.classes.join(", ")}), ` +
-      `${model.input_size}×${model.input_size}×${model.channels} input`;
+      `${pre.size}×${pre.size}×${pre.channels} input`;
     if (!model.explain) setStatus("This server runs an ONNX file: the explorer needs a run directory.", true);
   } catch (err) {
     $("model-info").textContent = `The model is not available: ${err.message}`;
