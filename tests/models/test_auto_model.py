@@ -143,7 +143,7 @@ def test_cli_and_api_without_a_model_record_the_resolved_one(tmp_path: Path) -> 
     assert (saved["model"], saved["data"]["image_size"]) == ("fast", 20)
     # channels auto stays auto in the settings; the model records what the decode found
     assert saved["data"]["channels"] is None
-    assert json.loads((out / "model.json").read_text())["channels"] == 1
+    assert json.loads((out / "model.json").read_text())["preprocessing"]["channels"] == 1
     api = cnnkit.train(data, tmp_path / "api", epochs=1)
     cfg = RunConfig.from_dict(yaml.safe_load((tmp_path / "api" / "config.yaml").read_text()))
     assert (cfg.model, cfg.data.image_size, api.epochs_run) == ("fast", 20, 1)
