@@ -6,11 +6,13 @@ import math
 import re
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from cnnkit.config import (
+    INPUT_SIDES,
     AugmentConfig,
     DataConfig,
     Overrides,
@@ -195,3 +197,35 @@ def test_load_yaml_errors(tmp_path: Path) -> None:
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump({"train": {"epochs": 3}}))
     assert load_yaml(good) == {"train": {"epochs": 3}}
+
+
+def _flat_spec(folder: Path, side: int) -> str:
+    path = folder / f"spec{side}.yaml"
+    path.write_text(yaml.safe_dump({"input_size": side, "layers": ["flatten"]}))
+    return str(path)
+
+
+def _side_checks() -> dict[str, Any]:
+    from cnnkit.data.preprocessing import Preprocessing
+    from cnnkit.models import load_model_spec
+    from cnnkit.models.summary import summarize
+
+    return {
+        "setting": lambda folder, side: DataConfig(image_size=side),
+        "model file": lambda folder, side: load_model_spec(_flat_spec(folder, side)),
+        "summary": lambda folder, side: summarize(_flat_spec(folder, 8), image_size=side),
+        "preprocessing": lambda folder, side: Preprocessing(side, 1, (0.5,), (0.25,)),
+    }
+
+
+@pytest.mark.parametrize("check", ["setting", "model file", "summary", "preprocessing"])
+def test_every_check_of_an_input_side_uses_the_same_bounds(tmp_path: Path, check: str) -> None:
+    """A setting, a model file's input_size, a summary and a model's Preprocessing accept the
+    same sides: the bound is one fact (``config.INPUT_SIDES``), not four copies."""
+    run = _side_checks()[check]
+    low, high = INPUT_SIDES
+    for side in (low, high):
+        run(tmp_path, side)  # accepted
+    for side in (low - 1, high + 1):
+        with pytest.raises(ConfigError, match=f"expected {low} to {high} pixels, got {side}"):
+            run(tmp_path, side)

@@ -36,6 +36,15 @@ OPTIMIZERS = ("adam", "adamw", "sgd", "muon")
 SCHEDULES = ("onecycle", "cosine", "linear", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
+# The input sides a model may be fed (its image size), for a setting, a preset or a model file.
+INPUT_SIDES = (4, 1024)
+INPUT_SIDES_TEXT = f"expected {INPUT_SIDES[0]} to {INPUT_SIDES[1]} pixels"
+
+
+def input_side_ok(size: object) -> bool:
+    """Whether ``size`` is an int (not a bool) within ``INPUT_SIDES``."""
+    low, high = INPUT_SIDES
+    return isinstance(size, int) and not isinstance(size, bool) and low <= size <= high
 
 
 def _fail(section: str, name: str, value: Any, why: str) -> ConfigError:
@@ -118,8 +127,8 @@ class DataConfig:
                 raise _fail("data", name, value, "expected a folder path")
         if self.image_size is not None:
             _positive_int("data", "image_size", self.image_size)
-            if self.image_size < 4 or self.image_size > 1024:
-                raise _fail("data", "image_size", self.image_size, "expected 4 to 1024 pixels")
+            if not input_side_ok(self.image_size):
+                raise _fail("data", "image_size", self.image_size, INPUT_SIDES_TEXT)
         object.__setattr__(self, "channels", channel_count(self.channels))
         _choice("data", "resize", self.resize, RESIZE_MODES)
         _number("data", "val_split", self.val_split, 0.0, 0.9)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cnnkit.config import RESIZE_MODES
+from cnnkit.config import INPUT_SIDES_TEXT, RESIZE_MODES, input_side_ok
 from cnnkit.data.images import Source, load_image, to_model_input
 from cnnkit.errors import ConfigError
 
@@ -54,8 +54,8 @@ class Preprocessing:
         would otherwise fail later, deep inside a resize or an allocation."""
         if self.channels not in (1, 3):
             raise ConfigError(f"channels: expected 1 or 3, got {self.channels}")
-        if not 4 <= self.size <= 1024:
-            raise ConfigError(f"size: expected 4 to 1024 pixels, got {self.size}")
+        if not input_side_ok(self.size):
+            raise ConfigError(f"size: {INPUT_SIDES_TEXT}, got {self.size}")
         if self.resize not in RESIZE_MODES:
             raise ConfigError(
                 f"resize: expected one of {', '.join(RESIZE_MODES)}, got {self.resize!r}"

@@ -16,7 +16,14 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cnnkit.config import RunConfig, TrainConfig, load_yaml, parse_yaml
+from cnnkit.config import (
+    INPUT_SIDES_TEXT,
+    RunConfig,
+    TrainConfig,
+    input_side_ok,
+    load_yaml,
+    parse_yaml,
+)
 from cnnkit.errors import ConfigError
 from cnnkit.models.layers import LayerSpec, infer_shapes, parse_layers, with_head
 from cnnkit.models.limits import check_budget
@@ -113,8 +120,8 @@ def _from_mapping(raw: Any, origin: str) -> ModelSpec:
     if unknown:
         raise ConfigError(f"{origin}: unknown field {unknown[0]!r} (allowed: {', '.join(allowed)})")
     size = raw.get("input_size", DEFAULT_INPUT_SIZE)
-    if isinstance(size, bool) or not isinstance(size, int) or not 4 <= size <= 1024:
-        raise ConfigError(f"{origin}: input_size: expected 4 to 1024 pixels, got {size!r}")
+    if not input_side_ok(size):
+        raise ConfigError(f"{origin}: input_size: {INPUT_SIDES_TEXT}, got {size!r}")
     try:
         layers = parse_layers(raw.get("layers"))
     except ConfigError as exc:

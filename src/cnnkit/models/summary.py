@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from cnnkit.config import INPUT_SIDES, input_side_ok
 from cnnkit.models.layers import infer_shapes, with_head
 from cnnkit.models.limits import check_budget
 from cnnkit.models.registry import load_model_spec
@@ -27,10 +28,12 @@ def summarize(
         raise ConfigError(
             "{setting}: expected 1 or 3, got {value}", setting="channels", value=channels
         )
-    if not 4 <= size <= 1024:
+    if not input_side_ok(size):
         raise ConfigError(
-            "{setting}: expected 4 to 1024 pixels, got {value}", setting="image_size", value=size
-        )
+            "{setting}: expected {low} to {high} pixels, got {value}",
+            setting="image_size", value=size, limit=INPUT_SIDES, low=INPUT_SIDES[0],
+            high=INPUT_SIDES[1],
+        )  # fmt: skip
     infos = infer_shapes(with_head(list(spec.layers), classes), (channels, size, size))
     check_budget(infos)  # what cnnkit would refuse to build is not summarised as fine
     rows = [
