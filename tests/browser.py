@@ -90,6 +90,17 @@ def open_page(
     return page, problems
 
 
+def draw_square(page: Any, box: dict[str, float]) -> None:
+    """Draw a square with the mouse on the canvas whose bounding ``box`` is given, half its
+    width across and centred (a drawing the page then classifies or explores)."""
+    cx, cy, r = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, box["width"] / 4
+    page.mouse.move(cx - r, cy - r)
+    page.mouse.down()
+    for x, y in ((cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r), (cx - r, cy - r)):
+        page.mouse.move(x, y, steps=8)
+    page.mouse.up()
+
+
 def shape_png(path: Path, kind: str, seed: int = 2) -> Path:
     """A 32x32 shape (the test models' own input size) written to ``path``."""
     draw_shape(kind, 32, np.random.default_rng(seed)).save(path)

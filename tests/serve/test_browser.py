@@ -13,7 +13,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from browser import PHONE, launch_chromium, open_page, serving, shape_png
+from browser import PHONE, draw_square, launch_chromium, open_page, serving, shape_png
 from cnnkit.serve import background_server, create_app
 
 pytestmark = pytest.mark.browser
@@ -94,12 +94,7 @@ def test_drawing_on_a_phone_sized_screen(browser, base_url, tmp_path):
     page, problems = open_page(browser, base_url, **PHONE)
     box = page.locator("#canvas").bounding_box()
     assert box is not None and box["width"] <= 390
-    cx, cy, r = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, box["width"] / 4
-    page.mouse.move(cx - r, cy - r)
-    page.mouse.down()
-    for x, y in ((cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r), (cx - r, cy - r)):
-        page.mouse.move(x, y, steps=8)
-    page.mouse.up()
+    draw_square(page, box)
     page.click("#classify-drawing")
     page.wait_for_selector("#probabilities .bar-row", timeout=30_000)
     page.wait_for_function(ALL_MAPS_LOADED, timeout=30_000)

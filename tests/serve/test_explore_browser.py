@@ -18,8 +18,15 @@ import pytest
 import torch
 from PIL import Image
 
-from browser import FAKE_CAMERA, PHONE, launch_chromium, open_page, serving, shape_png
-from cnnkit.data.images import to_model_input
+from browser import (
+    FAKE_CAMERA,
+    PHONE,
+    draw_square,
+    launch_chromium,
+    open_page,
+    serving,
+    shape_png,
+)
 from cnnkit.model_io import load_model
 
 pytestmark = pytest.mark.browser
@@ -65,9 +72,7 @@ def forward_pass(run: Path, image: Path) -> dict[str, np.ndarray]:
     model, meta = load_model(run)
     pixels = torch.from_numpy(np.asarray(Image.open(image).convert("RGB"))[None].copy())
     with torch.no_grad():
-        maps = model.eval().feature_maps(
-            to_model_input(pixels, meta.preprocessing.mean, meta.preprocessing.std)
-        )
+        maps = model.eval().feature_maps(meta.preprocessing.to_model_input(pixels))
     return {name: t[0].numpy() for name, t in maps}
 
 
@@ -247,12 +252,7 @@ def test_validation_images_with_their_true_labels(browser, base_url) -> None:
 def test_phone_width(browser, base_url, shots) -> None:
     page, problems = open_page(browser, base_url, EXPLORE, **PHONE)
     box = page.locator("#canvas").bounding_box()
-    cx, cy, r = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, box["width"] / 4
-    page.mouse.move(cx - r, cy - r)
-    page.mouse.down()
-    for x, y in ((cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r), (cx - r, cy - r)):
-        page.mouse.move(x, y, steps=8)
-    page.mouse.up()
+    draw_square(page, box)
     page.click("#use-drawing")
     page.wait_for_selector("#status:has-text('drawing.png:')", timeout=30_000)
     page.tap(".map-thumb[data-layer='conv1'][data-map='0']")

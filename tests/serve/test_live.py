@@ -23,7 +23,6 @@ import torch
 from typer.testing import CliRunner
 
 from cnnkit.cli import app
-from cnnkit.data.images import to_model_input
 from cnnkit.inspection.maps import layer_outputs, normalize_maps
 from cnnkit.serve.live import LiveBoard, watch_training
 from cnnkit.training.loop import train
@@ -77,9 +76,7 @@ def test_the_page_gets_each_epoch_while_training_runs(tiny_shapes: Path, tmp_pat
         def hook(row, model, data):
             board.epoch_end(row, model, data)
             pixels = torch.from_numpy(np.asarray(data.val.images[0])[None].copy())
-            outputs = layer_outputs(
-                model, to_model_input(pixels, data.preprocessing.mean, data.preprocessing.std)
-            )
+            outputs = layer_outputs(model, data.preprocessing.to_model_input(pixels))
             own_maps[row["epoch"]] = (
                 {o.name: (o.min, o.max) for o in outputs},
                 {o.name: o.values for o in outputs},

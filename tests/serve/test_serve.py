@@ -15,7 +15,6 @@ import pytest
 import torch
 from PIL import Image
 
-from cnnkit.data.images import load_image, to_model_input
 from cnnkit.data.shapes import draw_shape
 from cnnkit.errors import ConfigError, RunDirError
 from cnnkit.inspection import grad_cam, layer_outputs, normalize_map
@@ -140,10 +139,8 @@ def test_explain_returns_the_maps_and_grad_cam_the_library_computes(client, trai
     assert response.status_code == 200, response.text
     body = response.json()
     model, meta = load_model(run)
-    pixels = load_image(
-        image, meta.preprocessing.size, meta.preprocessing.channels, meta.preprocessing.resize
-    )  # (S, S, C)
-    x = to_model_input(torch.tensor(pixels[None]), meta.preprocessing.mean, meta.preprocessing.std)
+    pixels = meta.preprocessing.load_image(image)  # (S, S, C)
+    x = meta.preprocessing.to_model_input(torch.tensor(pixels[None]))
     outputs = [o for o in layer_outputs(model, x) if o.is_map]
     assert [layer["name"] for layer in body["layers"]] == [o.name for o in outputs]
     first, served = outputs[0], body["layers"][0]

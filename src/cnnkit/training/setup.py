@@ -21,7 +21,6 @@ from torch import nn
 
 from cnnkit.config import RunConfig, TrainConfig
 from cnnkit.data.dataset import PreparedData, prepare_data
-from cnnkit.data.images import to_model_input
 from cnnkit.errors import ConfigError
 from cnnkit.model_io import ModelMeta
 from cnnkit.models.network import Network, Whiten
@@ -169,8 +168,7 @@ def _fit_whitening(model: Network, data: PreparedData, sample: int = 5000) -> No
     if not whitens:
         return
     idx = np.linspace(0, len(data.train) - 1, num=min(sample, len(data.train))).astype(np.int64)
-    pre = data.preprocessing
-    x = to_model_input(data.train.batch(idx)[0], pre.mean, pre.std)  # (N, C, S, S)
+    x = data.preprocessing.to_model_input(data.train.batch(idx)[0])  # (N, C, S, S)
     with torch.no_grad():
         for name, module in model.layers.items():
             if isinstance(module, Whiten):
