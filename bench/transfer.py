@@ -76,7 +76,8 @@ def extraction(images: np.ndarray, repeats: int, batch: int) -> dict:
 
     spec = load_model_spec("efficientnet_lite0")
     plan = plan_weights("imagenet", spec)
-    mean, std = plan.preprocessing.mean, plan.preprocessing.std
+    pre = plan.preprocessing
+    mean, std = pre.mean, pre.std
     reference = EfficientNet.from_name("efficientnet-lite0", image_size=224)
     reference.load_state_dict(torch.load(plan.location, weights_only=True))
     reference.eval()
@@ -85,8 +86,8 @@ def extraction(images: np.ndarray, repeats: int, batch: int) -> dict:
     device = torch.device("cpu")
     precision = resolve_precision("auto", device)
     ours = FeatureExtractor.create(
-        net.eval(), net.head_start + 1, mean=mean, std=std, resize="crop",
-        precision=precision, device=device, cache_root=BENCH_DIR / "unused",
+        net.eval(), net.head_start + 1, preprocessing=pre, precision=precision, device=device,
+        cache_root=BENCH_DIR / "unused",
     )  # fmt: skip
 
     @torch.no_grad()

@@ -17,6 +17,7 @@ import torch
 
 from cnnkit.data.dataset import ImageArray
 from cnnkit.data.images import to_model_input
+from cnnkit.data.preprocessing import Preprocessing
 from cnnkit.models import build_network, load_model_spec
 from cnnkit.training.features import FeatureExtractor, cached_features, feature_variants
 
@@ -45,8 +46,8 @@ def _net(seed: int = 0):
 
 def _extractor(net, root: Path, precision: str = "fp32") -> FeatureExtractor:
     return FeatureExtractor.create(
-        net, net.head_start + 1, mean=MEAN, std=STD, resize="crop", precision=precision,
-        device=torch.device("cpu"), cache_root=root,
+        net, net.head_start + 1, preprocessing=Preprocessing(32, 3, MEAN, STD, "crop"),
+        precision=precision, device=torch.device("cpu"), cache_root=root,
     )  # fmt: skip
 
 

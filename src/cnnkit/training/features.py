@@ -36,7 +36,7 @@ import torch
 
 from cnnkit.data.cache import file_stamp
 from cnnkit.data.dataset import ImageArray
-from cnnkit.data.images import to_model_input
+from cnnkit.data.preprocessing import Preprocessing
 from cnnkit.errors import RunDirError
 from cnnkit.files import atomic_write
 from cnnkit.models.fold import FastNetwork, inference_copy
@@ -85,8 +85,7 @@ class FeatureExtractor:
     fast: FastNetwork
     stop: int
     setting: str  # digest of everything but the image and the variant
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    preprocessing: Preprocessing  # how the images are fed
     device: torch.device
     root: Path
     dim: int  # the length of a feature vector
@@ -97,21 +96,20 @@ class FeatureExtractor:
         model: Network,
         stop: int,
         *,
-        mean: tuple[float, ...],
-        std: tuple[float, ...],
-        resize: str,
+        preprocessing: Preprocessing,
         precision: str,
         device: torch.device,
         cache_root: Path,
     ) -> FeatureExtractor:
         c, size, _ = model.in_shape
+        pre = preprocessing
         setting = json.dumps(
             [FEATURES_VERSION, frozen_digest(model, stop), model.infos[stop - 1].name,
-             [c, size, resize], list(mean), list(std), precision],
+             [c, size, pre.resize], list(pre.mean), list(pre.std), precision],
         )  # fmt: skip
         fast = inference_copy(model, device, precision)
         (dim,) = model.infos[stop - 1].out_shape
-        return cls(fast, stop, setting, tuple(mean), tuple(std), device, cache_root / FOLDER, dim)
+        return cls(fast, stop, setting, pre, device, cache_root / FOLDER, dim)
 
     def path(self, variant: str) -> Path:
         key = hashlib.sha256(f"{self.setting}|{variant}".encode()).hexdigest()[:32]
@@ -123,7 +121,7 @@ class FeatureExtractor:
         out = []
         for start in range(0, len(images), BATCH):
             batch = torch.from_numpy(np.array(images[start : start + BATCH]))
-            x = to_model_input(batch.to(self.device), self.mean, self.std)  # (B, C, S, S)
+            x = self.preprocessing.to_model_input(batch.to(self.device))  # (B, C, S, S)
             if VARIANTS[variant]:
                 x = x.flip(VARIANTS[variant])
             out.append(self.fast.run_layers(x, 0, self.stop).cpu())

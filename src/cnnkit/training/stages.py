@@ -98,10 +98,9 @@ def _head_features(
     (with their mirror images for ``tta``); rank 0 computes what the cache lacks."""
     aug = s.config.augment
     root = Path(s.config.data.cache_dir) if s.config.data.cache_dir else default_cache_root()
-    pre = data.preprocessing
     extractor = FeatureExtractor.create(
-        model, phases.feature_index + 1, mean=pre.mean, std=pre.std,
-        resize=s.config.data.resize, precision=s.precision, device=s.device, cache_root=root,
+        model, phases.feature_index + 1, preprocessing=data.preprocessing,
+        precision=s.precision, device=s.device, cache_root=root,
     )  # fmt: skip
     variants = feature_variants(aug.enabled, aug.hflip, aug.vflip)
     if len(variants) > 1:
