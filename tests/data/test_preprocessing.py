@@ -142,3 +142,21 @@ def test_old_export_metadata_is_read() -> None:
         "std": "[0.7]",
     }
     assert meta_from_metadata(props, "old.onnx").preprocessing == UNUSUAL
+
+
+def test_a_model_json_without_preprocessing_names_what_is_missing(
+    run: Path, tmp_path: Path
+) -> None:
+    from cnnkit.errors import RunDirError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken)
+    meta = json.loads((broken / "model.json").read_text())
+    del meta["preprocessing"]
+    (broken / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(RunDirError) as info:
+        load_model(broken)
+    assert str(info.value) == (
+        f'{broken / "model.json"}: damaged (no "preprocessing" object (size, channels, '
+        "resize, mean, std))"
+    )

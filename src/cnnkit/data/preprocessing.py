@@ -117,7 +117,8 @@ class Preprocessing:
 
     @classmethod
     def of_model(cls, meta: dict[str, Any]) -> Preprocessing:
-        """The preprocessing a decoded ``model.json`` (or an export's copy of it) describes.
+        """The preprocessing a decoded ``model.json`` (or an export's copy of it) describes;
+        ``ConfigError`` (a ``ValueError``) when it has none, as ``from_dict`` for a damaged one.
 
         Files written before this record existed keep it in top-level keys (``image_size``,
         ``channels``, ``resize``, ``mean``, ``std``), beside a ``"preprocessing"`` object that
@@ -128,5 +129,5 @@ class Preprocessing:
         if "image_size" in meta:  # the old form: cnnkit never writes this key now
             return cls.from_dict({**meta, "size": meta["image_size"]})
         if not isinstance(meta.get("preprocessing"), dict):
-            raise KeyError("preprocessing")
+            raise ConfigError('no "preprocessing" object (size, channels, resize, mean, std)')
         return cls.from_dict(meta["preprocessing"])
